@@ -1,0 +1,144 @@
+"""Atomic, validated file I/O shared by every job.
+
+Every output is written to a temporary file in the destination folder and moved into
+place with os.replace, so a killed job never leaves a half-written file behind and
+nothing written earlier is lost. Readers validate what they read and name the file and
+the problem in their errors.
+"""
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+
+class InputError(ValueError):
+  """Bad user input: the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[io.IOBase]:
+  """Opens a temporary file beside `path`; on success moves it over `path`."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                             dir=folder)
+  try:
+    with os.fdopen(fd, mode, **kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  with atomic_open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with atomic_open(path, "wb") as f:
+    f.write(data)
+
+
+def write_json(path: str, obj) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def write_npz(path: str, **arrays) -> None:
+  with atomic_open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+  with atomic_open(path, "wb") as f:
+    np.save(f, array)
+
+
+def write_csv(path: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+  """Writes a CSV with a header, atomically. Floats are written with repr precision."""
+  with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(columns)
+    for row in rows:
+      w.writerow([_fmt(v) for v in row])
+
+
+def _fmt(v):
+  if isinstance(v, (float, np.floating)):
+    return repr(float(v))
+  if isinstance(v, np.generic):
+    return v.item()
+  return v
+
+
+def read_csv(path: str, required: Sequence[str] = ()) -> dict[str, list[str]]:
+  """Reads a CSV into a dict of columns (strings), checking required columns exist.
+
+  Raises:
+    InputError: the file is missing or empty, or lacks a required column.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: file not found")
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.reader(f)
+    try:
+      header = [h.strip() for h in next(reader)]
+    except StopIteration:
+      raise InputError(f"{path}: empty CSV (no header)") from None
+    rows = [r for r in reader if r]
+  missing = [c for c in required if c not in header]
+  if missing:
+    raise InputError(f"{path}: missing column(s) {missing}; found {header}")
+  for i, r in enumerate(rows):
+    if len(r) != len(header):
+      raise InputError(f"{path}: line {i + 2} has {len(r)} fields, expected {len(header)}")
+  return {h: [r[j] for r in rows] for j, h in enumerate(header)}
+
+
+def float_column(path: str, table: Mapping[str, list[str]], name: str) -> np.ndarray:
+  """Parses a float column, naming the file, column and line of a bad value."""
+  out = np.empty(len(table[name]), np.float64)
+  for i, v in enumerate(table[name]):
+    try:
+      out[i] = float(v)
+    except ValueError:
+      raise InputError(f"{path}: column {name!r} line {i + 2}: not a number: {v!r}") from None
+  if not np.all(np.isfinite(out)):
+    bad = int(np.flatnonzero(~np.isfinite(out))[0])
+    raise InputError(f"{path}: column {name!r} line {bad + 2}: non-finite value {out[bad]}")
+  return out
+
+
+def fingerprint(*parts) -> str:
+  """A short, stable hash of strings/bytes/arrays (for data and checkpoint fingerprints)."""
+  h = hashlib.sha256()
+  for p in parts:
+    if isinstance(p, np.ndarray):
+      h.update(str((p.dtype, p.shape)).encode())
+      h.update(np.ascontiguousarray(p).tobytes())
+    elif isinstance(p, bytes):
+      h.update(p)
+    else:
+      h.update(str(p).encode())
+  return h.hexdigest()[:16]

@@ -1,0 +1,18 @@
+"""Test setup: 4 fake CPU devices for every test process, quiet logs, a compile cache."""
+
+import os
+
+# Must happen before JAX initialises its backends. Single-device tests use a 1-device mesh.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from absl import flags  # noqa: E402
+
+# grain 0.2.18 workers read an absl flag; outside app.run the flags must count as parsed.
+flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,79 @@
+"""Atomic writers, validated readers and batch padding/sharding helpers."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from deepssim_jax import io, parallel
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+  path = tmp_path / "out.csv"
+  io.write_csv(path, ["a", "b"], [[1, 0.5]])
+  before = path.read_text()
+
+  def rows():
+    yield [2, 0.25]
+    raise RuntimeError("killed mid-write")
+
+  with pytest.raises(RuntimeError):
+    io.write_csv(path, ["a", "b"], rows())
+  assert path.read_text() == before
+  assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temp file left behind
+
+
+def test_csv_round_trip_and_float_precision(tmp_path):
+  path = tmp_path / "t.csv"
+  x = 0.1234567890123
+  io.write_csv(path, ["key", "v"], [["k0", x], ["k1", np.float32(2.5)]])
+  table = io.read_csv(path, required=["key", "v"])
+  assert table["key"] == ["k0", "k1"]
+  np.testing.assert_array_equal(io.float_column(path, table, "v"), [x, 2.5])
+
+
+def test_read_csv_errors_name_file_and_problem(tmp_path):
+  path = tmp_path / "pairs.csv"
+  path.write_text("real_key,ssim\nA,0.5\n")
+  with pytest.raises(io.InputError, match=r"pairs\.csv.*missing column.*synth_key"):
+    io.read_csv(path, required=["real_key", "synth_key"])
+  with pytest.raises(io.InputError, match="file not found"):
+    io.read_csv(tmp_path / "nope.csv")
+  (tmp_path / "empty.csv").write_text("")
+  with pytest.raises(io.InputError, match=r"empty\.csv.*empty"):
+    io.read_csv(tmp_path / "empty.csv")
+  path.write_text("k,v\nA,nan\n")
+  with pytest.raises(io.InputError, match="line 2.*non-finite"):
+    io.float_column(path, io.read_csv(path), "v")
+  path.write_text("k,v\nA,abc\n")
+  with pytest.raises(io.InputError, match="not a number"):
+    io.float_column(path, io.read_csv(path), "v")
+
+
+def test_fingerprint_is_stable_and_content_sensitive():
+  a = np.arange(6, dtype=np.float32)
+  assert io.fingerprint("x", a) == io.fingerprint("x", a.copy())
+  assert io.fingerprint("x", a) != io.fingerprint("x", a + 1)
+  assert io.fingerprint("x", a) != io.fingerprint("x", a.astype(np.float64))
+
+
+def test_pad_to_repeats_last_row():
+  x = np.arange(6).reshape(3, 2)
+  y = parallel.pad_to(x, 5)
+  np.testing.assert_array_equal(y[:3], x)
+  np.testing.assert_array_equal(y[3:], [[4, 5], [4, 5]])
+  with pytest.raises(ValueError, match="does not fit"):
+    parallel.pad_to(x, 2)
+
+
+def test_shard_batch_spreads_rows_over_the_mesh():
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 4  # conftest's fake devices
+  batch = {"x": np.arange(8, dtype=np.float32).reshape(8, 1)}
+  out = parallel.shard_batch(batch, mesh)
+  assert len(out["x"].addressable_shards) == 4
+  assert {s.data.shape for s in out["x"].addressable_shards} == {(2, 1)}
+  np.testing.assert_array_equal(jax.device_get(out["x"]), batch["x"])
+  with pytest.raises(ValueError, match="not divisible"):
+    parallel.local_batch_size(6, mesh)
