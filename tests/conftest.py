@@ -3,7 +3,11 @@
 import os
 
 # Must happen before JAX initialises its backends. Single-device tests use a 1-device mesh.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Test models are tiny: XLA's CPU compile time dominates, and LLVM optimisation level 0
+# compiles ~2.5x faster (measured on a train step) at no cost that matters here.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    "--xla_force_host_platform_device_count=4",
+                                    "--xla_backend_optimization_level=0"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
