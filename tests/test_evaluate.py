@@ -1,0 +1,171 @@
+"""Three-class evaluation: metrics equal scikit-learn's, threshold search, files, errors."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from deepssim_jax import evaluate, io
+
+
+def _fixed_case():
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 3, size=200)
+  centre = np.array([0.3, 0.95, 0.72])[labels]
+  scores = np.clip(centre + rng.normal(0, 0.12, size=200), -1, 1)
+  return labels, scores
+
+
+def test_classify_rule_boundaries():
+  s = np.array([-1.0, 0.60, 0.6000001, 0.85, 0.8500001, 1.0])
+  np.testing.assert_array_equal(evaluate.classify(s), [0, 0, 2, 2, 1, 1])
+  np.testing.assert_array_equal(evaluate.classify(s, 0.5, 0.5), [0, 1, 1, 1, 1, 1])
+  with pytest.raises(ValueError):
+    evaluate.classify(s, 0.9, 0.1)
+
+
+def test_evaluate_scores_equals_sklearn():
+  labels, scores = _fixed_case()
+  res = evaluate.evaluate_scores(labels, scores, 0.6, 0.85)
+  # Independent computation: the rule written out, then scikit-learn's functions.
+  pred = np.array([0 if v <= 0.6 else 1 if v > 0.85 else 2 for v in scores])
+  p, r, f, sup = skm.precision_recall_fscore_support(labels, pred, labels=[0, 1, 2],
+                                                     zero_division=0)
+  for i, name in enumerate(["different", "duplicate", "similar"]):
+    assert res["per_class"][name]["precision"] == pytest.approx(p[i])
+    assert res["per_class"][name]["recall"] == pytest.approx(r[i])
+    assert res["per_class"][name]["f1"] == pytest.approx(f[i])
+    assert res["per_class"][name]["support"] == sup[i]
+  report = skm.classification_report(labels, pred, zero_division=0, output_dict=True)
+  assert res["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
+  assert res["weighted_f1"] == pytest.approx(report["weighted avg"]["f1-score"])
+  assert res["accuracy"] == pytest.approx(np.mean(pred == labels))
+  np.testing.assert_array_equal(res["confusion"], skm.confusion_matrix(labels, pred))
+  assert res["silhouette"] == pytest.approx(skm.silhouette_score(scores.reshape(-1, 1), labels))
+  assert res["counts_true"] == {"different": int(np.sum(labels == 0)),
+                                "duplicate": int(np.sum(labels == 1)),
+                                "similar": int(np.sum(labels == 2))}
+  fpr, tpr, _ = skm.roc_curve((labels == 1).astype(int), scores)
+  assert res["tpr_at_5fpr"] == pytest.approx(tpr[np.flatnonzero(fpr <= 0.05)[-1]])
+  assert 0 < res["macro_f1"] < 1
+
+
+def test_single_class_and_absent_predictions():
+  labels = np.zeros(6, int)
+  scores = np.array([0.1, 0.2, 0.3, 0.7, 0.9, 0.95])
+  res = evaluate.evaluate_scores(labels, scores)
+  assert res["silhouette"] is None and res["tpr_at_5fpr"] is None
+  pred = evaluate.classify(scores)
+  assert res["macro_f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro",
+                                                       zero_division=0))
+  assert res["per_class"]["duplicate"]["recall"] == 0.0
+
+
+def test_silhouette_1d_equals_sklearn():
+  rng = np.random.default_rng(0)
+  for n, n_cls in [(50, 2), (300, 3), (41, 3)]:
+    labels = rng.integers(0, n_cls, size=n)
+    labels[:n_cls] = np.arange(n_cls)
+    x = rng.normal(size=n) + labels
+    x[5] = x[6]  # a tie
+    want = skm.silhouette_score(x.reshape(-1, 1), labels)
+    assert evaluate.silhouette_1d(x, labels) == pytest.approx(want, abs=1e-12)
+  # A singleton cluster scores 0 in both.
+  labels = np.array([0, 0, 0, 1, 2, 2])
+  x = np.array([0.1, 0.2, 0.25, 0.5, 0.9, 0.95])
+  assert evaluate.silhouette_1d(x, labels) == pytest.approx(
+      skm.silhouette_score(x.reshape(-1, 1), labels), abs=1e-12)
+
+
+def test_fit_thresholds_separated_clusters():
+  rng = np.random.default_rng(1)
+  diff = rng.uniform(0.0, 0.3, 40)
+  sim = rng.uniform(0.5, 0.7, 30)
+  dup = rng.uniform(0.9, 1.0, 20)
+  scores = np.concatenate([diff, sim, dup])
+  labels = np.array([0] * 40 + [2] * 30 + [1] * 20)
+  fit = evaluate.fit_thresholds(labels, scores)
+  assert fit["macro_f1"] == 1.0
+  assert diff.max() <= fit["t_low"] < sim.min()
+  assert sim.max() <= fit["t_high"] < dup.min()
+  res = evaluate.evaluate_scores(labels, scores, fit["t_low"], fit["t_high"])
+  assert res["macro_f1"] == 1.0 and res["accuracy"] == 1.0
+
+
+def test_fit_thresholds_is_the_exhaustive_optimum():
+  labels, scores = _fixed_case()
+  grid = np.linspace(0.0, 1.0, 21)
+  fit = evaluate.fit_thresholds(labels, scores, grid=grid)
+  best, arg = -1.0, None
+  for lo, hi in itertools.product(grid, grid):
+    if lo > hi:
+      continue
+    pred = np.where(scores <= lo, 0, np.where(scores > hi, 1, 2))
+    f = skm.f1_score(labels, pred, average="macro", zero_division=0)
+    if f > best + 1e-12:
+      best, arg = f, (lo, hi)
+  assert fit["macro_f1"] == pytest.approx(best)
+  assert (fit["t_low"], fit["t_high"]) == pytest.approx(arg)
+  # The default grid (midpoints) can only do better than the coarse one.
+  assert evaluate.fit_thresholds(labels, scores)["macro_f1"] >= best - 1e-12
+
+
+def test_read_labelled_pairs_and_errors(tmp_path):
+  good = tmp_path / "pairs.csv"
+  good.write_text("real_key,synth_key,label\nr1,s1,0\nr2,s2,1\nr3,s3,2\n")
+  pairs = evaluate.read_labelled_pairs(str(good))
+  assert pairs["real_key"] == ["r1", "r2", "r3"]
+  np.testing.assert_array_equal(pairs["label"], [0, 1, 2])
+  alias = tmp_path / "final.csv"
+  alias.write_text("real_key,synth_key,final_label\nr1,s1,2\n")
+  np.testing.assert_array_equal(evaluate.read_labelled_pairs(str(alias))["label"], [2])
+  cases = {
+      "nolabel.csv": ("real_key,synth_key\nr1,s1\n", "label"),
+      "nokey.csv": ("real_key,label\nr1,1\n", "synth_key"),
+      "range.csv": ("real_key,synth_key,label\nr1,s1,0\nr2,s2,3\n", "line 3"),
+      "float.csv": ("real_key,synth_key,label\nr1,s1,1.5\n", "line 2"),
+      "text.csv": ("real_key,synth_key,label\nr1,s1,dup\n", "not an integer"),
+      "empty.csv": ("real_key,synth_key,label\n", "no labelled pairs"),
+  }
+  for name, (text, needle) in cases.items():
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(io.InputError, match=needle) as e:
+      evaluate.read_labelled_pairs(str(path))
+    assert name in str(e.value)
+
+
+def test_bad_labels_and_scores():
+  with pytest.raises(ValueError, match="not one of"):
+    evaluate.evaluate_scores([0, 1, 5], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="as many"):
+    evaluate.evaluate_scores([0, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="finite"):
+    evaluate.fit_thresholds([0, 1], [0.1, np.nan])
+
+
+def test_files_histogram_json_table(tmp_path):
+  labels, scores = _fixed_case()
+  png = evaluate.plot_histogram(str(tmp_path / "h" / "hist.png"), scores, labels, 0.6, 0.85,
+                                "test")
+  with Image.open(png) as im:
+    assert im.format == "PNG" and im.size[0] > 100
+    assert np.asarray(im.convert("L")).std() > 0  # not a blank image
+  res = evaluate.evaluate_scores(labels[:3], scores[:3])
+  res["extra"] = float("nan")
+  path = evaluate.write_results(str(tmp_path / "r.json"), res)
+  with open(path) as f:
+    back = json.load(f)
+  assert back["extra"] is None and back["macro_f1"] == pytest.approx(res["macro_f1"])
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+  rows = [evaluate.summary_row("ckpt-1", evaluate.evaluate_scores(labels, scores)),
+          evaluate.summary_row("ckpt-2", res)]
+  table = evaluate.results_table(rows)
+  lines = table.splitlines()
+  assert len(lines) == 4 and lines[0].split()[0] == "name"
+  assert f"{rows[0]['macro_f1']:.4f}" in lines[2] and "ckpt-2" in lines[3]
+  assert len({len(line) for line in lines}) == 1  # aligned
