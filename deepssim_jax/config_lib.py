@@ -1,0 +1,99 @@
+"""The base DeepSSIM config: every number of a run, with the paper's settings as defaults.
+
+Config files in configs/ call `base_config()` and override a few fields (STYLE: variants
+import a base and change little). Sections: data, pairs, model, optim, train, aug, eval.
+"""
+
+import os
+
+import ml_collections
+
+# Thresholds of the paper's 3-class decision rule (score <= low: Different, > high: Duplicate).
+PAPER_THRESHOLDS = (0.60, 0.85)
+
+
+def source_config(kind: str = "", root: str = "", **kw) -> ml_collections.ConfigDict:
+  """An image set: kind 'volumes' (NIfTI; layout ixi/corr/folder/auto), 'reference'
+  (<uid>/training.png + <uid>/gen-<i>.png; part 'training' or 'generated'), 'manifest'
+  (CSV key,path), 'pngs' (a folder of PNGs), 'demo' (the embedded data; part real /
+  synthetic / heldout) or '' (none)."""
+  c = ml_collections.ConfigDict({
+      "kind": kind, "root": root, "layout": "auto", "part": "", "band": (0.35, 0.65),
+      "num_slices": 16, "sequences": ("T1", "T2", "PD"), "max_volumes": 0})
+  c.update(kw)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.workdir = "workdirs/run"  # default for --workdir
+
+  c.data = ml_collections.ConfigDict()
+  c.data.image_size = (136, 112)  # (H, W) after resampling
+  c.data.real = source_config()   # training images of the generative model
+  c.data.synth = source_config()  # synthetic images; none: pairs within the real set
+  c.data.pairs_csv = ""           # a ready pair table; empty: build workdir/pairs.csv
+  c.data.test_pairs_csv = ""      # labelled pairs (real_key, synth_key, label) to evaluate
+  c.data.download_hint = ""       # what to download when the data path is missing
+  c.data.num_threads = 4          # image reading threads when building banks
+  c.data.test_fraction = 0.0      # demo: share of synthetic images held out for evaluation
+  c.data.demo = ml_collections.ConfigDict()  # demo_sets() arguments (kind 'demo' only)
+
+  c.pairs = ml_collections.ConfigDict()
+  c.pairs.num_pairs = 100_000     # the released table has roughly 10^5 pairs
+  c.pairs.matched_fraction = 0.25  # share of (source, synthetic) pairs where sources are known
+  c.pairs.valid_fraction = 0.1    # share of synthetic images whose pairs validate
+  c.pairs.batch_size = 1024       # SSIM pairs per device batch
+  c.pairs.align = False           # SPEC's phi: identity (reference code) or rigid alignment
+  c.pairs.align_angles = tuple(round(-0.17 + 0.017 * i, 3) for i in range(21))
+  c.pairs.align_flips = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "convnext_base"
+  c.model.num_frozen_stages = 2   # stem + first N stages frozen
+  c.model.overrides = ml_collections.ConfigDict()  # e.g. dims/depths for tiny test models
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.weight_decay = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip_norm = 1.0
+  c.optim.schedule = "constant"   # constant (paper) or cosine
+  c.optim.warmup_steps = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32         # global batch of pairs
+  c.train.eval_batch_size = 64
+  c.train.num_epochs = 40
+  c.train.log_every_steps = 50
+  c.train.eval_every_steps = 0    # 0: once per epoch
+  c.train.checkpoint_every_steps = 0  # 0: at every evaluation
+  c.train.keep_latest = 1
+  c.train.num_workers = 0         # grain worker processes (0: threads in this process)
+
+  c.aug = ml_collections.ConfigDict()
+  c.aug.p_flip0 = 0.33
+  c.aug.p_flip1 = 0.33
+  c.aug.p_rotate = 0.33
+  c.aug.max_angle = 0.17
+  c.aug.p_gamma = 0.33
+  c.aug.gamma_min = 0.5
+  c.aug.gamma_max = 1.5
+  c.aug.renormalize = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.checkpoint = "best"      # best | latest
+  c.eval.thresholds = PAPER_THRESHOLDS
+  c.eval.metrics = ("deepssim", "ssim")
+  c.eval.batch_size = 64
+  return c
+
+
+def require_path(path: str, what: str, hint: str) -> str:
+  """Returns `path` if it exists, else stops with what to download and where to put it."""
+  if path and os.path.exists(path):
+    return path
+  raise SystemExit(f"{what}: {path or '(not set)'} does not exist.\n{hint}")

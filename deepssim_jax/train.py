@@ -1,0 +1,350 @@
+"""Training DeepSSIM: a Siamese ConvNeXt regressing pixel SSIM with embedding cosines.
+
+Pure, jitted steps (`train_step`, `eval_step`) over a data-parallel Mesh (batch sharded on
+"data", state replicated); AdamW with global-norm clipping, the stem and first stages
+frozen through optax masking; orbax checkpoints of the latest state (with the input
+position) and of the best state by validation loss, the config saved beside them; metrics
+to a CSV and TensorBoard event files; a killed run resumes from its latest checkpoint and
+ends exactly where an uninterrupted run would.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.training import train_state
+from tqdm import tqdm
+
+from deepssim_jax import augment, io, models, parallel, pipeline
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_optimizer(params, optim: ml_collections.ConfigDict, num_frozen_stages: int,
+                   total_steps: int) -> optax.GradientTransformation:
+  """AdamW + global-norm clipping on trainable leaves; frozen leaves get zero updates."""
+  if optim.schedule == "constant":
+    lr = optim.learning_rate
+  elif optim.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                            max(total_steps, optim.warmup_steps + 1))
+  else:
+    raise ValueError(f"unknown schedule {optim.schedule!r} (constant, cosine)")
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm),
+                   optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                               weight_decay=optim.weight_decay))
+  labels = models.trainable_labels(params, num_frozen_stages)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def learning_rate(optim: ml_collections.ConfigDict, step: jax.Array, total_steps: int):
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                              max(total_steps, optim.warmup_steps + 1))(step)
+  return jnp.asarray(optim.learning_rate, jnp.float32)
+
+
+def model_from_config(config: ml_collections.ConfigDict):
+  """The DeepSSIM module a config names (JSON-restored lists become tuples)."""
+  overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+               for k, v in dict(config.model.get("overrides", {})).items()}
+  return models.make_model(config.model.name, **overrides)
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_shape,
+                       total_steps: int) -> TrainState:
+  model = model_from_config(config)
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
+  tx = make_optimizer(variables["params"], config.optim, config.model.num_frozen_stages,
+                      total_steps)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _cosines(state: TrainState, params, images_a, images_b, train: bool, rng=None):
+  """Embeds both branches in one pass (shared weights) and returns row-wise cosines."""
+  x = jnp.concatenate([images_a, images_b], axis=0)
+  variables = {"params": params, "batch_stats": state.batch_stats}
+  if train:
+    emb, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": rng})
+  else:
+    emb, updates = state.apply_fn(variables, x, train=False), {}
+  ea, eb = jnp.split(emb, 2, axis=0)
+  return jnp.sum(ea * eb, axis=-1), updates
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
+               aug: augment.AugmentConfig, optim: ml_collections.ConfigDict,
+               total_steps: int) -> tuple[TrainState, dict]:
+  """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b))."""
+  rng = jax.random.fold_in(rng, state.step)
+  k_a, k_b, k_drop = jax.random.split(rng, 3)
+  a = augment.augment_batch(k_a, batch["image_a"], aug)
+  b = augment.augment_batch(k_b, batch["image_b"], aug)
+
+  def loss_fn(params):
+    cos, updates = _cosines(state, params, a, b, train=True, rng=k_drop)
+    err = cos - batch["ssim"]
+    return jnp.mean(err ** 2), (updates, jnp.mean(jnp.abs(err)))
+
+  (loss, (updates, mae)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+  metrics = {"loss": loss, "mae": mae, "grad_norm": optax.tree.norm(grads),
+             "learning_rate": learning_rate(optim, state.step, total_steps)}
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+  """Sums of squared and absolute errors over the real (weight 1) rows of a batch."""
+  cos, _ = _cosines(state, state.params, batch["image_a"], batch["image_b"], train=False)
+  err, w = cos - batch["ssim"], batch["weight"]
+  return {"sse": jnp.sum(w * err ** 2), "sae": jnp.sum(w * jnp.abs(err)), "count": jnp.sum(w)}
+
+
+def evaluate(state, eval_fn, ds, mesh) -> dict:
+  sums = None
+  for batch in pipeline.iterate(ds):
+    out = eval_fn(state, parallel.shard_batch(batch, mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  n = max(float(sums["count"]), 1.0)
+  return {"val_loss": float(sums["sse"]) / n, "val_mae": float(sums["sae"]) / n}
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+  """Metrics rows kept in memory and mirrored to metrics.csv (atomic) and TensorBoard."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, "metrics.csv")
+    self.rows = []
+    if os.path.exists(self.path):  # keep what the interrupted run logged up to its checkpoint
+      t = io.read_csv(self.path, required=["step"])
+      keys = list(t)
+      for i in range(len(t["step"])):
+        row = {k: t[k][i] for k in keys}
+        if int(row["step"]) <= resume_step:
+          self.rows.append(row)
+    self.writer = None
+    if parallel.is_main_process():
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not parallel.is_main_process():
+      return
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self.rows.append(row)
+    for k, v in metrics.items():
+      self.writer.add_scalar(k, float(v), step)
+    self.writer.flush()
+    cols = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
+    io.write_csv(self.path, cols, ([r.get(c, "") for c in cols] for r in self.rows))
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager,
+                                                        ocp.CheckpointManager]:
+  """The latest state (resuming) and the best model by validation loss (evaluation)."""
+  root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  latest = ocp.CheckpointManager(
+      os.path.join(root, "latest"), item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_latest, create=True))
+  best = ocp.CheckpointManager(
+      os.path.join(root, "best"), item_names=("state",),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
+                                           best_mode="min", create=True))
+  return latest, best
+
+
+def abstract_like(tree, mesh):
+  """ShapeDtypeStructs carrying a replicated sharding: restores onto any device count."""
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def inference_state(state: TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats, "step": state.step}
+
+
+def restore_model(workdir: str, which: str = "best", step: Optional[int] = None,
+                  config=None, mesh=None):
+  """Loads (model, variables, step) from a run's workdir: the best or the latest checkpoint,
+  or a given step of either.
+
+  The model is rebuilt from the config saved beside the checkpoint, so any run's
+  checkpoint evaluates without knowing its config.
+  """
+  config = load_config(workdir) if config is None else config
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  model = model_from_config(config)
+  shape = tuple(config.data.image_size)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jnp.zeros((1, *shape), jnp.float32))
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: 'best' or 'latest' (with an optional step)")
+  root = os.path.abspath(os.path.join(workdir, "checkpoints", which))
+  if not os.path.isdir(root):
+    raise io.InputError(f"{root}: no checkpoints here (is {workdir} a training workdir?)")
+  mngr = ocp.CheckpointManager(root, item_names=("state",) if which == "best" else
+                               ("state", "data"))
+  step = step if step is not None else mngr.latest_step()
+  if step is None or step not in mngr.all_steps():
+    raise io.InputError(f"{root}: no checkpoint at step {step}; have {mngr.all_steps()}")
+  if which == "best":
+    target = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  else:  # the full training state; keep its model part
+    target = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), shape, 1))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_like(target, mesh))))["state"]
+  if which != "best":
+    restored = {"params": restored.params, "batch_stats": restored.batch_stats}
+  mngr.close()
+  return model, {"params": restored["params"], "batch_stats": restored["batch_stats"]}, step
+
+
+def save_config(workdir: str, config) -> None:
+  if parallel.is_main_process():
+    io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise io.InputError(f"{path}: missing; every training workdir has its config beside the "
+                        "checkpoints")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_source,
+                       valid_source, mesh=None, stop_after: Optional[int] = None) -> dict:
+  """Trains to the configured number of epochs, resuming from `workdir` if it has a run.
+
+  Args:
+    config: the run's config (sections data, model, optim, train, aug).
+    workdir: where checkpoints, config.json, metrics.csv and TensorBoard events go.
+    train_source, valid_source: pipeline.PairSource of the train and valid pairs.
+    mesh: device mesh (default: all devices).
+    stop_after: stop (as if killed) after this many steps of this call: used to test
+      resumption; the latest checkpoint is whatever the cadence had saved by then.
+
+  Returns:
+    A dict with the final step, last validation metrics and best validation loss.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  os.makedirs(workdir, exist_ok=True)
+  save_config(workdir, config)
+  tc = config.train
+  ds = pipeline.train_dataset(train_source, global_batch=tc.batch_size,
+                              num_epochs=tc.num_epochs, seed=config.seed)
+  total_steps = len(ds)
+  steps_per_epoch = max(total_steps // tc.num_epochs, 1)
+  eval_every = tc.eval_every_steps or steps_per_epoch
+  ckpt_every = tc.checkpoint_every_steps or eval_every
+  valid_ds = pipeline.eval_dataset(valid_source, global_batch=tc.eval_batch_size)
+  data_spec = {"pairs": len(train_source), "seed": config.seed, "batch": tc.batch_size,
+               "epochs": tc.num_epochs,
+               "fingerprint": io.fingerprint(train_source.real_idx, train_source.synth_idx,
+                                             train_source.ssim)}
+
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  image_shape = tuple(config.data.image_size)
+  state = create_train_state(config, init_rng, image_shape, total_steps)
+  state = parallel.replicate(state, mesh)
+  latest, best = checkpoint_managers(workdir, config)
+  start = 0
+  if latest.latest_step() is not None:
+    step = latest.latest_step()
+    restored = latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(state, mesh)),
+        data=ocp.args.JsonRestore()))
+    if restored["data"]["spec"] != data_spec:
+      raise io.InputError(f"{workdir}: its checkpoint was trained on other data/settings "
+                          f"({restored['data']['spec']} vs {data_spec}); use a new workdir")
+    state, start = restored["state"], restored["data"]["batches_consumed"]
+    logging.info("Resumed from %s at step %d", latest.directory, step)
+  log = MetricsLog(workdir, resume_step=start)
+
+  aug = augment.AugmentConfig.from_config(config.aug)
+  step_fn = jax.jit(functools.partial(train_step, aug=aug, optim=config.optim,
+                                      total_steps=total_steps), donate_argnums=(0,))
+  eval_fn = jax.jit(eval_step)
+  best_val = min([float(r["val_loss"]) for r in log.rows if r.get("val_loss", "") != ""],
+                 default=float("inf"))
+  last_eval = {}
+
+  def save(step: int, val: Optional[dict]):
+    latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"batches_consumed": step, "spec": data_spec})))
+    if val is not None:
+      best.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(inference_state(state))), metrics=val)
+
+  bar = tqdm(total=total_steps, initial=start, desc="train", unit="step",
+             disable=not parallel.is_main_process())
+  t0, n0, pending = time.perf_counter(), start, []
+  step = start
+  for batch in pipeline.iterate(ds, start=start, num_workers=tc.num_workers):
+    state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), step_rng)
+    step += 1
+    pending.append(metrics)
+    bar.update(1)
+    is_eval = step % eval_every == 0 or step == total_steps
+    if step % tc.log_every_steps == 0 or is_eval:
+      fetched = jax.device_get(pending)
+      pending = []
+      dt = time.perf_counter() - t0
+      row = {k: np.mean([m[k] for m in fetched]) for k in fetched[0]}
+      row["pairs_per_s"] = (step - n0) * tc.batch_size / max(dt, 1e-9)
+      t0, n0 = time.perf_counter(), step
+      if is_eval:
+        last_eval = evaluate(state, eval_fn, valid_ds, mesh)
+        row.update(last_eval)
+        best_val = min(best_val, last_eval["val_loss"])
+      log.write(step, row)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val_mae": f"{last_eval['val_mae']:.4f}"}
+                                                    if is_eval else {}))
+    if step % ckpt_every == 0 or is_eval:
+      save(step, last_eval if is_eval else None)
+    if stop_after is not None and step - start >= stop_after:
+      break
+  bar.close()
+  latest.wait_until_finished()
+  best.wait_until_finished()
+  latest.close(), best.close(), log.close()
+  return {"step": step, **last_eval, "best_val_loss": best_val,
+          "params": state.params, "batch_stats": state.batch_stats}

@@ -1,0 +1,156 @@
+"""Training: loss goes down, frozen stages stay, 4 devices == 1, checkpoints, kill-and-resume."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from deepssim_jax import augment, config_lib, io, parallel, pipeline, train
+
+SIZE = (32, 32)
+
+
+def tiny_config(**train_overrides):
+  c = config_lib.base_config()
+  c.data.image_size = SIZE
+  c.model.name = "convnext_atto"
+  c.model.num_frozen_stages = 2
+  c.model.overrides.update(dict(hidden_dim=32, embed_dim=16))
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 8
+  c.train.num_epochs = 2
+  c.train.log_every_steps = 2
+  c.train.update(train_overrides)
+  return c
+
+
+def smooth_images(n, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, SIZE[0] // 4, SIZE[1] // 4))
+  x = np.kron(x, np.ones((4, 4)))  # blocky, so there is structure to learn
+  x += 0.3 * rng.normal(size=x.shape)
+  return ((x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("banks"))
+  real = pipeline.save_bank_arrays(folder, "real", {"images": smooth_images(12, 0)})
+  synth = pipeline.save_bank_arrays(folder, "synth", {"images": smooth_images(12, 1)})
+  rng = np.random.default_rng(0)
+  ia, ib = rng.integers(0, 12, 40), rng.integers(0, 12, 40)
+  s = rng.uniform(0, 1, 40).astype(np.float32)
+  return (pipeline.PairSource(real, synth, ia[:32], ib[:32], s[:32]),
+          pipeline.PairSource(real, synth, ia[32:], ib[32:], s[32:]))
+
+
+def fixed_batch(source, n=8):
+  items = [source[i] for i in range(n)]
+  return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _step_fn(config, total_steps=100):
+  aug = augment.AugmentConfig.from_config(config.aug)
+  return jax.jit(lambda s, b, r: train.train_step(s, b, r, aug=aug, optim=config.optim,
+                                                   total_steps=total_steps))
+
+
+def test_jitted_step_lowers_loss_and_keeps_frozen_params(sources):
+  config = tiny_config()
+  config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
+  config.model.overrides.dropout = 0.0
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  step = _step_fn(config)
+  batch = fixed_batch(sources[0])
+  losses = []
+  new = state
+  for _ in range(15):
+    new, m = step(new, batch, jax.random.key(1))
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(new.step) == 15
+  flat0 = traverse_util.flatten_dict(state.params)
+  flat1 = traverse_util.flatten_dict(new.params)
+  frozen = [p for p in flat0 if p[1] in ("stem", "stages_0", "stages_1")]
+  trained = [p for p in flat0 if p[0] == "head"]
+  assert frozen and trained
+  for p in frozen:
+    np.testing.assert_array_equal(flat0[p], flat1[p], err_msg=str(p))
+  assert all(not np.allclose(flat0[p], flat1[p]) for p in trained)
+  assert any(not np.allclose(flat0[p], flat1[p]) for p in flat0 if p[1] == "stages_3")
+
+
+def test_four_devices_equal_one(sources):
+  # Adam divides by sqrt(v) + eps: with eps 1e-8 it turns the ~1e-9 gradients behind
+  # ConvNeXt's 1e-6 layer scales into full-size steps, magnifying reduction-order noise
+  # (not a data-parallel effect). A larger eps keeps the comparison well-conditioned.
+  config = tiny_config()
+  config.optim.eps = 1e-3
+  batch = fixed_batch(sources[0])
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh = parallel.make_mesh(devices)
+    state = parallel.replicate(train.create_train_state(config, jax.random.key(0), SIZE, 100),
+                               mesh)
+    step = _step_fn(config)
+    losses = []
+    for i in range(3):
+      state, m = step(state, parallel.shard_batch(batch, mesh), jax.random.key(7))
+      losses.append(float(m["loss"]))
+    results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
+  (l1, p1, b1), (l4, p4, b4) = results
+  np.testing.assert_allclose(l1, l4, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves((p1, b1)), jax.tree.leaves((p4, b4))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_round_trip_and_outputs(tmp_path, sources):
+  config = tiny_config()
+  out = train.train_and_evaluate(config, str(tmp_path), *sources)
+  assert out["step"] == 8  # 32 pairs / 8 per batch * 2 epochs
+  for which in ("latest", "best"):
+    _, variables, step = train.restore_model(str(tmp_path), which)
+    if which == "latest":
+      assert step == 8
+      for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(out["params"])):
+        np.testing.assert_array_equal(a, b)
+  assert os.path.exists(tmp_path / "config.json")
+  assert train.load_config(str(tmp_path)).model.name == "convnext_atto"
+  table = io.read_csv(tmp_path / "metrics.csv", required=["step", "loss", "val_loss", "val_mae"])
+  assert [int(s) for s in table["step"]] == [2, 4, 6, 8]
+  assert os.listdir(tmp_path / "tensorboard")
+  # The best checkpoint is the epoch with the lowest validation loss.
+  val = {int(s): float(v) for s, v in zip(table["step"], table["val_loss"]) if v}
+  _, _, best_step = train.restore_model(str(tmp_path), "best")
+  assert best_step == min(val, key=val.get)
+  with pytest.raises(io.InputError, match="no checkpoint at step 3"):
+    train.restore_model(str(tmp_path), "latest", step=3)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, sources):
+  config = tiny_config(checkpoint_every_steps=2)
+  full = train.train_and_evaluate(config, str(tmp_path / "a"), *sources)
+  # "Killed" after 5 steps: the latest checkpoint is step 4; step 5 is lost and redone.
+  part = train.train_and_evaluate(config, str(tmp_path / "b"), *sources, stop_after=5)
+  assert part["step"] == 5
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"), *sources)
+  assert resumed["step"] == full["step"] == 8
+  for a, b in zip(jax.tree.leaves((full["params"], full["batch_stats"])),
+                  jax.tree.leaves((resumed["params"], resumed["batch_stats"]))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+  rows = io.read_csv(tmp_path / "b" / "metrics.csv")["step"]
+  assert [int(s) for s in rows] == [2, 4, 6, 8]  # no duplicated or lost rows
+
+
+def test_resume_refuses_other_data(tmp_path, sources):
+  config = tiny_config(checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path), *sources, stop_after=2)
+  tr, va = sources
+  other = pipeline.PairSource(tr.real_path, tr.synth_path, tr.real_idx, tr.synth_idx,
+                              tr.ssim[::-1].copy())
+  with pytest.raises(io.InputError, match="other data"):
+    train.train_and_evaluate(config, str(tmp_path), other, va)
