@@ -1,0 +1,180 @@
+"""Pair tables: the (training image, synthetic image, SSIM) rows DeepSSIM learns from.
+
+A pair table is a CSV with columns real_key, synth_key, ssim, split (train / valid); keys
+refer to the images of two image banks (the real/training set and the synthetic set). The
+build job samples pairs, computes their SSIM targets on device in batches, optionally after
+a rigid alignment of the synthetic image to the real one (SPEC's phi), and writes the table
+atomically. Labelled evaluation pairs use the same key columns plus `label`.
+"""
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from deepssim_jax import io, parallel, ssim as ssim_lib
+
+PAIR_COLUMNS = ("real_key", "synth_key", "ssim", "split")
+SPLITS = ("train", "valid")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTable:
+  real_key: np.ndarray   # (P,) str
+  synth_key: np.ndarray  # (P,) str
+  ssim: np.ndarray       # (P,) float32
+  split: np.ndarray      # (P,) str
+
+  def __len__(self):
+    return len(self.ssim)
+
+  def select(self, split: str) -> "PairTable":
+    m = self.split == split
+    return PairTable(self.real_key[m], self.synth_key[m], self.ssim[m], self.split[m])
+
+
+def read_pairs(path: str) -> PairTable:
+  """Reads and validates a pair table (columns real_key, synth_key, ssim, split)."""
+  t = io.read_csv(path, required=PAIR_COLUMNS)
+  if not t["ssim"]:
+    raise io.InputError(f"{path}: the pair table has no rows")
+  s = io.float_column(path, t, "ssim").astype(np.float32)
+  if s.min() < -1 - 1e-5 or s.max() > 1 + 1e-5:
+    i = int(np.argmax(np.abs(s) > 1 + 1e-5))
+    raise io.InputError(f"{path}: line {i + 2}: ssim {s[i]} outside [-1, 1]")
+  split = np.asarray(t["split"])
+  bad = ~np.isin(split, SPLITS)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise io.InputError(f"{path}: line {i + 2}: split {split[i]!r} is not one of {SPLITS}")
+  return PairTable(np.asarray(t["real_key"]), np.asarray(t["synth_key"]), s, split)
+
+
+def write_pairs(path: str, table: PairTable) -> None:
+  io.write_csv(path, PAIR_COLUMNS,
+               zip(table.real_key, table.synth_key, table.ssim.astype(float), table.split))
+
+
+def key_index(keys: np.ndarray, wanted: np.ndarray, what: str, source: str) -> np.ndarray:
+  """Maps keys to row indices of a bank, naming the first missing key."""
+  pos = {k: i for i, k in enumerate(keys)}
+  out = np.empty(len(wanted), np.int64)
+  for j, k in enumerate(wanted):
+    i = pos.get(k)
+    if i is None:
+      raise io.InputError(f"{source}: {what} key {k!r} (row {j + 2}) is not in the image set "
+                          f"({len(keys)} images, e.g. {list(keys[:3])})")
+    out[j] = i
+  return out
+
+
+def sample_pairs(num_real: int, num_synth: int, num_pairs: int, seed: int,
+                 source_index: Optional[np.ndarray] = None, matched_fraction: float = 0.25,
+                 valid_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Samples distinct (real, synth) index pairs and a train/valid split.
+
+  Uniform pairs are mostly unrelated images with low SSIM; where the synthetic set knows the
+  training image each synthetic image derives from (`source_index`, -1 for none), a share
+  `matched_fraction` of the pairs is (source, synthetic), so high-SSIM targets are present.
+  The split is by synthetic image: every pair of a synthetic image is in the same split.
+
+  Returns:
+    (real_idx, synth_idx, is_valid) arrays of the same length <= num_pairs.
+  """
+  rng = np.random.default_rng(seed)
+  total = num_real * num_synth
+  num_pairs = min(num_pairs, total)
+  chosen = set()
+  if source_index is not None:
+    has = np.flatnonzero(np.asarray(source_index) >= 0)
+    n_matched = min(int(round(matched_fraction * num_pairs)), len(has))
+    for j in rng.choice(has, n_matched, replace=False):
+      chosen.add(int(source_index[j]) * num_synth + int(j))
+  while len(chosen) < num_pairs:
+    need = num_pairs - len(chosen)
+    for flat in rng.integers(0, total, size=2 * need + 16):
+      chosen.add(int(flat))
+      if len(chosen) == num_pairs:
+        break
+  flat = np.sort(np.fromiter(chosen, np.int64))
+  flat = flat[rng.permutation(len(flat))]
+  real_idx, synth_idx = flat // num_synth, flat % num_synth
+  valid_synth = rng.random(num_synth) < valid_fraction
+  return real_idx, synth_idx, valid_synth[synth_idx]
+
+
+def compute_ssim(real_images: np.ndarray, synth_images: np.ndarray, real_idx: np.ndarray,
+                 synth_idx: np.ndarray, batch_size: int = 1024, align: bool = False,
+                 align_angles: tuple = (), align_flips: bool = True,
+                 mesh=None, progress: bool = True) -> np.ndarray:
+  """SSIM (optionally after aligning the synthetic image to the real one) of indexed pairs.
+
+  Both banks (z-scored, (N, H, W)) live on every device; each batch of index pairs is
+  sharded over the mesh and padded to a fixed size, so one program serves every batch.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, batch_size // n_dev * n_dev)
+  real_dev = parallel.replicate(jnp.asarray(real_images, jnp.float32), mesh)
+  synth_dev = parallel.replicate(jnp.asarray(synth_images, jnp.float32), mesh)
+  if align:
+    banks = (real_dev, synth_dev)
+  else:  # per-image moments once; only the cross term per pair
+    banks = (ssim_lib.image_stats(real_dev), ssim_lib.image_stats(synth_dev))
+  angles = jnp.asarray(align_angles if align_angles else (0.0,), jnp.float32)
+
+  @jax.jit
+  def batch_fn(banks, ia, ib):  # banks are arguments, never constants folded into the HLO
+    if align:
+      return ssim_lib.aligned_ssim(banks[0][ia], banks[1][ib], angles, flips=align_flips)[0]
+    return ssim_lib.ssim_indexed(banks[0], banks[1], ia, ib)
+
+  out = np.empty(len(real_idx), np.float32)
+  t0 = time.perf_counter()
+  bar = tqdm(total=len(out), desc="SSIM targets", unit="pair", disable=not progress,
+             smoothing=0.1)
+  for start in range(0, len(out), batch_size):
+    stop = min(start + batch_size, len(out))
+    ia = parallel.pad_to(real_idx[start:stop], batch_size)
+    ib = parallel.pad_to(synth_idx[start:stop], batch_size)
+    ia, ib = parallel.shard_batch((ia, ib), mesh)
+    out[start:stop] = np.asarray(batch_fn(banks, ia, ib))[:stop - start]
+    bar.update(stop - start)
+  bar.close()
+  logging.info("SSIM targets: %d pairs in %.1f s (%.0f pairs/s)", len(out),
+               time.perf_counter() - t0, len(out) / max(time.perf_counter() - t0, 1e-9))
+  return out
+
+
+def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed: int,
+                     matched_fraction: float, valid_fraction: float, batch_size: int,
+                     align: bool, align_angles: tuple, align_flips: bool,
+                     mesh=None) -> PairTable:
+  """Samples pairs between two image banks and computes their SSIM targets.
+
+  Banks are dicts with `keys` (N,) and z-scored `images` (N, H, W); the synthetic bank may
+  carry meta `source_key` (the training image it derives from) to oversample matched pairs.
+  """
+  for name, bank in (("real", real_bank), ("synthetic", synth_bank)):
+    if len(bank["keys"]) == 0:
+      raise io.InputError(f"the {name} image set is empty")
+  if real_bank["images"].shape[1:] != synth_bank["images"].shape[1:]:
+    raise io.InputError(f"image sizes differ: real {real_bank['images'].shape[1:]} vs "
+                        f"synthetic {synth_bank['images'].shape[1:]}")
+  source_index = None
+  src = synth_bank.get("meta", {}).get("source_key")
+  if src is not None:
+    pos = {k: i for i, k in enumerate(real_bank["keys"])}
+    source_index = np.array([pos.get(k, -1) for k in src])
+  ia, ib, is_valid = sample_pairs(len(real_bank["keys"]), len(synth_bank["keys"]), num_pairs,
+                                  seed, source_index, matched_fraction, valid_fraction)
+  s = compute_ssim(real_bank["images"], synth_bank["images"], ia, ib, batch_size=batch_size,
+                   align=align, align_angles=align_angles, align_flips=align_flips, mesh=mesh)
+  split = np.where(is_valid, "valid", "train")
+  return PairTable(np.asarray(real_bank["keys"])[ia], np.asarray(synth_bank["keys"])[ib], s,
+                   split)
