@@ -21,8 +21,16 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax (dozens of lines per checkpoint); warnings still pass."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   flags.mark_flags_as_required(["config"])
   parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   config = _CONFIG.value

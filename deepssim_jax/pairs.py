@@ -51,7 +51,7 @@ def read_pairs(path: str) -> PairTable:
   bad = ~np.isin(split, SPLITS)
   if bad.any():
     i = int(np.argmax(bad))
-    raise io.InputError(f"{path}: line {i + 2}: split {split[i]!r} is not one of {SPLITS}")
+    raise io.InputError(f"{path}: line {i + 2}: split {str(split[i])!r} is not one of {SPLITS}")
   return PairTable(np.asarray(t["real_key"]), np.asarray(t["synth_key"]), s, split)
 
 
@@ -67,8 +67,9 @@ def key_index(keys: np.ndarray, wanted: np.ndarray, what: str, source: str) -> n
   for j, k in enumerate(wanted):
     i = pos.get(k)
     if i is None:
-      raise io.InputError(f"{source}: {what} key {k!r} (row {j + 2}) is not in the image set "
-                          f"({len(keys)} images, e.g. {list(keys[:3])})")
+      raise io.InputError(f"{source}: {what} key {str(k)!r} (row {j + 2}) is not in the "
+                          f"image set ({len(keys)} images, e.g. "
+                          f"{[str(x) for x in keys[:3]]})")
     out[j] = i
   return out
 
@@ -105,6 +106,8 @@ def sample_pairs(num_real: int, num_synth: int, num_pairs: int, seed: int,
   flat = flat[rng.permutation(len(flat))]
   real_idx, synth_idx = flat // num_synth, flat % num_synth
   valid_synth = rng.random(num_synth) < valid_fraction
+  if valid_fraction > 0 and num_synth > 1 and not valid_synth[synth_idx].any():
+    valid_synth[synth_idx[0]] = True  # at least one validation image, however small the set
   return real_idx, synth_idx, valid_synth[synth_idx]
 
 

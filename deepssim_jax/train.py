@@ -264,6 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
     A dict with the final step, last validation metrics and best validation loss.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
+  if len(valid_source) == 0:
+    raise io.InputError("no validation pairs (split 'valid' of the pair table): the best "
+                        "checkpoint is chosen on them; raise pairs.valid_fraction")
   os.makedirs(workdir, exist_ok=True)
   save_config(workdir, config)
   tc = config.train
@@ -302,9 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
   step_fn = jax.jit(functools.partial(train_step, aug=aug, optim=config.optim,
                                       total_steps=total_steps), donate_argnums=(0,))
   eval_fn = jax.jit(eval_step)
-  best_val = min([float(r["val_loss"]) for r in log.rows if r.get("val_loss", "") != ""],
-                 default=float("inf"))
-  last_eval = {}
+  evals = [r for r in log.rows if r.get("val_loss", "") != ""]  # from before a resume
+  best_val = min([float(r["val_loss"]) for r in evals], default=float("inf"))
+  last_eval = ({k: float(evals[-1][k]) for k in ("val_loss", "val_mae")} if evals else {})
 
   def save(step: int, val: Optional[dict]):
     latest.save(step, args=ocp.args.Composite(

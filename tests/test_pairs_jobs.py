@@ -1,0 +1,126 @@
+"""Pair sampling and tables, the pair-table job against scikit-image, and the whole
+config-driven run (pairs -> train -> evaluate) on a tiny version of the demo config."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from deepssim_jax import io, jobs, pairs
+
+
+def test_sample_pairs_distinct_matched_and_split_by_synthetic_image():
+  source = np.array([0, 1, -1, 2, 3, 4, -1, 5] * 5)
+  ia, ib, valid = pairs.sample_pairs(10, len(source), 200, seed=3, source_index=source,
+                                     matched_fraction=0.25, valid_fraction=0.3)
+  assert len(ia) == 200
+  assert len(set(zip(ia.tolist(), ib.tolist()))) == 200  # distinct
+  matched = np.sum(source[ib] == ia)
+  assert matched >= 30  # every synthetic image with a source (25% of 200 > 30 available)
+  for j in np.unique(ib):  # every pair of a synthetic image sits in one split
+    assert len(set(valid[ib == j].tolist())) == 1
+  assert 0 < valid.mean() < 1
+  ia2, ib2, _ = pairs.sample_pairs(10, len(source), 200, seed=3, source_index=source)
+  np.testing.assert_array_equal(ia, ia2), np.testing.assert_array_equal(ib, ib2)
+  # Never more pairs than exist.
+  assert len(pairs.sample_pairs(3, 4, 100, seed=0)[0]) == 12
+
+
+def test_pair_table_ssim_equals_scikit_image(tmp_path):
+  rng = np.random.default_rng(0)
+  def bank(n, prefix):
+    x = rng.normal(size=(n, 24, 20)).cumsum(1).astype(np.float32)
+    x = (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)
+    return {"keys": np.array([f"{prefix}{i}" for i in range(n)]), "images": x, "meta": {}}
+  real, synth = bank(5, "r"), bank(7, "s")
+  table = pairs.build_pair_table(real, synth, num_pairs=30, seed=0, matched_fraction=0,
+                                 valid_fraction=0.2, batch_size=16, align=False,
+                                 align_angles=(), align_flips=False)
+  for rk, sk, s in zip(table.real_key, table.synth_key, table.ssim):
+    a = real["images"][int(rk[1:])].astype(np.float64)
+    b = synth["images"][int(sk[1:])].astype(np.float64)
+    assert s == pytest.approx(structural_similarity(a, b, data_range=a.max() - a.min()),
+                              abs=1e-5)
+  path = tmp_path / "pairs.csv"
+  pairs.write_pairs(path, table)
+  back = pairs.read_pairs(path)
+  np.testing.assert_array_equal(back.real_key, table.real_key)
+  np.testing.assert_array_equal(back.ssim, table.ssim)
+  assert set(back.split) <= {"train", "valid"}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("real_key,synth_key,split\nA,B,train\n", "missing column.*ssim"),
+    ("real_key,synth_key,ssim,split\nA,B,0.5,test\n", "split 'test'"),
+    ("real_key,synth_key,ssim,split\nA,B,1.7,train\n", "outside"),
+    ("real_key,synth_key,ssim,split\nA,B,nan,train\n", "non-finite"),
+    ("real_key,synth_key,ssim,split\n", "no rows"),
+])
+def test_bad_pair_tables_name_file_and_problem(tmp_path, text, message):
+  path = tmp_path / "bad.csv"
+  path.write_text(text)
+  with pytest.raises(io.InputError, match=rf"bad\.csv.*{message}"):
+    pairs.read_pairs(path)
+
+
+def test_missing_key_is_named():
+  with pytest.raises(io.InputError, match=r"t\.csv: synthetic key 'zz' \(row 3\)"):
+    pairs.key_index(np.array(["a", "b"]), np.array(["a", "zz"]), "synthetic", "t.csv")
+
+
+def test_build_refuses_empty_and_mismatched_sets():
+  x = np.zeros((2, 8, 8), np.float32)
+  empty = {"keys": np.array([], str), "images": x[:0]}
+  full = {"keys": np.array(["a", "b"]), "images": x}
+  kw = dict(num_pairs=4, seed=0, matched_fraction=0, valid_fraction=0, batch_size=4,
+            align=False, align_angles=(), align_flips=False)
+  with pytest.raises(io.InputError, match="synthetic image set is empty"):
+    pairs.build_pair_table(full, empty, **kw)
+  other = {"keys": np.array(["c"]), "images": np.zeros((1, 9, 8), np.float32)}
+  with pytest.raises(io.InputError, match="image sizes differ"):
+    pairs.build_pair_table(full, other, **kw)
+
+
+def _demo_config():
+  root = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", root)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
+  c = _demo_config()  # the real demo config, shrunk
+  c.data.image_size = (40, 32)
+  c.data.demo.update(dict(slices_per_head=4, num_copies=12, num_neighbours=8, num_other=6))
+  c.pairs.num_pairs = 120
+  c.pairs.align_angles = (-0.1, 0.0, 0.1)
+  c.model.overrides.update(dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), hidden_dim=16,
+                                embed_dim=8, depthwise_impl="conv"))
+  c.train.batch_size = 8
+  c.train.num_epochs = 1
+  c.train.log_every_steps = 5
+  workdir = str(tmp_path)
+  out = jobs.train_job(c, workdir)
+  printed = capsys.readouterr().out
+  assert "validation: MSE" in printed and "macro_f1" in printed
+  for f in ("pairs.csv", "test_pairs.csv", "config.json", "metrics.csv", "data/real.npz",
+            "eval/results.json", "eval/hist_deepssim.png", "eval/hist_ssim.png",
+            "eval/table.txt"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  table = pairs.read_pairs(os.path.join(workdir, "pairs.csv"))
+  test = io.read_csv(os.path.join(workdir, "test_pairs.csv"), ["synth_key", "label"])
+  assert not set(test["synth_key"]) & set(table.synth_key)  # held out from training
+  assert set(test["label"]) == {"0", "1", "2"}
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    results = json.load(f)
+  assert set(results) == {"deepssim", "ssim"}
+  assert 0 <= results["ssim"]["macro_f1"] <= 1
+  # Aligned targets: each copy scores at least as high as its plain SSIM would.
+  assert out["step"] == len(table.select("train")) // 8
+  # A rerun finds everything done and does not train again.
+  again = jobs.train_job(c, workdir)
+  assert again["step"] == out["step"]
