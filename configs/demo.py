@@ -16,17 +16,17 @@ def get_config():
   c.workdir = "workdirs/demo"
   c.data.real = config_lib.source_config("demo", part="real")
   c.data.synth = config_lib.source_config("demo", part="synthetic")
-  c.pairs.num_pairs = 4000
+  c.pairs.num_pairs = 3000
   c.pairs.align = True  # copies are flipped/rotated: align before the SSIM target
   c.pairs.align_angles = (-0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15)
   c.data.test_fraction = 0.3  # synthetic images held out (never in the pair table)
   c.data.demo.update(dict(slices_per_head=24, num_copies=96, num_neighbours=64,
                           num_other=32, heldout_per_head=0))
   c.model.name = "convnext_atto"
-  c.model.overrides = dict(depths=(2, 2, 2, 2), dims=(24, 48, 96, 192), hidden_dim=128,
+  c.model.overrides = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), hidden_dim=128,
                            embed_dim=64)
   c.model.num_frozen_stages = 0
   c.train.batch_size = 32
-  c.train.num_epochs = 6
+  c.train.num_epochs = 5
   c.train.log_every_steps = 20
   return c
