@@ -41,46 +41,147 @@ BN_MOMENTUM = 0.9
 # --------------------------------------------------------------------------- depthwise conv
 
 def _dw_conv(x: Array, kernel: Array) -> Array:
-  """Depthwise SAME conv as one grouped XLA convolution (the reference formulation)."""
-  c = x.shape[-1]
+  """Depthwise SAME conv as one grouped XLA convolution (the plain formulation)."""
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
-def _dw_shift(x: Array, kernel: Array) -> Array:
-  """Depthwise SAME conv as a sum of k*k shifted copies of the padded input times a tap."""
-  kh, kw = kernel.shape[:2]
+def _pad_same(x: Array, kh: int, kw: int) -> Array:
+  return jnp.pad(x, ((0, 0), (kh // 2, (kh - 1) // 2), (kw // 2, (kw - 1) // 2), (0, 0)))
+
+
+def _shift_sum(x: Array, taps: Array) -> Array:
+  """sum_ij pad(x)[:, i:i+H, j:j+W] * taps[i, j]: one fused elementwise loop in XLA."""
+  kh, kw = taps.shape[:2]
   _, h, w, _ = x.shape
-  ph, pw = kh // 2, kw // 2
-  xp = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+  xp = _pad_same(x, kh, kw)
   out = None
   for i in range(kh):
     for j in range(kw):
-      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+      term = xp[:, i:i + h, j:j + w, :] * taps[i, j]
       out = term if out is None else out + term
   return out
+
+
+def _shift_kernel_grad(x: Array, dy: Array, kh: int, kw: int) -> Array:
+  """d(loss)/d(taps) of _shift_sum: (kh, kw, C) = sum_bhw pad(x)[shifted] * dy.
+
+  Written as ONE variadic reduction over (H, W) with the kh*kw products as operands, so
+  XLA:CPU fuses the shifted reads into a single pass over x and dy (49 separate
+  reductions materialise every shifted copy first: ~10x slower), parallel over the batch;
+  the per-image partial sums are then added in float32.
+  """
+  _, h, w, c = x.shape
+  xp = _pad_same(x, kh, kw).astype(jnp.float32)
+  dy = dy.astype(jnp.float32)
+  prods = tuple(xp[:, i:i + h, j:j + w, :] * dy for i in range(kh) for j in range(kw))
+  zeros = tuple(jnp.float32(0) for _ in prods)
+  sums = jax.lax.reduce(prods, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
+  return jnp.stack(sums).sum(axis=1).reshape(kh, kw, c)
+
+
+def _fusion_barrier(x: Array) -> Array:
+  """Identity that XLA:CPU's library (YNNPACK) fusion pass does not absorb.
+
+  XLA:CPU hands each matmul, together with the elementwise ops feeding it, to YNNPACK. It
+  pulls the adds of a shifted-sum depthwise conv into the LayerNorm + Dense that follows,
+  and every shifted slice then becomes a materialised copy (2x slower ConvNeXt blocks at
+  34x28). A reduce_precision to the value's own precision is an exact no-op that the
+  library fusion does not take, so the shifted sum stays one loop. Purely a performance
+  device: removing it changes no value.
+  """
+  fi = jnp.finfo(x.dtype)
+  return jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
+@jax.custom_vjp
+def _dw_shift(x: Array, kernel: Array) -> Array:
+  """Depthwise SAME conv as shifted multiply-adds, with a hand-written backward pass."""
+  return _fusion_barrier(_shift_sum(x, kernel[:, :, 0, :]))
+
+
+def _dw_shift_fwd(x, kernel):
+  return _dw_shift(x, kernel), (x, kernel)
+
+
+def _dw_shift_bwd(res, dy):
+  x, kernel = res
+  kh, kw = kernel.shape[:2]
+  # The input gradient of a SAME correlation with an odd kernel is the same correlation of
+  # dy with the kernel flipped in both spatial axes.
+  dx = _fusion_barrier(_shift_sum(dy, kernel[::-1, ::-1, 0, :]).astype(x.dtype))
+  dk = _shift_kernel_grad(x, dy, kh, kw)[:, :, None, :].astype(kernel.dtype)
+  return dx, dk
+
+
+_dw_shift.defvjp(_dw_shift_fwd, _dw_shift_bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_matrix(h: int, w: int, kh: int, kw: int) -> np.ndarray:
+  """(kh*kw, (h*w)**2) 0/1 matrix: which tap links output position p to input position q."""
+  a = np.zeros((kh * kw, h * w, h * w), np.float32)
+  for ph in range(h):
+    for pw in range(w):
+      for i in range(kh):
+        for j in range(kw):
+          qh, qw = ph + i - kh // 2, pw + j - kw // 2
+          if 0 <= qh < h and 0 <= qw < w:
+            a[i * kw + j, ph * w + pw, qh * w + qw] = 1.0
+  return a.reshape(kh * kw, -1)
+
+
+def _dw_dense(x: Array, kernel: Array) -> Array:
+  """Depthwise SAME conv as a per-channel (HW x HW) spatial matmul (for small maps).
+
+  For the 8x7 and 4x3 maps of ConvNeXt's last stages the whole conv is, per channel, a dense
+  matrix over positions; building it from the taps with one matmul and applying it with a
+  batched matmul keeps XLA:CPU on its matmul kernels in the forward AND backward pass.
+  Costs (HW / taps) times the direct FLOPs, so only for maps of a few dozen positions.
+  """
+  b, h, w, c = x.shape
+  kh, kw = kernel.shape[:2]
+  taps = kernel.reshape(kh * kw, c)
+  mats = jnp.dot(taps.T, jnp.asarray(_tap_matrix(h, w, kh, kw), taps.dtype))  # (C, P*Q)
+  y = jnp.einsum("cpq,bqc->bpc", mats.reshape(c, h * w, h * w), x.reshape(b, h * w, c))
+  return y.reshape(b, h, w, c)
+
+
+# Largest H*W for which "auto" uses the dense formulation (ConvNeXt stages 3 and 4 at
+# 136x112: 56 and 12 positions; stage 2 has 238, where shifted sums win).
+AUTO_DENSE_MAX_POSITIONS = 64
+
+
+def _dw_auto(x: Array, kernel: Array) -> Array:
+  if x.shape[1] * x.shape[2] <= AUTO_DENSE_MAX_POSITIONS:
+    return _dw_dense(x, kernel)
+  return _dw_shift(x, kernel)
 
 
 DEPTHWISE_IMPLS: Dict[str, Callable[[Array, Array], Array]] = {
     "conv": _dw_conv,
     "shift": _dw_shift,
+    "dense": _dw_dense,
+    "auto": _dw_auto,
 }
 
 
-def depthwise_conv(x: Array, kernel: Array, impl: str = "shift") -> Array:
-  """Depthwise 2-D convolution with SAME padding, stride 1.
+def depthwise_conv(x: Array, kernel: Array, impl: str = "auto") -> Array:
+  """Depthwise 2-D convolution (cross-correlation, like torch/flax) with SAME padding.
 
   Args:
     x: (B, H, W, C) input.
-    kernel: (kh, kw, 1, C) taps (flax/HWIO layout of a grouped conv with C groups).
-    impl: a key of DEPTHWISE_IMPLS.
+    kernel: (kh, kw, 1, C) taps, odd kh and kw (flax HWIO layout of a C-group conv).
+    impl: a key of DEPTHWISE_IMPLS; all give the same values and gradients.
 
   Returns:
-    (B, H, W, C), identical (to float rounding) for every impl.
+    (B, H, W, C).
   """
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"unknown depthwise_impl {impl!r}; choose one of {sorted(DEPTHWISE_IMPLS)}")
+  if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+    raise ValueError(f"depthwise kernel must have odd sizes, got {kernel.shape[:2]}")
   return DEPTHWISE_IMPLS[impl](x, kernel)
 
 
@@ -88,7 +189,7 @@ class DepthwiseConv(nn.Module):
   """Depthwise conv layer with a bias; same parameters as nn.Conv(feature_group_count=C)."""
   features: int
   kernel_size: int = 7
-  impl: str = "shift"
+  impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -103,9 +204,45 @@ class DepthwiseConv(nn.Module):
 
 # --------------------------------------------------------------------------- ConvNeXt
 
+def gelu(x: Array, approximate: bool = False) -> Array:
+  """GELU; exact is x/2 (1 + erf(x / sqrt 2)), the formula torch.nn.GELU evaluates.
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU evaluates ~2.5x slower
+  than erf; the erf form is what the reference computes, so nothing is lost.
+  """
+  if approximate:
+    return jax.nn.gelu(x, approximate=True)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+
+
 _dense = functools.partial(nn.Dense, kernel_init=nn.initializers.truncated_normal(0.02))
 _conv = functools.partial(nn.Conv, kernel_init=nn.initializers.truncated_normal(0.02),
                           padding="VALID")
+
+
+class PatchConv(nn.Module):
+  """k x k conv with stride k and VALID padding, as space-to-depth + one matmul.
+
+  Same parameters as nn.Conv(features, (k, k), strides=(k, k), padding="VALID")
+  ({kernel: (k, k, C_in, C_out), bias}), same values; XLA:CPU runs the matmul form at its
+  matmul rate, the strided convolution several times slower.
+  """
+  features: int
+  patch: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.patch
+    b, h, w, c = x.shape
+    kernel = self.param("kernel", nn.initializers.truncated_normal(0.02),
+                        (k, k, c, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    ho, wo = h // k, w // k
+    x = x[:, :ho * k, :wo * k].reshape(b, ho, k, wo, k, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, ho, wo, k * k * c)
+    y = jnp.dot(x.astype(self.dtype), kernel.reshape(k * k * c, self.features).astype(self.dtype))
+    return y + bias.astype(self.dtype)
 
 
 class NormConv(nn.Module):
@@ -121,8 +258,7 @@ class NormConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")
-    conv = _conv(self.features, (self.patch, self.patch), strides=(self.patch, self.patch),
-                 dtype=self.dtype, name="conv")
+    conv = PatchConv(self.features, self.patch, self.dtype, name="conv")
     return conv(norm(x)) if self.norm_first else norm(conv(x))
 
 
@@ -144,7 +280,7 @@ class ConvNeXtBlock(nn.Module):
   dim: int
   drop_path: float = 0.0
   layer_scale_init: float = 1e-6
-  depthwise_impl: str = "shift"
+  depthwise_impl: str = "auto"
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
 
@@ -153,7 +289,7 @@ class ConvNeXtBlock(nn.Module):
     y = DepthwiseConv(self.dim, 7, self.depthwise_impl, self.dtype, name="dwconv")(x)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(y)
     y = _dense(4 * self.dim, dtype=self.dtype, name="pwconv1")(y)
-    y = nn.gelu(y, approximate=self.gelu_approximate)
+    y = gelu(y, self.gelu_approximate)
     y = _dense(self.dim, dtype=self.dtype, name="pwconv2")(y)
     gamma = self.param("layer_scale", nn.initializers.constant(self.layer_scale_init),
                        (self.dim,), jnp.float32)
@@ -169,7 +305,7 @@ class ConvNeXtStage(nn.Module):
   downsample: bool
   drop_paths: Tuple[float, ...]
   layer_scale_init: float = 1e-6
-  depthwise_impl: str = "shift"
+  depthwise_impl: str = "auto"
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
 
@@ -202,7 +338,7 @@ class ConvNeXt(nn.Module):
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-6
   dtype: Any = jnp.float32
-  depthwise_impl: str = "shift"
+  depthwise_impl: str = "auto"
   gelu_approximate: bool = False
 
   @nn.compact
@@ -284,7 +420,7 @@ class Head(nn.Module):
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, name="bn")(x)
     x = _dense(self.hidden_dim, name="hidden")(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return _dense(self.embed_dim, name="embed")(x)
 
@@ -359,9 +495,12 @@ def freeze_mask(params: Any, num_frozen_stages: int = 2) -> Any:
   """
   flat = traverse_util.flatten_dict(_unfreeze(params))
   stage_keys = {k for path in flat for k in path if k.startswith("stages_")}
-  frozen = _frozen_prefixes(num_frozen_stages, max(len(stage_keys), num_frozen_stages))
   if num_frozen_stages and not stage_keys:
     raise ValueError("freeze_mask: params hold no 'stages_i' subtrees (not a ConvNeXt tree?)")
+  if not 0 <= num_frozen_stages <= len(stage_keys):
+    raise ValueError(f"num_frozen_stages={num_frozen_stages} outside [0, {len(stage_keys)}] "
+                     "(the backbone's number of stages)")
+  frozen = _frozen_prefixes(num_frozen_stages, len(stage_keys))
 
   def trainable(path):
     in_backbone = path[0] == "backbone" or path[0] in ("stem",) or path[0].startswith("stages_")
