@@ -85,10 +85,41 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.renormalize = True
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.checkpoint = "best"      # best | latest
+  c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"
   c.eval.thresholds = PAPER_THRESHOLDS
+  # Names of deepssim_jax.metrics.METRICS; "deepssim@<checkpoint>" compares checkpoints,
+  # e.g. ("deepssim@best", "deepssim@latest", "deepssim@runs/b:best", "ssim", "pearson").
   c.eval.metrics = ("deepssim", "ssim")
   c.eval.batch_size = 64
+  c.eval.chunk = 4096             # pairs scored per chunk (bounds memory)
+  c.eval.fit_fraction = 0.5       # synthetic images whose pairs fit thresholds (0: none)
+  c.eval.carlini_alpha = 0.5      # Carlini et al.'s relative L2: alpha and n nearest
+  c.eval.carlini_n = 50
+  c.eval.misaligned = ml_collections.ConfigDict()
+  c.eval.misaligned.enabled = False  # also score after flips/rotation/gamma at p (SPEC)
+  c.eval.misaligned.p = 0.8
+  c.eval.misaligned.max_angle = 0.1745
+  c.eval.misaligned.gamma_min = 0.5
+  c.eval.misaligned.gamma_max = 1.5
+  c.eval.misaligned.seed = 1234
+
+  c.embed = ml_collections.ConfigDict()
+  c.embed.sets = ("real", "synth")  # config.data entries to embed
+  c.embed.checkpoint = "best"     # [workdir:]best|latest[:step]
+  c.embed.batch_size = 64         # global batch (rounded up to the device count)
+  c.embed.shard_rows = 4096       # images per store shard (fixes the store layout)
+  c.embed.dtype = "float32"       # or float16
+  c.embed.num_threads = 4         # grain threads reading images
+  c.embed.dir = ""                # stores go to <dir>/<set> (default <workdir>/stores)
+
+  c.match = ml_collections.ConfigDict()
+  c.match.query = "synth"         # store matched (one row of results per image)
+  c.match.reference = "real"      # store searched
+  c.match.k = 5
+  c.match.q_block = 256
+  c.match.r_block = 8192
+  c.match.full_matrix = False     # also the reference's float16 npz matrix (small sets)
+  c.match.full_matrix_max_entries = 200_000_000
   return c
 
 

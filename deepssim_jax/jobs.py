@@ -15,12 +15,14 @@ interrupted step resumes:
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import (banks, embed, evaluate as eval_lib, io, pairs as pairs_lib, parallel,
-                          pipeline, train)
+from deepssim_jax import (augment, banks, embed, evaluate as eval_lib, io, match as match_lib,
+                          metrics as metrics_lib, pairs as pairs_lib, parallel, pipeline, store,
+                          train)
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -53,6 +55,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
         align_flips=pc.align_flips)
     if parallel.is_main_process():
       pairs_lib.write_pairs(table_path, table)
+    parallel.sync("pairs written")  # the other processes read it next
     logging.info("Wrote %d pairs to %s", len(table), table_path)
   table = pairs_lib.read_pairs(table_path)
   real_npy = pipeline.save_bank_arrays(cache, "real", real)
@@ -105,44 +108,200 @@ def train_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def score_pairs(metric: str, config, workdir: str, real: dict, synth: dict, real_keys,
-                synth_keys, source: str) -> np.ndarray:
-  """Scores labelled pairs with a metric: 'deepssim' (this run's checkpoint) or 'ssim'."""
-  ia = pairs_lib.key_index(real["keys"], np.asarray(real_keys), "real", source)
-  ib = pairs_lib.key_index(synth["keys"], np.asarray(synth_keys), "synthetic", source)
-  if metric == "ssim":
-    return pairs_lib.compute_ssim(real["images"], synth["images"], ia, ib,
-                                  batch_size=config.pairs.batch_size).astype(np.float64)
-  if metric == "deepssim":
-    model, variables, step = train.restore_model(workdir, config.eval.checkpoint)
-    logging.info("DeepSSIM scores from the %s checkpoint (step %d)", config.eval.checkpoint, step)
-    ua, ub = np.unique(ia), np.unique(ib)
-    ea = embed.embed_array(model, variables, real["images"][ua], config.eval.batch_size)
-    eb = embed.embed_array(model, variables, synth["images"][ub], config.eval.batch_size)
-    return embed.cosine_pairs(ea[np.searchsorted(ua, ia)], eb[np.searchsorted(ub, ib)])
-  raise ValueError(f"unknown metric {metric!r}")
+# ----------------------------------------------------------------------------- checkpoints
+
+def parse_checkpoint(spec: str, workdir: str) -> tuple[str, str, int | None]:
+  """'best' | 'latest' | 'best:1200' | 'path/to/run:latest[:step]' -> (workdir, which, step)."""
+  parts = str(spec).split(":")
+  step = None
+  if len(parts) > 1 and parts[-1].isdigit():
+    step = int(parts.pop())
+  which = parts.pop() if parts else ""
+  if which not in ("best", "latest"):
+    raise ValueError(f"checkpoint {spec!r}: expected [workdir:]best|latest[:step]")
+  return (":".join(parts) or workdir), which, step
+
+
+def load_checkpoint(spec: str, workdir: str, mesh=None) -> dict:
+  """The model a checkpoint spec names, with a fingerprint of its weights."""
+  run, which, step = parse_checkpoint(spec, workdir)
+  model, variables, step = train.restore_model(run, which, step, mesh=mesh)
+  leaves = [np.asarray(x) for x in jax.tree.leaves(variables)]
+  logging.info("Loaded the %s checkpoint of %s (step %d)", which, run, step)
+  return {"model": model, "variables": variables, "step": int(step), "which": which,
+          "run": os.path.abspath(run), "fingerprint": io.fingerprint(*leaves)}
+
+
+# ----------------------------------------------------------------------------- embed / match
+
+def image_source(config: ml_collections.ConfigDict, workdir: str, name: str):
+  """The image set config.data.<name> as a random-access source (read lazily, not cached;
+  the demo's generated sets are banks)."""
+  spec = config.data.get(name)
+  if spec is None or not spec.get("kind"):
+    raise io.InputError(f"config.data.{name}: no image set configured (kind is empty)")
+  if spec.kind == "demo":
+    b = banks.bank(spec, config, os.path.join(workdir, "data"), name)
+    return embed.BankSource(b["keys"], b["images"]), "demo:" + spec.part
+  src = banks.open_source(spec, config.data.image_size, config.data.get("download_hint", ""))
+  return src, os.path.abspath(spec.root)
+
+
+def store_folder(config, workdir: str, name: str) -> str:
+  return os.path.join(config.embed.dir or os.path.join(workdir, "stores"), name)
+
+
+def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None) -> dict:
+  """Embeds each configured image set into its store (resumable; see embed.embed_to_store)."""
+  ec = config.embed
+  mesh = parallel.make_mesh()
+  ck = load_checkpoint(ec.checkpoint, workdir, mesh)
+  embed_fn = embed.make_embed_fn(ck["model"])
+  out = {}
+  for name in (sets or ec.sets):
+    src, root = image_source(config, workdir, name)
+    keys = np.asarray(src.keys, dtype=str)
+    fp = io.fingerprint(ck["fingerprint"], root, keys, tuple(config.data.image_size), ec.dtype)
+    meta = {"set": name, "data_root": root, "checkpoint": f"{ck['run']}:{ck['which']}",
+            "step": ck["step"], "model": config.model.name, "image_size":
+            list(config.data.image_size)}
+    out[name] = embed.embed_to_store(
+        embed_fn, ck["variables"], src, store_folder(config, workdir, name),
+        batch_size=ec.batch_size, shard_rows=ec.shard_rows, fingerprint=fp, meta=meta,
+        dtype=ec.dtype, mesh=mesh, num_threads=ec.num_threads,
+        progress=True, stop_after_shards=ec.get("stop_after_shards"))
+    if parallel.is_main_process():
+      r = out[name]
+      print(f"embed {name}: {r['n']} images, {r['written']} shards written, {r['skipped']} "
+            f"already done; {r['images_per_s']:.1f} img/s, "
+            f"{100 * r['input_wait_fraction']:.0f}% waiting on input")
+  return out
+
+
+def match_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Top-k training neighbours of every synthetic image (streamed), optionally the full
+  float16 matrix in the reference's npz format."""
+  mc = config.match
+  query = store_folder(config, workdir, mc.query)
+  ref = store_folder(config, workdir, mc.reference)
+  for folder, name in ((query, mc.query), (ref, mc.reference)):
+    if not os.path.exists(os.path.join(folder, "index.json")):
+      logging.info("No complete store for %s: embedding it first", name)
+      embed_job(config, workdir, sets=(name,))
+  out_dir = os.path.join(workdir, "match")
+  res = match_lib.match_stores(query, ref, os.path.join(out_dir, f"top{mc.k}.csv"), mc.k,
+                               q_block=mc.q_block, r_block=mc.r_block)
+  if mc.full_matrix:
+    q_ids, q_emb = store.load_store(query)
+    r_ids, r_emb = store.load_store(ref)
+    if len(q_ids) * len(r_ids) > mc.full_matrix_max_entries:
+      raise io.InputError(f"full matrix of {len(r_ids)} x {len(q_ids)} exceeds "
+                          f"match.full_matrix_max_entries={mc.full_matrix_max_entries}")
+    res["npz"] = match_lib.write_reference_npz(
+        out_dir, r_ids, q_ids, match_lib.full_matrix(r_emb, q_emb))
+  if parallel.is_main_process():
+    print(f"match: top-{mc.k} training neighbours of {res['n_query']} synthetic images among "
+          f"{res['n_ref']} -> {res['path']}")
+  return res
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def metric_context(metric: str, config, workdir: str, real: dict) -> dict:
+  """What a metric needs beyond the pair (metrics.METRICS)."""
+  ec = config.eval
+  ctx = {"batch_size": ec.batch_size, "ssim_batch_size": config.pairs.batch_size,
+         "train_images": real["images"], "carlini_alpha": ec.carlini_alpha,
+         "carlini_n": ec.carlini_n, "seed": config.seed}
+  base, _, ck = metric.partition("@")
+  if base == "deepssim":
+    c = load_checkpoint(ck or ec.checkpoint, workdir)
+    ctx.update(model=c["model"], variables=c["variables"],
+               embed_fn=embed.make_embed_fn(c["model"]))
+  elif base == "convnext_raw":
+    ctx["model"] = train.model_from_config(config)
+  return ctx
+
+
+def misalign(images: np.ndarray, seed: int, cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """SPEC's misaligned evaluation: flips, rotation, gamma at probability p on every image,
+  seeded (the same seed gives the same transforms)."""
+  a = augment.AugmentConfig(p_flip0=cfg.p, p_flip1=cfg.p, p_rotate=cfg.p, p_gamma=cfg.p,
+                            max_angle=cfg.max_angle, gamma_min=cfg.gamma_min,
+                            gamma_max=cfg.gamma_max, renormalize=True)
+  fn = jax.jit(lambda k, x: augment.augment_batch(k, x, a))
+  out = np.empty_like(images, dtype=np.float32)
+  key = jax.random.key(seed)
+  for i, s in enumerate(range(0, len(images), 256)):
+    out[s:s + 256] = np.asarray(fn(jax.random.fold_in(key, i), jnp.asarray(images[s:s + 256])))
+  return out
+
+
+def score_pairs(metric: str, ctx: dict, a: np.ndarray, b: np.ndarray, chunk: int) -> np.ndarray:
+  """A metric over paired stacks, chunk by chunk (bounded memory)."""
+  fn = metrics_lib.get(metric)
+  return np.concatenate([fn(ctx, a[s:s + chunk], b[s:s + chunk])
+                         for s in range(0, len(a), chunk)]).astype(np.float64)
+
+
+def split_for_fitting(synth_keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """True for pairs whose synthetic image is in the threshold-fitting split (by image)."""
+  u = np.unique(synth_keys)
+  fit = set(u[np.random.default_rng(seed).random(len(u)) < fraction].tolist())
+  return np.asarray([k in fit for k in synth_keys.tolist()])
 
 
 def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | None = None
                  ) -> dict:
-  """Scores the labelled test pairs with each configured metric; prints one table."""
+  """Scores labelled pairs with every configured metric (and checkpoint); one table.
+
+  For each metric: results at the configured thresholds on all pairs, and, when
+  eval.fit_fraction > 0, thresholds fitted (max macro F1) on a split of the synthetic
+  images and results on the other pairs. With eval.misaligned, each metric is also scored
+  after seeded flips/rotations/gamma (p = 0.8) of both images.
+  """
+  ec = config.eval
   d = prepare_data(config, workdir) if data is None else data
   if not d["test_pairs"]:
     raise io.InputError("nothing to evaluate: set data.test_pairs_csv (real_key, synth_key, "
                         "label)")
   pairs = eval_lib.read_labelled_pairs(d["test_pairs"])
-  t_low, t_high = config.eval.thresholds
+  ia = pairs_lib.key_index(d["real"]["keys"], pairs["real_key"], "real", d["test_pairs"])
+  ib = pairs_lib.key_index(d["synth"]["keys"], pairs["synth_key"], "synthetic",
+                           d["test_pairs"])
+  a, b = d["real"]["images"][ia], d["synth"]["images"][ib]
+  variants = [("aligned", a, b)]
+  if ec.misaligned.enabled:
+    variants.append(("misaligned", misalign(a, ec.misaligned.seed, ec.misaligned),
+                     misalign(b, ec.misaligned.seed + 1, ec.misaligned)))
+  labels = np.asarray(pairs["label"])
+  fit = (split_for_fitting(np.asarray(pairs["synth_key"]), ec.fit_fraction, config.seed)
+         if ec.fit_fraction > 0 else np.zeros(len(labels), bool))
+  t_low, t_high = ec.thresholds
   out_dir = os.path.join(workdir, "eval")
   rows, results = [], {}
-  for metric in config.eval.metrics:
-    scores = score_pairs(metric, config, workdir, d["real"], d["synth"], pairs["real_key"],
-                         pairs["synth_key"], d["test_pairs"])
-    res = eval_lib.evaluate_scores(pairs["label"], scores, t_low, t_high)
-    results[metric] = res
-    rows.append(eval_lib.summary_row(metric, res))
-    if parallel.is_main_process():
-      eval_lib.plot_histogram(os.path.join(out_dir, f"hist_{metric}.png"), scores,
-                              pairs["label"], t_low, t_high, title=f"{metric} on test pairs")
+  for metric in ec.metrics:
+    ctx = metric_context(metric, config, workdir, d["real"])
+    for variant, va, vb in variants:
+      name = metric if variant == "aligned" else f"{metric} (misaligned)"
+      scores = score_pairs(metric, ctx, va, vb, ec.chunk)
+      res = {"fixed": eval_lib.evaluate_scores(labels, scores, t_low, t_high)}
+      row = eval_lib.summary_row(name, res["fixed"])
+      if fit.any() and (~fit).any():
+        th = eval_lib.fit_thresholds(labels[fit], scores[fit])
+        res["fitted"] = dict(eval_lib.evaluate_scores(labels[~fit], scores[~fit], th["t_low"],
+                                                      th["t_high"]), fit=th)
+        row["fitted_macro_f1"] = res["fitted"]["macro_f1"]
+        row["fitted_t"] = f"{th['t_low']:.3g}/{th['t_high']:.3g}"
+      results[name] = res
+      rows.append(row)
+      if parallel.is_main_process():
+        safe = name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_") \
+            .replace("@", "_").replace(":", "_")
+        plot_t = ((t_low, t_high) if metric.split("@")[0] in metrics_lib.SSIM_SCALED
+                  or "fitted" not in res else (res["fitted"]["t_low"], res["fitted"]["t_high"]))
+        eval_lib.plot_histogram(os.path.join(out_dir, f"hist_{safe}.png"), scores, labels,
+                                *plot_t, title=f"{name} on test pairs")
   if parallel.is_main_process():
     eval_lib.write_results(os.path.join(out_dir, "results.json"), results)
     table = eval_lib.results_table(rows)
@@ -151,5 +310,5 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   return results
 
 
-MODES = {"train": train_job, "evaluate": evaluate_job,
+MODES = {"train": train_job, "evaluate": evaluate_job, "embed": embed_job, "match": match_job,
          "pairs": lambda config, workdir: {"pairs": len(prepare_data(config, workdir)["table"])}}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from deepssim_jax import io, jobs, pairs
+from deepssim_jax import io, jobs, match, pairs
 
 
 def test_sample_pairs_distinct_matched_and_split_by_synthetic_image():
@@ -118,9 +118,44 @@ def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     results = json.load(f)
   assert set(results) == {"deepssim", "ssim"}
-  assert 0 <= results["ssim"]["macro_f1"] <= 1
+  assert 0 <= results["ssim"]["fixed"]["macro_f1"] <= 1
+  assert "fit" in results["ssim"]["fitted"]  # thresholds fitted on half the images
   # Aligned targets: each copy scores at least as high as its plain SSIM would.
   assert out["step"] == len(table.select("train")) // 8
   # A rerun finds everything done and does not train again.
   again = jobs.train_job(c, workdir)
   assert again["step"] == out["step"]
+
+  # --mode=embed, then --mode=match over the stores (top-k and the reference's matrix).
+  c.embed.shard_rows = 16
+  c.match.full_matrix = True
+  c.match.k = 3
+  emb = jobs.embed_job(c, workdir)
+  n_real, n_synth = emb["real"]["n"], emb["synth"]["n"]
+  assert emb["real"]["complete"] and emb["synth"]["complete"]
+  assert jobs.embed_job(c, workdir)["real"]["written"] == 0  # everything already on disk
+  res = jobs.match_job(c, workdir)
+  assert res["n_query"] == n_synth and res["n_ref"] == n_real
+  top = io.read_csv(os.path.join(workdir, "match", "top3.csv"),
+                    ["synth_id", "rank", "train_id", "score"])
+  assert len(top["synth_id"]) == 3 * n_synth
+  real_ids, synth_ids, matrix = match.read_reference_npz(os.path.join(workdir, "match"))
+  assert matrix.shape == (n_real, n_synth)
+  # The top-1 score of the first synthetic image is the max of its (float16) matrix column.
+  j = synth_ids.tolist().index(top["synth_id"][0])
+  assert float(matrix[:, j].max()) == pytest.approx(float(top["score"][0]), abs=2e-3)
+  assert set(real_ids.tolist()) >= set(top["train_id"])
+
+  # --mode=evaluate: checkpoints side by side, every baseline, misaligned variants.
+  c.eval.metrics = ("deepssim@best", "deepssim@latest", "ssim", "pearson", "carlini_l2",
+                    "convnext_raw")
+  c.eval.misaligned.enabled = True
+  capsys.readouterr()
+  results = jobs.evaluate_job(c, workdir)
+  printed = capsys.readouterr().out
+  names = [f"{m}{v}" for m in c.eval.metrics for v in ("", " (misaligned)")]
+  assert list(results) == names
+  for name in names:
+    assert name in printed
+    assert 0 <= results[name]["fixed"]["macro_f1"] <= 1
+  assert results["ssim"]["fixed"]["n"] == results["pearson (misaligned)"]["fixed"]["n"]

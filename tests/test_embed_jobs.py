@@ -1,0 +1,156 @@
+"""Embedding job (resumable stores, 4 vs 1 devices) and the pair metrics of evaluation."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from deepssim_jax import embed, io, metrics, models, parallel, store
+
+SIZE = (32, 32)
+
+
+def images(n, seed):
+  rng = np.random.default_rng(seed)
+  x = np.kron(rng.normal(size=(n, SIZE[0] // 4, SIZE[1] // 4)), np.ones((4, 4)))
+  x += 0.3 * rng.normal(size=x.shape)
+  return ((x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_vars():
+  model = models.make_model("convnext_atto", hidden_dim=16, embed_dim=8, depthwise_impl="conv",
+                            depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+  v = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images(1, 0))
+  return model, v
+
+
+class CountingSource(embed.BankSource):
+  """A bank source that records which rows were read."""
+
+  def __init__(self, keys, imgs):
+    super().__init__(keys, imgs)
+    self.read = set()
+
+  def __getitem__(self, i):
+    self.read.add(int(i))
+    return super().__getitem__(i)
+
+
+def run_store(model_vars, folder, src, mesh, **kw):
+  model, v = model_vars
+  kw.setdefault("batch_size", 8)
+  kw.setdefault("shard_rows", 12)
+  return embed.embed_to_store(embed.make_embed_fn(model), v, src, folder, fingerprint="fp",
+                              mesh=mesh, progress=False, **kw)
+
+
+def test_store_equals_embed_array_and_resume_equals_uninterrupted(model_vars, tmp_path):
+  model, v = model_vars
+  x = images(31, 1)  # 3 shards of 12, 12, 7 rows; batches of 8 padded within each shard
+  keys = [f"img{i:03d}" for i in range(31)]
+  mesh = parallel.make_mesh()
+  whole = str(tmp_path / "whole")
+  r = run_store(model_vars, whole, embed.BankSource(keys, x), mesh)
+  assert r["complete"] and r["written"] == 3 and r["skipped"] == 0
+  ids, emb = store.load_store(whole)
+  assert ids.tolist() == keys
+  np.testing.assert_allclose(emb, embed.embed_array(model, v, x, 8, mesh, progress=False),
+                             atol=1e-6)
+  # Killed after one shard: the store is partial and refused by readers...
+  part = str(tmp_path / "part")
+  r1 = run_store(model_vars, part, embed.BankSource(keys, x), mesh, stop_after_shards=1)
+  assert not r1["complete"] and r1["written"] == 1
+  with pytest.raises(io.InputError, match="partial"):
+    store.load_store(part)
+  # ...and the resumed run reads only the missing rows and ends equal to the whole run.
+  src = CountingSource(keys, x)
+  r2 = run_store(model_vars, part, src, mesh)
+  assert r2["complete"] and r2["written"] == 2 and r2["skipped"] == 1
+  assert min(src.read) == 12
+  ids2, emb2 = store.load_store(part)
+  assert ids2.tolist() == keys
+  np.testing.assert_array_equal(emb2, emb)
+  # A different model (fingerprint) may not continue this store.
+  with pytest.raises(io.InputError, match="fingerprint"):
+    embed.embed_to_store(embed.make_embed_fn(model), v, src, part, batch_size=8,
+                         shard_rows=12, fingerprint="other", mesh=mesh, progress=False)
+
+
+def test_four_devices_give_the_same_store_as_one(model_vars, tmp_path):
+  assert jax.device_count() == 4
+  x = images(19, 2)
+  keys = [f"k{i}" for i in range(19)]
+  one = str(tmp_path / "one")
+  four = str(tmp_path / "four")
+  run_store(model_vars, one, embed.BankSource(keys, x), parallel.make_mesh(jax.devices()[:1]),
+            batch_size=6, dtype="float16")
+  run_store(model_vars, four, embed.BankSource(keys, x), parallel.make_mesh(), batch_size=6,
+            dtype="float16")  # rounded up to 8, so a different padding too
+  (i1, e1), (i4, e4) = store.load_store(one), store.load_store(four)
+  assert i1.tolist() == i4.tolist() == keys
+  assert e1.dtype == e4.dtype == np.float16
+  np.testing.assert_allclose(e1.astype(np.float32), e4.astype(np.float32), atol=2e-3)
+
+
+def test_embed_rejects_empty_set_and_bad_settings(model_vars, tmp_path):
+  empty = embed.BankSource([], np.zeros((0, *SIZE), np.float32))
+  with pytest.raises(io.InputError, match="empty"):
+    run_store(model_vars, str(tmp_path / "e"), empty, parallel.make_mesh())
+  src = embed.BankSource(["a"], images(1, 3))
+  with pytest.raises(ValueError, match="shard_rows"):
+    run_store(model_vars, str(tmp_path / "s"), src, parallel.make_mesh(), shard_rows=0)
+  with pytest.raises(ValueError, match="dtype"):
+    run_store(model_vars, str(tmp_path / "d"), src, parallel.make_mesh(), dtype="int8")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_pearson_equals_numpy_corrcoef():
+  a, b = images(5, 4), images(5, 5)
+  b[0] = 2 * a[0] + 1  # a perfect linear copy
+  got = metrics.pearson(a, b)
+  want = [np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(5)]
+  np.testing.assert_allclose(got, want, atol=1e-12)
+  assert got[0] == pytest.approx(1.0)
+  with pytest.raises(io.InputError, match="constant image"):
+    metrics.pearson(a[:1], np.ones_like(a[:1]))
+
+
+def test_carlini_relative_l2_equals_brute_force():
+  train = images(20, 6)
+  b = images(4, 7)
+  b[1] = train[3] + 0.01  # nearly a copy of training image 3
+  a = train[[0, 3, 5, 9]]
+  got = metrics.carlini_relative_l2(a, b, train, alpha=0.5, n=5, block=3)
+  for i in range(4):
+    d = np.sort([np.linalg.norm(b[i].astype(np.float64) - t) for t in train])
+    want = np.linalg.norm(b[i].astype(np.float64) - a[i]) / (0.5 * d[:5].mean())
+    assert got[i] == pytest.approx(want, rel=1e-4)
+  assert got[1] < 1 < got[0]  # the copy passes Carlini's test, an unrelated pair does not
+  # n larger than the training set is capped at its size.
+  full = metrics.carlini_relative_l2(a, b, train[:3], n=50)
+  assert np.all(np.isfinite(full))
+
+
+def test_metric_registry_scores_pairs(model_vars):
+  model, v = model_vars
+  a, b = images(6, 8), images(6, 9)
+  b[2] = a[2]
+  ctx = {"model": model, "variables": v, "batch_size": 4, "ssim_batch_size": 8,
+         "train_images": images(10, 10), "carlini_alpha": 0.5, "carlini_n": 3, "seed": 0}
+  out = {name: metrics.get(name)(ctx, a, b) for name in metrics.METRICS}
+  for name, s in out.items():
+    assert s.shape == (6,), name
+  for name in ("deepssim", "ssim", "pearson", "convnext_raw"):
+    assert out[name][2] == pytest.approx(1.0, abs=1e-5), name  # identical images
+  want = [structural_similarity(a[i], b[i], data_range=a[i].max() - a[i].min())
+          for i in range(6)]
+  np.testing.assert_allclose(out["ssim"], want, atol=1e-5)
+  assert out["carlini_l2"][2] == 0.0
+  with pytest.raises(ValueError, match="unknown metric"):
+    metrics.get("lpips")
