@@ -178,6 +178,17 @@ def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None) -> dic
   return out
 
 
+def set_embeddings(config: ml_collections.ConfigDict, workdir: str, name: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, embeddings) of the image set config.data.<name>, from its store.
+
+  The embed job runs first: it writes only the shards that are missing (none when the
+  store is complete) and refuses a store made by another checkpoint or from other images.
+  """
+  embed_job(config, workdir, sets=(name,))
+  return store.load_store(store_folder(config, workdir, name))
+
+
 def match_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Top-k training neighbours of every synthetic image (streamed), optionally the full
   float16 matrix in the reference's npz format."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from deepssim_jax import embed, io, metrics, models, parallel, store
+from deepssim_jax import config_lib, embed, io, jobs, metrics, models, parallel, store
 
 SIZE = (32, 32)
 
@@ -154,3 +154,25 @@ def test_metric_registry_scores_pairs(model_vars):
   assert out["carlini_l2"][2] == 0.0
   with pytest.raises(ValueError, match="unknown metric"):
     metrics.get("lpips")
+
+
+def test_checkpoint_specs():
+  assert jobs.parse_checkpoint("best", "w") == ("w", "best", None)
+  assert jobs.parse_checkpoint("latest:1200", "w") == ("w", "latest", 1200)
+  assert jobs.parse_checkpoint("runs/b:best", "w") == ("runs/b", "best", None)
+  assert jobs.parse_checkpoint("C:/runs/b:latest:7", "w") == ("C:/runs/b", "latest", 7)
+  with pytest.raises(ValueError, match="best|latest"):
+    jobs.parse_checkpoint("final", "w")
+
+
+def test_misaligned_evaluation_is_seeded_and_transforms_at_rate_p():
+  c = config_lib.base_config().eval.misaligned
+  x = images(64, 11)
+  a, b = jobs.misalign(x, 3, c), jobs.misalign(x, 3, c)
+  np.testing.assert_array_equal(a, b)  # same seed, same transforms
+  assert not np.allclose(jobs.misalign(x, 4, c), a)
+  changed = np.abs(a - x).reshape(64, -1).max(axis=1) > 1e-3
+  # Each image is untouched only if none of 4 transforms fires: (1 - 0.8)^4 = 0.16%.
+  assert changed.mean() > 0.9
+  c.p = 0.0
+  np.testing.assert_allclose(jobs.misalign(x, 3, c), x, atol=1e-4)  # z-scored input kept
