@@ -6,6 +6,7 @@ set of augmented copies (Duplicate), neighbouring slices (Similar) and another h
 DeepSSIM and by plain SSIM.
 
     python -m deepssim_jax.main --config=configs/demo.py --workdir=workdirs/demo
+    python -m deepssim_jax.main --config=configs/demo.py --workdir=workdirs/demo --mode=audit
 """
 
 from deepssim_jax import config_lib
@@ -16,12 +17,14 @@ def get_config():
   c.workdir = "workdirs/demo"
   c.data.real = config_lib.source_config("demo", part="real")
   c.data.synth = config_lib.source_config("demo", part="synthetic")
+  # Real slices of the training heads seen by neither set (the audit's Dar et al. threshold).
+  c.data.heldout = config_lib.source_config("demo", part="heldout")
   c.pairs.num_pairs = 3000
   c.pairs.align = True  # copies are flipped/rotated: align before the SSIM target
   c.pairs.align_angles = (-0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15)
   c.data.test_fraction = 0.3  # synthetic images held out (never in the pair table)
   c.data.demo.update(dict(slices_per_head=24, num_copies=96, num_neighbours=64,
-                          num_other=32, heldout_per_head=0))
+                          num_other=32, heldout_per_head=6))
   c.model.name = "convnext_atto"
   c.model.overrides = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), hidden_dim=128,
                            embed_dim=64)

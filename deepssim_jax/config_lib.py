@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = (136, 112)  # (H, W) after resampling
   c.data.real = source_config()   # training images of the generative model
   c.data.synth = source_config()  # synthetic images; none: pairs within the real set
+  c.data.heldout = source_config()  # held-out real images (audit: Dar et al.'s threshold)
   c.data.pairs_csv = ""           # a ready pair table; empty: build workdir/pairs.csv
   c.data.test_pairs_csv = ""      # labelled pairs (real_key, synth_key, label) to evaluate
   c.data.download_hint = ""       # what to download when the data path is missing
@@ -120,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.match.r_block = 8192
   c.match.full_matrix = False     # also the reference's float16 npz matrix (small sets)
   c.match.full_matrix_max_entries = 200_000_000
+
+  # audit, calibrate, report, compare: the memorization audit (deepssim_jax.audit).
+  from deepssim_jax import audit  # pylint: disable=g-import-not-at-top
+  c.update(audit.default_config())
   return c
 
 

@@ -18,6 +18,15 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 
+def _read_umask() -> int:
+  mask = os.umask(0o022)  # the only way to read it; set back at once (at import time)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _read_umask()
+
+
 class InputError(ValueError):
   """Bad user input: the message names the file and the problem."""
 
@@ -31,6 +40,8 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[io.IOBase]:
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                              dir=folder)
   try:
+    # mkstemp creates 0600 files; give the output the permissions open() would have.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     with os.fdopen(fd, mode, **kwargs) as f:
       yield f
       f.flush()

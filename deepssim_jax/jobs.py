@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import (augment, banks, embed, evaluate as eval_lib, io, match as match_lib,
+from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as eval_lib, io, match as match_lib,
                           metrics as metrics_lib, pairs as pairs_lib, parallel, pipeline, store,
                           train)
 
@@ -321,5 +321,33 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   return results
 
 
+def _store_embeddings(config, workdir: str, spec, name: str):
+  del spec  # the set is config.data.<name>
+  return set_embeddings(config, workdir, name)
+
+
+def _checkpoint_fingerprint(config, workdir: str) -> str:
+  return load_checkpoint(config.embed.checkpoint, workdir)["fingerprint"]
+
+
+def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The memorization audit (deepssim_jax.audit) on store-backed embeddings."""
+  out = audit_lib.audit_job(config, workdir, _store_embeddings,
+                            checkpoint_fingerprint=_checkpoint_fingerprint)
+  if parallel.is_main_process():
+    s = out["summary"]
+    print(f"audit: {s['n_synthetic']} synthetic images, {100 * s['memorization_rate']:.1f}% "
+          f"Duplicate, {100 * s['share_training_copied']:.1f}% of training images copied; "
+          f"report: {os.path.join(out['out_dir'], 'report.html')}")
+  return out
+
+
+def compare_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Audits each of compare.synthetic and tabulates their memorization rates."""
+  return audit_lib.compare_job(config, workdir, _store_embeddings,
+                               checkpoint_fingerprint=_checkpoint_fingerprint)
+
+
 MODES = {"train": train_job, "evaluate": evaluate_job, "embed": embed_job, "match": match_job,
+         "audit": audit_job, "compare": compare_job,
          "pairs": lambda config, workdir: {"pairs": len(prepare_data(config, workdir)["table"])}}

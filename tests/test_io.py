@@ -77,3 +77,11 @@ def test_shard_batch_spreads_rows_over_the_mesh():
   np.testing.assert_array_equal(jax.device_get(out["x"]), batch["x"])
   with pytest.raises(ValueError, match="not divisible"):
     parallel.local_batch_size(6, mesh)
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+  path = tmp_path / "report.html"
+  io.write_text(str(path), "<p>hi</p>")
+  mask = os.umask(0o022)
+  os.umask(mask)
+  assert (path.stat().st_mode & 0o777) == 0o666 & ~mask  # not mkstemp's 0600

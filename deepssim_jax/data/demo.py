@@ -14,7 +14,8 @@ shippable, so the demo builds one from the five vendored volumes (data/mri, see 
   when more neighbours or other-head images are asked for than there are distinct slices,
   the extra ones are augmented repeats (same augmentation as copies; same label);
 * heldout: further real slices of the training heads, in none of the sets above (they lie
-  between training slices, so they resemble them: same heads, a few mm apart).
+  between training slices, so they resemble them: same heads, a few mm apart; when the
+  band has no free slice left, the slices just outside it).
 
 Each set is an image bank (dict keys, images, meta; see images.load_all). Synthetic meta
 columns: kind (copy / neighbour / other), source_key (the training key it derives from; for
@@ -244,11 +245,17 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
                                 "offset_mm": []}
     for head, (vol, zooms, ks, path) in heads.items():
       free = [k for k in range(ks[0], ks[-1] + 1) if k not in ks and (head, k) not in used]
-      if len(free) < heldout_per_head:
-        raise ValueError(f"{path}: only {len(free)} free slices for heldout_per_head="
-                         f"{heldout_per_head}")
-      for i in np.round(np.linspace(0, len(free) - 1, heldout_per_head)).astype(int):
-        k = free[i]
+      if len(free) >= heldout_per_head:
+        picked = [free[i] for i in
+                  np.round(np.linspace(0, len(free) - 1, heldout_per_head)).astype(int)]
+      else:  # the band is taken: the free slices just outside it, nearest first
+        outside = sorted((k for k in range(vol.shape[2]) if k < ks[0] or k > ks[-1]),
+                         key=lambda k: (min(abs(k - ks[0]), abs(k - ks[-1])), k))
+        picked = sorted(free + outside[:heldout_per_head - len(free)])
+        if len(picked) < heldout_per_head:
+          raise ValueError(f"{path}: only {len(picked)} free slices for heldout_per_head="
+                           f"{heldout_per_head}")
+      for k in picked:
         j = int(np.argmin(np.abs(np.asarray(ks) - k)))
         keys.append(volumes.slice_key(head, k))
         imgs.append(volumes.slice_image(vol, zooms, k, size, spacing_mm, path))

@@ -1,0 +1,516 @@
+"""The memorization audit: from a training set and a synthetic set to per-sample verdicts.
+
+"Did my generative model copy patients, which samples, how many, how sure are we?" One job
+embeds the training, synthetic and (optionally) held-out real images, finds every synthetic
+image's k nearest training images, classes it under the paper's thresholds, adds the
+calibrated verdicts of deepssim_jax.calibrate (Dar et al., the Memorization Index, Carlini
+et al.) and writes one output folder:
+
+  audit.csv     one row per synthetic image (in embedding order): synth_id, the nearest
+                training id and score, the next k-1 (train_id_2, score_2, ...), class
+                (0 Different, 1 Duplicate, 2 Similar) and class_name under the paper's
+                thresholds, then the calibrated columns (dar_memorized, mi_score, mi, oni,
+                mi_memorized, carlini_ratio, carlini_memorized; those switched on).
+  summary.json  counts per class, memorization rate (share of synthetic images classed
+                Duplicate), share of training images copied at least once (training images
+                that are the nearest match of at least one Duplicate), thresholds,
+                calibration summaries, fingerprints of the checkpoint, data and settings.
+  report.html   deepssim_jax.report: summary, histogram, gallery of the closest pairs.
+
+Nothing is written until every number and the whole report are computed; the three files
+are then written into a fresh temporary folder beside the output folder, which replaces the
+old one by rename. A failed audit leaves the previous output (or none) untouched, never a
+half-written report.
+
+Embeddings come from a function `embeddings(config, workdir, spec, name) -> (ids, emb)`
+(spec = config.data.<name>); the jobs module plugs in the store-backed embedding job. The
+images are only needed for the gallery, the image-size check and Carlini in pixel space,
+so they are read lazily from `images(config, workdir, spec, name) -> source` (an object
+with `keys`, `len` and `source[i] -> (H, W)` image, like deepssim_jax.data's sources): by
+default the demo bank cached in <workdir>/data, or banks.open_source for real sets. An
+audit of 10^6 synthetic images holds their embeddings, not their pixels.
+
+`compare_runs` tabulates the memorization rates of several audits (e.g. the duplication
+none / low / high generators of ldm_jax) into compare.csv and a grouped bar plot;
+`compare_job` audits each configured synthetic set and then compares them.
+"""
+
+import copy
+import math
+import io as _io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from deepssim_jax import calibrate, embed, evaluate, io, match, report
+
+Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
+Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
+
+FILES = ("audit.csv", "summary.json", "report.html")
+CLASS_NAMES = evaluate.CLASS_NAMES  # 0 different, 1 duplicate, 2 similar
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The sections an audit needs beyond the base config: audit, calibrate, report, compare.
+
+  Use: `c = config_lib.base_config(); c.update(audit.default_config())`, then set
+  c.data.real / c.data.synth (and c.data.heldout for Dar et al.).
+  """
+  c = ml_collections.ConfigDict()
+  c.audit = ml_collections.ConfigDict()
+  c.audit.k = 5                    # training neighbours listed per synthetic image
+  c.audit.thresholds = (0.60, 0.85)  # the paper's (t_low, t_high)
+  c.audit.training = "real"        # config.data entries of the three sets
+  c.audit.synthetic = "synth"
+  c.audit.heldout = "heldout"      # '' or an unconfigured entry: no held-out set
+  c.audit.out_dir = ""             # default <workdir>/audit
+  c.audit.name = ""                # run name in summaries and comparisons
+  c.calibrate = calibrate.default_config()
+  c.report = report.default_config()
+  c.compare = ml_collections.ConfigDict()
+  c.compare.synthetic = ()         # config.data entries, one audit each (e.g. dup_none, ...)
+  c.compare.out_dir = ""           # default <workdir>/compare
+  c.compare.dpi = 100
+  return c
+
+
+# An in-memory (keys, (n, H, W) images) pair seen as an image source.
+ArraySource = embed.BankSource
+
+
+def default_images(config: ml_collections.ConfigDict, workdir: str, spec, name: str):
+  """The images of config.data.<name> as a random-access source, read lazily.
+
+  Demo sets are generated banks, cached in <workdir>/data/<name>.npz as the other jobs do;
+  every other kind is banks.open_source (nothing read until an image is asked for).
+  """
+  from deepssim_jax import banks  # pylint: disable=g-import-not-at-top
+  if spec.kind == "demo":
+    b = banks.bank(spec, config, os.path.join(workdir, "data"), name)
+    return ArraySource(b["keys"], b["images"])
+  return banks.open_source(spec, config.data.image_size, config.data.get("download_hint", ""))
+
+
+def _spec(config, name: str):
+  spec = config.data.get(name) if name else None
+  return spec if spec is not None and spec.get("kind") else None
+
+
+# ---------------------------------------------------------------------------------------
+# Pure pieces.
+
+def check_sets(sets: Mapping[str, Mapping[str, Any]]) -> None:
+  """Validates the loaded sets: non-empty, one embedding per id, same image size and
+  embedding dimension everywhere.
+
+  Args:
+    sets: {role: {"ids", "emb", "shape" (H, W of its images), "name"}}, role training /
+      synthetic / heldout.
+
+  Raises:
+    InputError naming the set and the problem.
+  """
+  ref = sets["training"]
+  for role, s in sets.items():
+    what = f"{role} set ({s['name']})"
+    if not len(s["ids"]) or not len(s["emb"]):
+      raise io.InputError(f"{what} is empty")
+    if np.asarray(s["emb"]).ndim != 2 or len(s["emb"]) != len(s["ids"]):
+      raise io.InputError(f"{what}: {len(s['ids'])} ids but embeddings of shape "
+                          f"{np.shape(s['emb'])}")
+    if np.shape(s["emb"])[1] != np.shape(ref["emb"])[1]:
+      raise io.InputError(
+          f"{what}: embedding dimension {np.shape(s['emb'])[1]} differs from the training "
+          f"set's {np.shape(ref['emb'])[1]} (embedded with another checkpoint or model size?)")
+    if tuple(s["shape"]) != tuple(ref["shape"]):
+      raise io.InputError(f"mismatched image sizes: {what} has {tuple(s['shape'])}, the "
+                          f"training set {tuple(ref['shape'])}")
+
+
+def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int) -> dict[str, Any]:
+  """Counts per class, memorization rate and share of training images copied at least once.
+
+  Args:
+    classes: (n,) paper classes of the synthetic images.
+    nearest_idx: (n,) index of each one's nearest training image.
+    n_train: training set size.
+  """
+  classes = np.asarray(classes)
+  dup = classes == 1
+  copied = np.unique(np.asarray(nearest_idx)[dup])
+  return {"counts": {CLASS_NAMES[c]: int(np.sum(classes == c)) for c in (1, 2, 0)},
+          "memorization_rate": float(dup.mean()) if len(classes) else 0.0,
+          "n_training_copied": int(len(copied)),
+          "share_training_copied": float(len(copied) / n_train) if n_train else 0.0}
+
+
+def audit_columns(k: int, columns: Sequence[str]) -> list[str]:
+  """The audit.csv header."""
+  header = ["synth_id"]
+  for j in range(k):
+    header += [f"train_id_{j + 1}", f"score_{j + 1}"]
+  return header + ["class", "class_name"] + list(columns)
+
+
+def audit_rows(synth_ids, train_ids, scores, idx, classes,
+               columns: Mapping[str, np.ndarray]) -> Iterator[list]:
+  """The audit.csv rows, one per synthetic image, generated (see the module docstring)."""
+  train_ids = np.asarray(train_ids)
+  cols = [(np.asarray(v), np.issubdtype(np.asarray(v).dtype, np.integer))
+          for v in columns.values()]
+  for i, sid in enumerate(synth_ids):
+    row = [str(sid)]
+    for j in range(scores.shape[1]):
+      row += [str(train_ids[idx[i, j]]), float(scores[i, j])]
+    row += [int(classes[i]), CLASS_NAMES[int(classes[i])]]
+    row += [int(v[i]) if is_int else float(v[i]) for v, is_int in cols]
+    yield row
+
+
+def publish(out_dir: str, files: Mapping[str, Any]) -> str:
+  """Writes files as one folder, all or nothing.
+
+  Args:
+    out_dir: the output folder.
+    files: {file name: str (text) | bytes | callable(path) that writes the file}.
+
+  The files go into a fresh temporary folder beside out_dir, which then replaces out_dir
+  by rename (the previous folder is removed only after the new one is in place). out_dir
+  must be absent, empty, or a previous output (it holds summary.json), so a mistyped path
+  never deletes someone's folder.
+
+  Returns:
+    out_dir.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise io.InputError(f"{out_dir}: exists and is not a folder")
+    if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "summary.json")):
+      raise io.InputError(f"{out_dir}: not empty and not a previous audit output (no "
+                          "summary.json); refusing to replace it")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
+  old = None
+  try:
+    for name, content in files.items():
+      path = os.path.join(tmp, name)
+      if callable(content):
+        content(path)
+      elif isinstance(content, bytes):
+        io.write_bytes(path, content)
+      else:
+        io.write_text(path, content)
+    os.chmod(tmp, 0o755)
+    if os.path.exists(out_dir):
+      old = tmp + ".old"
+      os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    if old and os.path.exists(old) and not os.path.exists(out_dir):
+      os.rename(old, out_dir)  # put the previous output back
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+  return out_dir
+
+
+# ---------------------------------------------------------------------------------------
+# The job.
+
+def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images: Images):
+  spec = _spec(config, name)
+  if spec is None:
+    raise io.InputError(f"config.data.{name or '<unset>'}: no {role} image set configured")
+  src = images(config, workdir, spec, name)
+  ids, emb = embeddings(config, workdir, spec, name)
+  ids = np.asarray(ids, dtype=str)
+  emb = np.asarray(emb)
+  keys = np.asarray(src.keys, dtype=str)
+  if not len(ids) or not len(keys):
+    raise io.InputError(f"{role} set (config.data.{name}) is empty")
+  if len(ids) != len(emb):
+    raise io.InputError(f"{role} set ({name}): {len(ids)} ids but {len(emb)} embeddings")
+  pos = match.positions(keys, ids, f"{role} images ({name})")
+  shape = tuple(np.shape(src[int(pos[0])]))
+  # Data: which images (the set's spec, ids and size); embeddings: what the model made of
+  # them (changes with the checkpoint too). Neither reads every image again.
+  return {"name": name, "ids": ids, "emb": emb, "source": src, "rows": pos, "shape": shape,
+          "fingerprint": io.fingerprint(json.dumps(spec.to_dict(), sort_keys=True,
+                                                   default=str), ids, str(shape)),
+          "emb_fingerprint": io.fingerprint(np.ascontiguousarray(emb))}
+
+
+def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[str, Any]],
+                  checkpoint_fingerprint: str = "") -> dict[str, Any]:
+  """Everything an audit writes, computed in memory (no file is touched).
+
+  Args:
+    config: with the audit, calibrate and report sections.
+    sets: {"training", "synthetic"[, "heldout"]}: each {"name", "ids", "emb", "source"
+      (random-access images), "rows" (source row of each id), "shape" (H, W),
+      "fingerprint", "emb_fingerprint"}.
+    checkpoint_fingerprint: recorded in the summary.
+
+  Returns:
+    {"files": {file name: text or a writer (see publish)}, "summary": dict, "classes",
+    "scores", "indices", "columns"}.
+  """
+  check_sets(sets)
+  ac = config.audit
+  t_low, t_high = (float(t) for t in ac.thresholds)
+  tr, sy = sets["training"], sets["synthetic"]
+  held = sets.get("heldout")
+  n_train = len(tr["ids"])
+  k = min(int(ac.k), n_train)
+  if k < 1:
+    raise ValueError(f"audit.k must be >= 1, got {ac.k}")
+  mkw = {key: int(v) for key, v in dict(config.calibrate.get("match", {})).items()}
+  scores, idx = match.topk_match(sy["emb"], tr["emb"], k, **mkw)
+  nn = scores[:, 0].astype(np.float64)
+  classes = evaluate.classify(nn, t_low, t_high)
+
+  stack = lambda s: np.stack([s["source"][int(r)] for r in s["rows"]])  # noqa: E731
+  need_pixels = (config.calibrate.carlini.enabled
+                 and config.calibrate.carlini.space == "pixels")
+  ctx = calibrate.context(
+      tr["emb"], sy["emb"], heldout_emb=None if held is None else held["emb"], synth_nn=nn,
+      train_images=stack(tr) if need_pixels else None,
+      synth_images=stack(sy) if need_pixels else None, match_kw=mkw)
+  cal = calibrate.run_all(config.calibrate, ctx)
+
+  summary = {
+      "name": str(ac.get("name", "")) or sy["name"],
+      "n_synthetic": int(len(sy["ids"])), "n_training": n_train,
+      "n_heldout": int(len(held["ids"])) if held is not None else 0, "k": k,
+      **summarize(classes, idx[:, 0], n_train),
+      "thresholds": {"t_low": t_low, "t_high": t_high,
+                     **({"dar": cal["summary"]["dar"]["threshold"]}
+                        if "dar" in cal["summary"] else {})},
+      "nearest_score": {"mean": float(nn.mean()), "median": float(np.median(nn)),
+                        "max": float(nn.max()), "min": float(nn.min())},
+      "calibration": cal["summary"],
+      "fingerprints": {
+          "checkpoint": checkpoint_fingerprint,
+          **{role: s["fingerprint"] for role, s in sets.items()},
+          **{f"{role}_embeddings": s["emb_fingerprint"] for role, s in sets.items()},
+          # What decides the numbers (not where they are written or the run's name).
+          "settings": io.fingerprint(json.dumps(
+              {"audit": {k: v for k, v in ac.to_dict().items() if k not in ("out_dir", "name")},
+               "calibrate": config.calibrate.to_dict()}, sort_keys=True, default=str))},
+      "files": list(FILES),
+  }
+  header = audit_columns(k, cal["columns"])
+
+  def write_audit_csv(path):  # streamed row by row: 10^6 rows never sit in memory as text
+    io.write_csv(path, header, audit_rows(sy["ids"], tr["ids"], scores, idx, classes,
+                                          cal["columns"]))
+
+  lines = {"t_low": t_low, "t_high": t_high}
+  if "dar" in cal["summary"]:
+    lines["Dar et al."] = cal["summary"]["dar"]["threshold"]
+  extra = {"2nd score": scores[:, 1]} if k > 1 else {}
+  extra.update({c: v for c, v in cal["columns"].items() if c in ("mi", "oni", "carlini_ratio",
+                                                                  "dar_memorized")})
+  # Gallery images are gathered lazily: only the rows the report shows are read.
+  html_text = report.build_report(
+      summary, nn, classes, sy["ids"], tr["ids"][idx[:, 0]],
+      _Rows(sy["source"], sy["rows"]), _Rows(tr["source"], tr["rows"][idx[:, 0]]),
+      lines, config.report, extra=extra,
+      notes=[f"{summary['n_synthetic']} synthetic images audited against "
+             f"{n_train} training images; classes under the paper's thresholds "
+             f"(score <= {t_low:g} Different, > {t_high:g} Duplicate, else Similar). "
+             "The difference image is |synthetic - training| of the z-scored images."])
+  files = {"audit.csv": write_audit_csv,
+           "summary.json": json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n",
+           "report.html": html_text}
+  return {"files": files, "summary": summary, "classes": classes, "scores": scores,
+          "indices": idx, "columns": cal["columns"]}
+
+
+def _clean(x):
+  """JSON-ready: numpy scalars to Python, NaN/inf to None."""
+  if isinstance(x, Mapping):
+    return {str(k): _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [_clean(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+class _Rows:
+  """source[rows[i]] on demand (len and integer indexing only)."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, np.asarray(rows)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    return np.asarray(self.source[int(self.rows[i])])
+
+
+def audit_job(config: ml_collections.ConfigDict, workdir: str,
+              embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
+              checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None
+              ) -> dict[str, Any]:
+  """Audits config.data.<audit.synthetic> against config.data.<audit.training>.
+
+  Args:
+    config: a base config updated with default_config()'s sections.
+    workdir: the run folder; output goes to config.audit.out_dir or <workdir>/audit.
+    embeddings: (config, workdir, spec, name) -> (ids (n,), emb (n, d)); required.
+    images: (config, workdir, spec, name) -> random-access image source (keys, len,
+      [i] -> (H, W)); default default_images.
+    checkpoint_fingerprint: (config, workdir) -> str recorded in summary.json; default
+      none recorded ('').
+
+  Returns:
+    {"out_dir", "summary"}.
+
+  Raises:
+    InputError: a set is missing or empty, sizes or dimensions disagree, Dar et al. is on
+      without a held-out set, ... ; nothing is written then.
+  """
+  if embeddings is None:
+    raise ValueError("audit_job needs an embeddings function (config, workdir, spec, name) "
+                     "-> (ids, emb); jobs passes the store-backed one")
+  images = images or default_images
+  ac = config.audit
+  sets = {"training": _load(config, workdir, "training", ac.training, embeddings, images),
+          "synthetic": _load(config, workdir, "synthetic", ac.synthetic, embeddings, images)}
+  if ac.heldout and _spec(config, ac.heldout) is not None:
+    sets["heldout"] = _load(config, workdir, "held-out", ac.heldout, embeddings, images)
+  elif config.calibrate.dar.enabled:
+    raise io.InputError(
+        f"Dar et al. calibration needs a held-out real image set: configure "
+        f"config.data.{ac.heldout or 'heldout'} (and audit.heldout), or set "
+        "calibrate.dar.enabled = False")
+  ck = checkpoint_fingerprint(config, workdir) if checkpoint_fingerprint else ""
+  out = compute_audit(config, sets, ck)
+  out_dir = publish(ac.out_dir or os.path.join(workdir, "audit"), out["files"])
+  s = out["summary"]
+  logging.info("Audit %s: %d synthetic images, %.1f%% Duplicate, %.1f%% of training images "
+               "copied; written to %s", s["name"], s["n_synthetic"],
+               100 * s["memorization_rate"], 100 * s["share_training_copied"], out_dir)
+  return {"out_dir": out_dir, "summary": s}
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing runs.
+
+COMPARE_COLUMNS = ("name", "n_synthetic", "memorization_rate", "share_training_copied",
+                   "dar_rate", "mi_rate", "carlini_rate", "mean_nearest_score", "mean_mi")
+
+
+def compare_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list]:
+  """One row per audit summary (COMPARE_COLUMNS; None where a calibration was off)."""
+  rows = []
+  for name, s in summaries.items():
+    cal = s.get("calibration", {})
+    rate = lambda c: cal[c]["memorization_rate"] if c in cal else None  # noqa: E731
+    rows.append([name, s["n_synthetic"], s["memorization_rate"], s["share_training_copied"],
+                 rate("dar"), rate("mi"), rate("carlini"), s["nearest_score"]["mean"],
+                 cal.get("mi", {}).get("mean_mi")])
+  return rows
+
+
+def compare_plot_png(rows: Sequence[Sequence], dpi: int = 100) -> bytes:
+  """Grouped bar plot of the rates of each run."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  measures = [("memorization_rate", "Duplicate (paper thresholds)"),
+              ("share_training_copied", "training images copied"),
+              ("dar_rate", "Dar et al."), ("mi_rate", "MI > flag_z"),
+              ("carlini_rate", "Carlini et al.")]
+  col = {c: i for i, c in enumerate(COMPARE_COLUMNS)}
+  measures = [(m, lab) for m, lab in measures if any(r[col[m]] is not None for r in rows)]
+  fig = Figure(figsize=(max(4.0, 1.6 * len(rows)) + 2.6, 3.8), dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  x = np.arange(len(rows))
+  width = 0.8 / max(1, len(measures))
+  for j, (m, lab) in enumerate(measures):
+    vals = [100 * (r[col[m]] or 0.0) for r in rows]
+    ax.bar(x + (j - (len(measures) - 1) / 2) * width, vals, width, label=lab)
+  ax.set_xticks(x)
+  ax.set_xticklabels([str(r[0]) for r in rows])
+  ax.set_ylabel("% of images")
+  ax.set_title("Memorization by run")
+  ax.set_ylim(0, 105)
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  fig.tight_layout()
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", metadata={"Software": None})
+  return buf.getvalue()
+
+
+def compare_runs(audits: Mapping[str, str], out_dir: str, dpi: int = 100) -> dict[str, Any]:
+  """Tabulates and plots the memorization rates of several audit folders.
+
+  Args:
+    audits: {run name: audit output folder (holding summary.json)}, in display order.
+    out_dir: gets compare.csv (COMPARE_COLUMNS) and compare.png, each written atomically.
+
+  Returns:
+    {"csv", "png", "rows"}.
+  """
+  if not audits:
+    raise io.InputError("compare: no audits to compare")
+  summaries = {}
+  for name, folder in audits.items():
+    path = os.path.join(folder, "summary.json")
+    if not os.path.isfile(path):
+      raise io.InputError(f"{path}: not found (run the audit of {name!r} first)")
+    with open(path, encoding="utf-8") as f:
+      try:
+        summaries[name] = json.load(f)
+      except json.JSONDecodeError as e:
+        raise io.InputError(f"{path}: not valid JSON ({e})") from None
+    for key in ("n_synthetic", "memorization_rate", "share_training_copied", "nearest_score"):
+      if key not in summaries[name]:
+        raise io.InputError(f"{path}: not an audit summary (no {key!r})")
+  rows = compare_rows(summaries)
+  png = compare_plot_png(rows, dpi)
+  csv_path = os.path.join(out_dir, "compare.csv")
+  png_path = os.path.join(out_dir, "compare.png")
+  io.write_csv(csv_path, COMPARE_COLUMNS, ([("" if v is None else v) for v in r] for r in rows))
+  io.write_bytes(png_path, png)
+  return {"csv": csv_path, "png": png_path, "rows": rows}
+
+
+def compare_job(config: ml_collections.ConfigDict, workdir: str,
+                embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
+                checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None
+                ) -> dict[str, Any]:
+  """Audits each config.data entry of config.compare.synthetic, then compares them.
+
+  Each audit goes to <compare.out_dir or workdir/compare>/<name>/; compare.csv and
+  compare.png go to that folder.
+  """
+  names = tuple(config.compare.synthetic)
+  if not names:
+    raise io.InputError("config.compare.synthetic: no synthetic sets to compare")
+  out_root = config.compare.out_dir or os.path.join(workdir, "compare")
+  audits = {}
+  for name in names:
+    c = copy.deepcopy(config)  # existing fields stay settable in a locked config
+    c.audit.synthetic = name
+    c.audit.name = name
+    c.audit.out_dir = os.path.join(out_root, name)
+    audits[name] = audit_job(c, workdir, embeddings, images, checkpoint_fingerprint)["out_dir"]
+  return compare_runs(audits, out_root, int(config.compare.dpi))

@@ -1,0 +1,401 @@
+"""A self-contained HTML memorization report a person can read offline.
+
+One file, nothing to fetch: inline CSS, no scripts, every picture a base64 PNG data URI.
+It shows the audit summary (counts per class, memorization rate, share of training images
+copied, thresholds, fingerprints), the histogram of nearest-training scores with the
+threshold lines, and a gallery of the most similar synthetic/training pairs, most
+suspicious (highest score) first: synthetic image, its nearest training image and their
+absolute difference side by side, with the scores. Every piece of text is HTML-escaped.
+
+Images are z-scored floats; each is shown min-max scaled to 8 bits (so contrast changes
+of a copy do not hide it), upscaled by an integer factor with nearest-neighbour pixels.
+The difference image is |synthetic - training| in z units, mapped linearly from 0 (black)
+to `diff_vmax` (white); a flipped or rotated copy shows a large difference there even
+with a high DeepSSIM score, which is the point of DeepSSIM.
+"""
+
+import base64
+import html
+import io as _io
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from deepssim_jax import io
+
+CLASS_NAMES = {0: "Different", 1: "Duplicate", 2: "Similar"}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;
+color:#1b1b1b;background:#fff}
+h1{font-size:1.5em;margin:0 0 .3em}h2{font-size:1.2em;margin:1.4em 0 .5em}
+.headline{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
+.stat{border:1px solid #ccc;border-radius:6px;padding:8px 14px;min-width:140px}
+.stat .v{font-size:1.4em;font-weight:600}.stat .k{color:#555;font-size:.85em}
+table.kv{border-collapse:collapse;font-size:.9em}
+table.kv td{border-bottom:1px solid #e3e3e3;padding:3px 10px 3px 0;vertical-align:top}
+table.kv td.k{color:#444;font-family:ui-monospace,monospace}
+img.hist{max-width:100%;border:1px solid #ddd}
+.gallery{display:flex;flex-wrap:wrap;gap:16px}
+figure.pair{margin:0;border:1px solid #ccc;border-radius:6px;padding:8px;background:#fafafa}
+figure.pair .imgs{display:flex;gap:6px}
+figure.pair .cell{text-align:center;font-size:.75em;color:#555}
+img.gallery{display:block;image-rendering:pixelated;background:#000}
+figcaption{font-size:.85em;margin-top:6px;line-height:1.35}
+.c1{color:#b00020;font-weight:600}.c2{color:#a15c00}.c0{color:#1a5e20}
+.note{color:#555;font-size:.85em}
+"""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `report` config section."""
+  c = ml_collections.ConfigDict()
+  c.title = "DeepSSIM memorization audit"
+  c.gallery_size = 24       # most suspicious pairs shown
+  c.gallery_scale = 2       # integer upscaling of gallery images
+  c.diff_vmax = 2.0         # |synthetic - training| (z units) shown as white
+  c.hist_bins = 50
+  c.hist_width_in = 6.4
+  c.hist_height_in = 3.6
+  c.hist_dpi = 100
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Pictures.
+
+def to_uint8(image: np.ndarray, vmin: Optional[float] = None,
+             vmax: Optional[float] = None) -> np.ndarray:
+  """Linear map of [vmin, vmax] (default the image's min and max) to 0..255, clipped."""
+  x = np.asarray(image, np.float64)
+  if x.ndim != 2:
+    raise ValueError(f"need a (H, W) image, got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("image contains NaN or infinity")
+  lo = float(x.min()) if vmin is None else float(vmin)
+  hi = float(x.max()) if vmax is None else float(vmax)
+  if hi <= lo:
+    return np.zeros(x.shape, np.uint8)
+  return np.round(np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def upscale(image: np.ndarray, scale: int) -> np.ndarray:
+  """Nearest-neighbour integer upscaling."""
+  if scale < 1 or int(scale) != scale:
+    raise ValueError(f"scale must be a positive integer, got {scale}")
+  return np.repeat(np.repeat(image, int(scale), axis=0), int(scale), axis=1)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  """PNG bytes of a uint8 (H, W) grey or (H, W, 3) RGB image (deterministic: no metadata)."""
+  buf = _io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=False)
+  return buf.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def pair_pngs(synth: np.ndarray, train: np.ndarray, scale: int = 2,
+              diff_vmax: float = 2.0) -> dict[str, bytes]:
+  """PNGs of a synthetic image, its training match and |synthetic - training|."""
+  synth = np.asarray(synth, np.float64)
+  train = np.asarray(train, np.float64)
+  if synth.shape != train.shape:
+    raise io.InputError(f"mismatched image sizes: synthetic {synth.shape} vs training "
+                        f"{train.shape}")
+  diff = np.abs(synth - train)
+  return {"synth": png_bytes(upscale(to_uint8(synth), scale)),
+          "train": png_bytes(upscale(to_uint8(train), scale)),
+          "diff": png_bytes(upscale(to_uint8(diff, 0.0, diff_vmax), scale))}
+
+
+def histogram_png(scores: np.ndarray, lines: Mapping[str, float], bins: int = 50,
+                  size: Sequence[float] = (6.4, 3.6), dpi: int = 100,
+                  title: str = "") -> bytes:
+  """PNG of the score histogram, coloured by paper class, with labelled vertical lines.
+
+  Args:
+    scores: (n,) nearest-training scores.
+    lines: {label: x} thresholds to draw (e.g. t_low, t_high, Dar's threshold).
+    bins, size (inches), dpi, title: the figure.
+  """
+  # Imported here: matplotlib is slow to import and only the report needs it.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  s = np.asarray(scores, np.float64).reshape(-1)
+  if not len(s) or not np.all(np.isfinite(s)):
+    raise ValueError("histogram needs a non-empty set of finite scores")
+  fig = Figure(figsize=tuple(size), dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  xs = [s.min(), s.max()] + [v for v in lines.values() if v is not None and math.isfinite(v)]
+  lo, hi = min(xs), max(xs)
+  edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+  ax.hist(s, bins=edges, color="tab:blue", alpha=0.8, label=f"synthetic images (n={len(s)})")
+  styles = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))
+  colors = ("k", "k", "tab:red", "tab:purple", "tab:green")
+  for i, (name, v) in enumerate(lines.items()):
+    if v is not None and math.isfinite(v):
+      ax.axvline(v, color=colors[i % len(colors)], linestyle=styles[i % len(styles)],
+                 label=f"{name} = {v:.3g}")
+  ax.set_xlabel("nearest-training score")
+  ax.set_ylabel("synthetic images")
+  ax.set_title(title)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", metadata={"Software": None})
+  return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# HTML.
+
+def gallery_order(scores: Sequence[float], limit: int) -> np.ndarray:
+  """Indices of the `limit` highest scores, highest first, ties by lower index."""
+  s = np.asarray(scores, np.float64).reshape(-1)
+  return np.lexsort((np.arange(len(s)), -s))[:max(0, int(limit))]
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, (bool, np.bool_)):
+    return str(bool(v))
+  if isinstance(v, (float, np.floating)):
+    v = float(v)
+    return "nan" if not math.isfinite(v) else f"{v:.4g}"
+  if isinstance(v, (list, tuple, np.ndarray)):
+    return ", ".join(_fmt(x) for x in v)
+  return str(v)
+
+
+def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out += _flatten(v, key + ".")
+    else:
+      out.append((key, v))
+  return out
+
+
+def _pct(v) -> str:
+  return "-" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _headline(summary: Mapping) -> str:
+  stats = []
+  counts = summary.get("counts", {})
+  for key, label in (("duplicate", "Duplicate"), ("similar", "Similar"),
+                     ("different", "Different")):
+    if key in counts:
+      stats.append((f"{label} (synthetic)", str(counts[key])))
+  if "memorization_rate" in summary:
+    stats.append(("memorization rate", _pct(summary["memorization_rate"])))
+  if "share_training_copied" in summary:
+    stats.append(("training images copied", _pct(summary["share_training_copied"])))
+  for name, cal in summary.get("calibration", {}).items():
+    if isinstance(cal, Mapping) and "memorization_rate" in cal:
+      stats.append((f"{name} memorization rate", _pct(cal["memorization_rate"])))
+  return "".join(f'<div class="stat"><div class="v">{html.escape(v)}</div>'
+                 f'<div class="k">{html.escape(k)}</div></div>' for k, v in stats)
+
+
+def render_html(summary: Mapping[str, Any], hist_png: bytes,
+                gallery: Sequence[Mapping[str, Any]], title: str = "",
+                notes: Sequence[str] = ()) -> str:
+  """The report as one HTML string.
+
+  Args:
+    summary: the audit summary (nested dicts of JSON values); every leaf is listed, the
+      keys counts / memorization_rate / share_training_copied / calibration.*.
+      memorization_rate also appear as headline figures.
+    hist_png: the histogram PNG.
+    gallery: pairs in display order, each a dict with synth_id, train_id, score, label
+      (0/1/2, the paper class), synth_png, train_png, diff_png (PNG bytes) and optional
+      extra {name: value} (calibrated values shown under the pair).
+    title: page title.
+    notes: free-text paragraphs shown under the title.
+  """
+  esc = html.escape
+  title = title or "Memorization audit"
+  parts = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           '<link rel="icon" href="data:,">',
+           f'<title>{esc(title)}</title><style>{_CSS}</style></head><body>',
+           f'<h1>{esc(title)}</h1>']
+  parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
+  parts.append(f'<section id="summary"><h2>Summary</h2><div class="headline">'
+               f'{_headline(summary)}</div><table class="kv">')
+  parts += [f'<tr><td class="k">{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>'
+            for k, v in _flatten(summary)]
+  parts.append('</table></section>')
+  parts.append('<section id="histogram"><h2>Nearest-training scores</h2>'
+               f'<img class="hist" alt="histogram of nearest-training scores" '
+               f'src="{data_uri(hist_png)}"></section>')
+  parts.append(f'<section id="gallery"><h2>Most similar pairs ({len(gallery)}), most '
+               'suspicious first</h2><div class="gallery">')
+  for rank, g in enumerate(gallery, 1):
+    label = int(g["label"])
+    extra = "".join(f"<br>{esc(str(k))}: {esc(_fmt(v))}"
+                    for k, v in dict(g.get("extra", {})).items())
+    cells = "".join(
+        f'<div class="cell"><img class="gallery" alt="{esc(what)} {esc(str(g[idk]))}" '
+        f'src="{data_uri(g[key])}">{esc(what)}</div>'
+        for what, key, idk in (("synthetic", "synth_png", "synth_id"),
+                               ("training", "train_png", "train_id"),
+                               ("|difference|", "diff_png", "synth_id")))
+    parts.append(
+        f'<figure class="pair" data-rank="{rank}" data-score="{float(g["score"])!r}">'
+        f'<div class="imgs">{cells}</div><figcaption>#{rank} '
+        f'<span class="c{label}">{esc(CLASS_NAMES.get(label, str(label)))}</span> '
+        f'score {esc(_fmt(float(g["score"])))}<br>synthetic: {esc(str(g["synth_id"]))}'
+        f'<br>training: {esc(str(g["train_id"]))}{extra}</figcaption></figure>')
+  parts.append('</div></section></body></html>\n')
+  return "\n".join(parts)
+
+
+def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndarray,
+                 synth_ids: Sequence[str], train_ids: Sequence[str],
+                 synth_images: np.ndarray, train_images: np.ndarray,
+                 lines: Mapping[str, float], cfg: ml_collections.ConfigDict,
+                 extra: Optional[Mapping[str, np.ndarray]] = None,
+                 notes: Sequence[str] = ()) -> str:
+  """Renders the report of an audit (nothing is written).
+
+  Args:
+    summary: the audit summary.
+    scores: (n,) nearest-training score of every synthetic image.
+    labels: (n,) paper class of every synthetic image.
+    synth_ids: (n,) synthetic ids; train_ids: (n,) id of each one's nearest training image.
+    synth_images: (n, H, W) synthetic images; train_images: (n, H, W) the nearest training
+      image of each (row-aligned with synth_images). Only the gallery rows are read, so
+      memory-mapped arrays are fine.
+    lines: threshold lines of the histogram.
+    cfg: the `report` config section.
+    extra: per-image columns shown in the gallery captions (e.g. mi, oni).
+    notes: paragraphs under the title.
+  """
+  s = np.asarray(scores, np.float64).reshape(-1)
+  n = len(s)
+  if not (len(labels) == len(synth_ids) == len(train_ids) == len(synth_images)
+          == len(train_images) == n):
+    raise ValueError("scores, labels, ids and images must have one row per synthetic image")
+  gallery = []
+  for i in gallery_order(s, int(cfg.gallery_size)):
+    pngs = pair_pngs(synth_images[i], train_images[i], int(cfg.gallery_scale),
+                     float(cfg.diff_vmax))
+    gallery.append({"synth_id": synth_ids[i], "train_id": train_ids[i], "score": s[i],
+                    "label": int(labels[i]), "synth_png": pngs["synth"],
+                    "train_png": pngs["train"], "diff_png": pngs["diff"],
+                    "extra": {k: np.asarray(v)[i] for k, v in dict(extra or {}).items()}})
+  hist = histogram_png(s, lines, int(cfg.hist_bins), (cfg.hist_width_in, cfg.hist_height_in),
+                       int(cfg.hist_dpi))
+  return render_html(summary, hist, gallery, str(cfg.title), notes)
+
+
+def write_report(path: str, text: str) -> str:
+  """Writes the HTML atomically. Returns path."""
+  io.write_text(path, text)
+  return path
+
+
+# ---------------------------------------------------------------------------------------
+# Headless rendering check (tests and bench/render_report.sh).
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+# Appended to a copy of the report (the report itself has no script): logs one line with
+# the number of images and of images the browser could not decode or lay out.
+_PROBE = """<script>
+window.addEventListener("load", function () {
+  var broken = 0;
+  for (var i = 0; i < document.images.length; i++) {
+    var im = document.images[i];
+    if (!im.complete || im.naturalWidth === 0) {
+      broken++;
+      console.error("image not shown: " + im.alt);
+    }
+  }
+  console.log("deepssim-probe images=" + document.images.length + " broken=" + broken);
+});
+</script>"""
+
+
+def find_chromium() -> Optional[str]:
+  """The Chromium binary: $DEEPSSIM_CHROMIUM if set, else the first of CHROMIUM_NAMES on
+  PATH; None if there is none."""
+  env = os.environ.get("DEEPSSIM_CHROMIUM")
+  if env:
+    return env if shutil.which(env) else None
+  for name in CHROMIUM_NAMES:
+    path = shutil.which(name)
+    if path:
+      return path
+  return None
+
+
+def render_headless(html_path: str, screenshot_path: str, window: Sequence[int] = (1280, 2400),
+                    chromium: Optional[str] = None, probe: bool = False,
+                    timeout_s: float = 120.0, virtual_time_ms: int = 5000) -> dict[str, Any]:
+  """Renders an HTML file in headless Chromium and captures its console and a screenshot.
+
+  Args:
+    html_path: the report.
+    screenshot_path: PNG written by Chromium.
+    window: (width, height) of the window (the screenshot's size).
+    chromium: the binary (default find_chromium()).
+    probe: render a copy with _PROBE appended, whose console line counts the images that
+      did not load (the copy is written beside the screenshot and left there).
+    timeout_s: wall-clock limit of the browser.
+    virtual_time_ms: --virtual-time-budget, so the page finishes loading first.
+
+  Returns:
+    {"returncode", "console": [console messages, one per line], "stderr", "seconds",
+    "screenshot": path, "command": [...]}.
+  """
+  chromium = chromium or find_chromium()
+  if not chromium:
+    raise FileNotFoundError(f"no Chromium binary found (tried {CHROMIUM_NAMES} and "
+                            "$DEEPSSIM_CHROMIUM)")
+  page = os.path.abspath(html_path)
+  if probe:
+    text = pathlib.Path(page).read_text(encoding="utf-8")
+    cut = text.rfind("</body>")
+    text = text[:cut] + _PROBE + text[cut:] if cut >= 0 else text + _PROBE
+    page = os.path.splitext(os.path.abspath(screenshot_path))[0] + ".probe.html"
+    io.write_text(page, text)
+  with tempfile.TemporaryDirectory(prefix="deepssim-chromium-") as profile:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
+           "--enable-logging=stderr", "--v=0", f"--virtual-time-budget={int(virtual_time_ms)}",
+           f"--window-size={int(window[0])},{int(window[1])}",
+           f"--screenshot={os.path.abspath(screenshot_path)}", pathlib.Path(page).as_uri()]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    dt = time.perf_counter() - t0
+  console = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+  return {"returncode": proc.returncode, "console": console, "stderr": proc.stderr,
+          "seconds": dt, "screenshot": screenshot_path, "command": cmd}
+
+
+def screenshot_stats(path: str) -> dict[str, float]:
+  """Grey-level standard deviation and share of non-white pixels of a screenshot."""
+  with Image.open(path) as im:
+    g = np.asarray(im.convert("L"), np.float64)
+  return {"std": float(g.std()), "non_white": float(np.mean(g < 250)),
+          "width": int(g.shape[1]), "height": int(g.shape[0])}
