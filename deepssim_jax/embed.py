@@ -44,11 +44,12 @@ def embed_array(model, variables, images: np.ndarray, batch_size: int, mesh=None
   out = []
   t0 = time.perf_counter()
   for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch",
-                    disable=not progress):
+                    disable=not (progress and parallel.is_main_process())):
     x = np.asarray(images[start:start + batch_size], np.float32)
     n = len(x)
-    e = embed_fn(variables, parallel.shard_batch(parallel.pad_to(x, batch_size), mesh))
-    out.append(np.asarray(jax.device_get(e))[:n])
+    # Every process holds the whole stack: each feeds its devices' rows, all get all rows.
+    e = embed_fn(variables, parallel.shard_global_batch(parallel.pad_to(x, batch_size), mesh))
+    out.append(parallel.fetch(e)[:n])
   dt = time.perf_counter() - t0
   logging.info("Embedded %d images in %.1f s (%.1f img/s)", len(images), dt,
                len(images) / max(dt, 1e-9))
@@ -188,6 +189,7 @@ def embed_to_store(embed_fn: Callable, variables: Any, source, folder: str, *,
   complete = len(_todo_shards(folder, num_shards, fingerprint)) == 0
   if complete and main:
     out["index"] = store.finalize(folder, meta, complete=True)
+  parallel.sync("embed_to_store finalized:" + folder)  # others may read the store next (match)
   out["complete"] = complete
   logging.info("Embedded %d images in %.1f s: %.1f img/s, %.0f%% of the time waiting on "
                "input%s", rows_todo, seconds, out["images_per_s"],

@@ -1,8 +1,9 @@
 """Entrypoint: `python -m deepssim_jax.main --config=configs/<x>.py --workdir=DIR [--mode=...]`.
 
 Modes: train (default: data -> pair table -> training -> evaluation on labelled test pairs
-when there are any), pairs (build the pair table only), evaluate (score labelled pairs
-with the configured metrics).
+when there are any), pairs (build the pair table only), embed (image sets -> embedding
+stores), match (top-k training neighbours of every synthetic image), evaluate (score
+labelled pairs with the configured metrics and checkpoints). See jobs.MODES.
 """
 
 import jax
@@ -33,6 +34,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   flags.mark_flags_as_required(["config"])
   parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  if not parallel.is_main_process():  # process 0 logs and shows progress; the others warn
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,

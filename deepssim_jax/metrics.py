@@ -117,8 +117,8 @@ def raw_features(ctx, images: np.ndarray) -> np.ndarray:
   out = []
   for s in range(0, len(images), bs):
     x = np.asarray(images[s:s + bs], np.float32)
-    f = ctx["raw_fn"](v, parallel.shard_batch(parallel.pad_to(x, bs), mesh))
-    out.append(np.asarray(f, np.float64)[:len(x)])
+    f = ctx["raw_fn"](v, parallel.shard_global_batch(parallel.pad_to(x, bs), mesh))
+    out.append(parallel.fetch(f).astype(np.float64)[:len(x)])
   return np.concatenate(out) if out else np.zeros((0, 0))
 
 

@@ -139,14 +139,15 @@ def compute_ssim(real_images: np.ndarray, synth_images: np.ndarray, real_idx: np
 
   out = np.empty(len(real_idx), np.float32)
   t0 = time.perf_counter()
-  bar = tqdm(total=len(out), desc="SSIM targets", unit="pair", disable=not progress,
+  bar = tqdm(total=len(out), desc="SSIM targets", unit="pair",
+             disable=not (progress and parallel.is_main_process()),
              smoothing=0.1)
   for start in range(0, len(out), batch_size):
     stop = min(start + batch_size, len(out))
     ia = parallel.pad_to(real_idx[start:stop], batch_size)
     ib = parallel.pad_to(synth_idx[start:stop], batch_size)
-    ia, ib = parallel.shard_batch((ia, ib), mesh)
-    out[start:stop] = np.asarray(batch_fn(banks, ia, ib))[:stop - start]
+    ia, ib = parallel.shard_global_batch((ia, ib), mesh)  # every process holds all pairs
+    out[start:stop] = parallel.fetch(batch_fn(banks, ia, ib))[:stop - start]
     bar.update(stop - start)
   bar.close()
   logging.info("SSIM targets: %d pairs in %.1f s (%.0f pairs/s)", len(out),

@@ -94,8 +94,13 @@ def _cosines(state: TrainState, params, images_a, images_b, train: bool, rng=Non
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
                aug: augment.AugmentConfig, optim: ml_collections.ConfigDict,
-               total_steps: int) -> tuple[TrainState, dict]:
-  """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b))."""
+               total_steps: int, num_frozen_stages: int = 0) -> tuple[TrainState, dict]:
+  """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b)).
+
+  Gradients of the frozen stages are replaced by zeros before anything reads them, so XLA
+  drops their computation (and the backward pass below the first trainable layer) and
+  the gradient all-reduce carries trainable parameters only; grad_norm is theirs.
+  """
   rng = jax.random.fold_in(rng, state.step)
   k_a, k_b, k_drop = jax.random.split(rng, 3)
   a = augment.augment_batch(k_a, batch["image_a"], aug)
@@ -107,6 +112,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
     return jnp.mean(err ** 2), (updates, jnp.mean(jnp.abs(err)))
 
   (loss, (updates, mae)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if num_frozen_stages:
+    mask = models.freeze_mask(state.params, num_frozen_stages)
+    grads = jax.tree.map(lambda g, trainable: g if trainable else jnp.zeros_like(g), grads,
+                         mask)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
   metrics = {"loss": loss, "mae": mae, "grad_norm": optax.tree.norm(grads),
              "learning_rate": learning_rate(optim, state.step, total_steps)}
@@ -174,13 +183,21 @@ def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager,
                                                         ocp.CheckpointManager]:
   """The latest state (resuming) and the best model by validation loss (evaluation)."""
   root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  # Multi-process: both managers save the same step from background threads, and orbax's
+  # cross-process barrier names ('async_write_complete.<step>', ...) differ only by this
+  # prefix: two threads waiting on one name fail ("Barrier ... is already ongoing").
+  def options(name, **kw):
+    return ocp.CheckpointManagerOptions(
+        create=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=name), **kw)
+
   latest = ocp.CheckpointManager(
       os.path.join(root, "latest"), item_names=("state", "data"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_latest, create=True))
+      options=options("latest", max_to_keep=config.train.keep_latest))
   best = ocp.CheckpointManager(
       os.path.join(root, "best"), item_names=("state",),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"],
-                                           best_mode="min", create=True))
+      options=options("best", max_to_keep=1, best_fn=lambda m: m["val_loss"],
+                      best_mode="min"))
   return latest, best
 
 
@@ -303,7 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
 
   aug = augment.AugmentConfig.from_config(config.aug)
   step_fn = jax.jit(functools.partial(train_step, aug=aug, optim=config.optim,
-                                      total_steps=total_steps), donate_argnums=(0,))
+                                      total_steps=total_steps,
+                                      num_frozen_stages=config.model.num_frozen_stages),
+                    donate_argnums=(0,))
   eval_fn = jax.jit(eval_step)
   evals = [r for r in log.rows if r.get("val_loss", "") != ""]  # from before a resume
   best_val = min([float(r["val_loss"]) for r in evals], default=float("inf"))

@@ -56,8 +56,9 @@ def fixed_batch(source, n=8):
 
 def _step_fn(config, total_steps=100):
   aug = augment.AugmentConfig.from_config(config.aug)
-  return jax.jit(lambda s, b, r: train.train_step(s, b, r, aug=aug, optim=config.optim,
-                                                   total_steps=total_steps))
+  return jax.jit(lambda s, b, r: train.train_step(
+      s, b, r, aug=aug, optim=config.optim, total_steps=total_steps,
+      num_frozen_stages=config.model.num_frozen_stages))
 
 
 def test_jitted_step_lowers_loss_and_keeps_frozen_params(sources):
