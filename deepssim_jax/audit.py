@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import calibrate, embed, evaluate, io, match, report
+from deepssim_jax import calibrate, embed, evaluate, io, match, parallel, report
 
 Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
 Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
@@ -401,7 +401,10 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
         "calibrate.dar.enabled = False")
   ck = checkpoint_fingerprint(config, workdir) if checkpoint_fingerprint else ""
   out = compute_audit(config, sets, ck)
-  out_dir = publish(ac.out_dir or os.path.join(workdir, "audit"), out["files"])
+  out_dir = ac.out_dir or os.path.join(workdir, "audit")
+  if parallel.is_main_process():  # every process computed the same audit; one writes it
+    out_dir = publish(out_dir, out["files"])
+  parallel.sync("audit published: " + out_dir)
   s = out["summary"]
   logging.info("Audit %s: %d synthetic images, %.1f%% Duplicate, %.1f%% of training images "
                "copied; written to %s", s["name"], s["n_synthetic"],
@@ -513,4 +516,6 @@ def compare_job(config: ml_collections.ConfigDict, workdir: str,
     c.audit.name = name
     c.audit.out_dir = os.path.join(out_root, name)
     audits[name] = audit_job(c, workdir, embeddings, images, checkpoint_fingerprint)["out_dir"]
+  if not parallel.is_main_process():
+    return {"audits": audits}
   return compare_runs(audits, out_root, int(config.compare.dpi))
