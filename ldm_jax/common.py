@@ -1,0 +1,199 @@
+"""What both LDM trainers and the generation job share: data order, checkpoints, plots.
+
+* Data order is a pure function of (number of items, global batch, seed, step): an endless
+  stream of seeded permutations cut into global batches (`batch_indices`). A resumed run
+  therefore sees exactly the batches an uninterrupted run would, with no iterator state to
+  checkpoint; each process feeds its own slice of every global batch (`local_rows`).
+* Checkpoints: one orbax CheckpointManager per run (`<workdir>/checkpoints`) holding the
+  whole training state (one pytree) and a JSON item with the step and a data fingerprint;
+  `restore_latest` restores onto the current mesh (any device count).
+* Plots: loss curves from metrics rows and image grids, PNG, written atomically with
+  matplotlib's object API (no pyplot, no global backend).
+"""
+
+import io as _io
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from deepssim_jax import io, parallel
+
+# ----------------------------------------------------------------------------- data order
+
+
+def batch_indices(num_items: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+  """The item indices of global batch `step` (0-based) of an endless seeded stream.
+
+  The stream is permutation(epoch 0) ++ permutation(epoch 1) ++ ..., each permutation drawn
+  from numpy's default_rng((seed, epoch)); batch s is stream[s * B:(s + 1) * B]. Works when
+  num_items < global_batch (a batch then spans several epochs).
+  """
+  if num_items < 1:
+    raise ValueError("batch_indices: no items to draw batches from")
+  start = step * global_batch
+  out = []
+  epoch, offset = divmod(start, num_items)
+  while len(out) < global_batch:
+    perm = np.random.default_rng((seed, epoch)).permutation(num_items)
+    take = perm[offset:offset + global_batch - len(out)]
+    out.extend(take.tolist())
+    epoch, offset = epoch + 1, 0
+  return np.asarray(out, np.int64)
+
+
+def local_rows(global_batch: int) -> slice:
+  """This process's rows of a global batch (processes feed equal contiguous shares)."""
+  n = global_batch // jax.process_count()
+  if n * jax.process_count() != global_batch:
+    raise ValueError(f"global batch {global_batch} does not divide over "
+                     f"{jax.process_count()} processes")
+  return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+
+
+def check_batch(global_batch: int, mesh) -> None:
+  if global_batch % mesh.devices.size:
+    raise ValueError(f"global batch {global_batch} is not divisible by the "
+                     f"{mesh.devices.size} devices of the mesh; choose a multiple")
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process, sharded) array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def num_steps(train: ml_collections.ConfigDict, num_items: int, global_batch: int) -> int:
+  """train.num_steps if set, else ceil(train.num_epochs * num_items / global_batch)."""
+  if train.get("num_steps", 0):
+    return int(train.num_steps)
+  if not train.get("num_epochs", 0):
+    raise ValueError("config.train needs num_steps or num_epochs > 0")
+  return int(np.ceil(train.num_epochs * num_items / global_batch))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def abstract_like(tree: Any, mesh) -> Any:
+  """ShapeDtypeStructs with a replicated sharding: a checkpoint restores on any mesh."""
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def checkpoint_manager(workdir: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
+  root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  return ocp.CheckpointManager(root, item_names=("state", "data"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                    create=create))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: dict) -> None:
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave(data)))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target: Any, mesh,
+                   spec: Optional[dict] = None, workdir: str = "") -> Optional[tuple]:
+  """(state, data) of the latest checkpoint restored onto `mesh`, or None if there is none.
+
+  Raises:
+    InputError: the checkpoint's data spec differs from `spec` (another run's workdir).
+  """
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_like(target, mesh)),
+      data=ocp.args.JsonRestore()))
+  data = restored["data"]
+  if spec is not None and data.get("spec") != spec:
+    raise io.InputError(f"{workdir}: its checkpoint was trained with other data/settings "
+                        f"({data.get('spec')} vs {spec}); use a new workdir")
+  logging.info("Resumed from %s at step %d", mngr.directory, step)
+  return restored["state"], data
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if parallel.is_main_process():
+    io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise io.InputError(f"{path}: missing; is {workdir} an ldm_jax training workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def tuples(d) -> dict:
+  """A config dict's lists as tuples (JSON-restored configs give lists; flax wants tuples)."""
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(d).items()}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure(size):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=size, dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _write_fig(fig, path: str) -> str:
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png")
+  io.write_bytes(path, buf.getvalue())
+  return path
+
+
+def plot_losses(path: str, rows: Sequence[dict], keys: Sequence[str], title: str = "") -> str:
+  """A PNG of the metrics `keys` against step (log scale where all values are positive)."""
+  fig = _figure((6.4, 4.0))
+  ax = fig.add_subplot(1, 1, 1)
+  positive = True
+  for k in keys:
+    pts = [(float(r["step"]), float(r[k])) for r in rows if r.get(k, "") != ""]
+    if pts:
+      s, v = zip(*pts)
+      ax.plot(s, v, label=k)
+      positive &= min(v) > 0
+  if positive:
+    ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_title(title)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  return _write_fig(fig, path)
+
+
+def image_grid(path: str, images: np.ndarray, ncols: int = 8, titles=None) -> str:
+  """A PNG grid of (N, H, W) images, each min-max scaled on its own."""
+  images = np.asarray(images, np.float32)
+  n = len(images)
+  ncols = max(1, min(ncols, n))
+  nrows = int(np.ceil(n / ncols))
+  h, w = images.shape[1:3]
+  fig = _figure((1.6 * ncols * w / max(h, w) + 0.2, 1.6 * nrows * h / max(h, w) + 0.2))
+  for i, x in enumerate(images):
+    ax = fig.add_subplot(nrows, ncols, i + 1)
+    ax.imshow(x, cmap="gray")
+    ax.set_axis_off()
+    if titles is not None:
+      ax.set_title(str(titles[i]), fontsize=6)
+  fig.tight_layout(pad=0.2)
+  return _write_fig(fig, path)
+
+
+def mean_rows(fetched: Sequence[dict]) -> dict:
+  return {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}

@@ -1,0 +1,191 @@
+"""Training records of the latent diffusion model: images, covariates and duplication.
+
+A record is one unique training image: key (e.g. "IXI002-Guys-0828-T1/z070"), uid (the key
+with "/" replaced by "-", its folder name in the generation layout), the z-scored image
+and, for conditioned models, six covariates: age, sex, sequence, CSF, WM and GM fractions.
+
+* Images come from deepssim_jax.banks (IXI/any NIfTI volumes, PNG layouts, or the embedded
+  demo set), cached in the workdir as an .npz, so every job of a run reads the same records.
+* Covariates come from a CSV (`read_covariates`: columns key, age, sex, sequence, csf, wm,
+  gm; sex M/F or 0/1, sequence a name of cond.sequences or its index). IXI gives age, sex
+  and sequence but no tissue fractions (they need a segmentation, e.g. FSL FAST or
+  SynthSeg), so IXI runs need the CSV. For the embedded demo data `synthetic_covariates`
+  makes one deterministically (documented as synthetic: age and sex drawn per head from a
+  seeded generator, sequence T1, fractions = shares of the head's foreground pixels in the
+  low / middle / high third of its intensity range, T1 contrast: CSF dark, WM bright).
+* Duplication (the memorization-prone setting of the study): each unique image is repeated
+  k times, k ~ U{lo..hi} per image ("low": 1..4, "high": 1..14, "none": 1), seeded;
+  `write_duplication_csv` records the counts beside the run.
+"""
+
+import os
+import zlib
+from typing import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from deepssim_jax import banks, io, parallel
+
+COVARIATES = ("age", "sex", "sequence", "csf", "wm", "gm")
+SEXES = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}
+
+
+def uid_of(key: str) -> str:
+  """The generation-layout folder name of a record key ("a/z070" -> "a-z070")."""
+  return str(key).replace("/", "-")
+
+
+def load_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The unique training images of a run: dict(keys, uids, images (N, H, W) float32, meta).
+
+  Read once (through deepssim_jax.banks) and cached as <workdir>/training.npz.
+  config.data.max_images > 0 keeps the first that many (tests, quick runs).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  b = banks.bank(config.data.train, config, workdir, "training",
+                 num_threads=config.data.get("num_threads", 0))
+  n = config.data.get("max_images", 0) or len(b["keys"])
+  keys = [str(k) for k in b["keys"][:n]]
+  if not keys:
+    raise io.InputError(f"{workdir}: no training images")
+  return {"keys": keys, "uids": [uid_of(k) for k in keys],
+          "images": np.asarray(b["images"][:n], np.float32),
+          "meta": {k: np.asarray(v)[:n] for k, v in b.get("meta", {}).items()}}
+
+
+# ----------------------------------------------------------------------------- covariates
+
+
+def synthetic_covariates(keys: Sequence[str], images: np.ndarray, seed: int,
+                         age_range: Sequence[float] = (20.0, 86.0),
+                         foreground: float = 0.1) -> dict[str, np.ndarray]:
+  """Deterministic stand-in covariates for data without demographics (the demo set).
+
+  Args:
+    keys: record keys "<head>/z<k>"; the head (before "/") gets one age and sex.
+    images: (N, H, W) images.
+    seed: seeds the per-head age/sex draws (with a CRC32 of the head name).
+    age_range: ages are uniform in this range, rounded to a year.
+    foreground: pixels above min + foreground * (max - min) of an image are foreground.
+
+  Returns:
+    dict of the COVARIATES columns, each (N,) float64 (sex 0 = M, 1 = F; sequence 0 = T1).
+  """
+  out = {c: np.zeros(len(keys)) for c in COVARIATES}
+  for i, (key, x) in enumerate(zip(keys, images)):
+    head = str(key).split("/")[0]
+    rng = np.random.default_rng((seed, zlib.crc32(head.encode())))
+    out["age"][i] = np.round(rng.uniform(*age_range))
+    out["sex"][i] = float(rng.integers(2))
+    lo, hi = float(x.min()), float(x.max())
+    fg = x[x > lo + foreground * (hi - lo)]
+    if fg.size:
+      a, b = float(fg.min()), float(fg.max())
+      t1, t2 = a + (b - a) / 3, a + 2 * (b - a) / 3
+      out["csf"][i] = np.mean(fg <= t1)
+      out["gm"][i] = np.mean((fg > t1) & (fg <= t2))
+      out["wm"][i] = np.mean(fg > t2)
+  return out
+
+
+def write_covariates_csv(path: str, keys: Sequence[str], cov: Mapping[str, np.ndarray]) -> None:
+  io.write_csv(path, ["key", *COVARIATES],
+               ([k] + [float(cov[c][i]) for c in COVARIATES] for i, k in enumerate(keys)))
+
+
+def _parse(path: str, column: str, line: int, value: str, names: Sequence[str]) -> float:
+  v = value.strip()
+  try:
+    return float(v)
+  except ValueError:
+    pass
+  if column == "sex" and v.lower() in SEXES:
+    return SEXES[v.lower()]
+  if column == "sequence" and v.upper() in [s.upper() for s in names]:
+    return float([s.upper() for s in names].index(v.upper()))
+  raise io.InputError(f"{path}: line {line}: column {column!r}: cannot read {value!r} "
+                      f"(numbers{', M/F' if column == 'sex' else ''}"
+                      f"{', ' + '/'.join(names) if column == 'sequence' else ''})")
+
+
+def read_covariates(path: str, keys: Sequence[str],
+                    sequences: Sequence[str] = ("T1", "T2", "PD")) -> np.ndarray:
+  """The COVARIATES of each record key from a CSV, as an (N, 6) float32 array (raw units).
+
+  Raises:
+    InputError: missing file/columns, a bad value, or a key without a row.
+  """
+  table = io.read_csv(path, required=("key", *COVARIATES))
+  index = {k: i for i, k in enumerate(table["key"])}
+  out = np.zeros((len(keys), len(COVARIATES)), np.float32)
+  for n, key in enumerate(keys):
+    if key not in index:
+      raise io.InputError(f"{path}: no row for training image {key!r} (column key)")
+    i = index[key]
+    for j, c in enumerate(COVARIATES):
+      out[n, j] = _parse(path, c, i + 2, table[c][i], sequences)
+  if not np.all(np.isfinite(out)):
+    raise io.InputError(f"{path}: non-finite covariates (e.g. an unknown age)")
+  return out
+
+
+def covariates(config: ml_collections.ConfigDict, records: dict, workdir: str) -> np.ndarray:
+  """The records' (N, 6) raw covariates: from config.data.covariates_csv, or synthetic ones
+  for the demo data (written to <workdir>/covariates.csv first)."""
+  path = config.data.get("covariates_csv", "")
+  if not path:
+    if config.data.train.kind != "demo":
+      raise io.InputError(
+          "conditioning 'covariates' needs config.data.covariates_csv: a CSV with columns "
+          f"key,{','.join(COVARIATES)} (one row per training slice key; tissue fractions "
+          "from a segmentation such as FSL FAST or SynthSeg)")
+    path = os.path.join(workdir, "covariates.csv")
+    if parallel.is_main_process() and not os.path.exists(path):
+      cov = synthetic_covariates(records["keys"], records["images"], config.seed)
+      write_covariates_csv(path, records["keys"], cov)
+      logging.info("Wrote synthetic demo covariates to %s", path)
+    if not os.path.exists(path):  # other processes compute the same values
+      cov = synthetic_covariates(records["keys"], records["images"], config.seed)
+      return np.stack([cov[c] for c in COVARIATES], 1).astype(np.float32)
+  return read_covariates(path, records["keys"], tuple(config.cond.sequences))
+
+
+def normalize_covariates(cov: np.ndarray, offset: Sequence[float],
+                         scale: Sequence[float]) -> np.ndarray:
+  """(cov - offset) / scale per column: the UNet's (N, 1, 6) cross-attention context."""
+  cov = (np.asarray(cov, np.float32) - np.asarray(offset, np.float32)) / np.asarray(scale,
+                                                                                   np.float32)
+  return cov[:, None, :]
+
+
+# ----------------------------------------------------------------------------- duplication
+
+
+def duplication_counts(num_images: int, mode: str, ranges: Mapping[str, Sequence[int]],
+                       seed: int) -> np.ndarray:
+  """How many times each unique image appears in training: k ~ U{lo..hi}, seeded.
+
+  Args:
+    num_images: unique images.
+    mode: a key of ranges ("none", "low", "high").
+    ranges: mode -> (lo, hi), inclusive (the study: none (1, 1), low (1, 4), high (1, 14)).
+    seed: numpy default_rng seed.
+  """
+  if mode not in ranges:
+    raise ValueError(f"duplication {mode!r}: expected one of {sorted(ranges)}")
+  lo, hi = (int(v) for v in ranges[mode])
+  if not 1 <= lo <= hi:
+    raise ValueError(f"duplication {mode!r}: range ({lo}, {hi}) must satisfy 1 <= lo <= hi")
+  return np.random.default_rng(seed).integers(lo, hi + 1, size=num_images)
+
+
+def write_duplication_csv(path: str, keys: Sequence[str], counts: np.ndarray) -> None:
+  io.write_csv(path, ["key", "uid", "count"],
+               ([k, uid_of(k), int(c)] for k, c in zip(keys, counts)))
+
+
+def expand(counts: np.ndarray) -> np.ndarray:
+  """The training list: record index i repeated counts[i] times."""
+  return np.repeat(np.arange(len(counts)), counts)

@@ -1,0 +1,54 @@
+"""Entrypoint: `python -m ldm_jax.main --config=configs/ldm_<x>.py --workdir=DIR [--mode=...]`.
+
+Modes: autoencoder (train the KL autoencoder + GAN), diffusion (train the UNet on the frozen
+autoencoder's latents), generate (write <uid>/training.png, <uid>/gen-<i>.png for every
+training record of a diffusion run). Without --mode, the config's `mode` field decides.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from deepssim_jax import config_lib as deepssim_config
+from deepssim_jax import parallel
+from ldm_jax import generate, train_autoencoder, train_diffusion
+
+MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
+         "diffusion": train_diffusion.train,
+         "generate": generate.generate}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Outputs and checkpoints (default: "
+                               "config.workdir).")
+_MODE = flags.DEFINE_enum("mode", None, sorted(MODES), "Job to run (default: config.mode).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator "
+                             "host:port (multi-process runs; auto-detected on SLURM/TPU).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+
+
+def check_data(config) -> None:
+  """Stops with download instructions when the training images are missing."""
+  spec = config.data.train
+  if spec.kind != "demo":
+    deepssim_config.require_path(spec.root, f"training images ({spec.kind})",
+                                 config.data.get("download_hint", ""))
+
+
+def main(argv):
+  del argv
+  flags.mark_flags_as_required(["config"])
+  parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  config = _CONFIG.value
+  mode = _MODE.value or config.get("mode", "")
+  if mode not in MODES:
+    raise app.UsageError(f"--mode: one of {sorted(MODES)} (the config has mode={mode!r})")
+  check_data(config)
+  workdir = _WORKDIR.value or config.workdir
+  logging.info("JAX %s: %d process(es), %d device(s): %s; mode %s", jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform, mode)
+  MODES[mode](config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

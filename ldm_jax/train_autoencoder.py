@@ -1,0 +1,263 @@
+"""Training the first stage: the KL autoencoder with a patch-GAN (MONAI's recipe).
+
+Generator loss (SPEC section 4):
+  l1 |x - x_rec| + perceptual_weight P(x_rec, x) + kl_weight KL(q(z|x) || N(0, I))
+  + adv_weight (D(x_rec) - 1)^2,
+discriminator loss adv_weight (D(x_rec)^2 + (D(x) - 1)^2) / 2 (least squares, last output
+of the PatchDiscriminator). KL is MONAI's: 0.5 sum(mu^2 + sigma^2 - log sigma^2 - 1) over
+latent elements, averaged over the batch. P is pluggable (ldm_jax/perceptual.py; default a
+structural SSIM term, the reference's LPIPS-squeeze weights cannot be fetched). The
+adversarial terms are off for the first loss.adv_warmup_steps steps (SPEC: none; MONAI's
+tutorials use a few epochs).
+
+Both networks use Adam; gradients are accumulated (optax.MultiSteps) from
+train.batch_size images per step to train.effective_batch_size per update (the reference:
+8 per step, 16 per update). One pure `train_step` updates both networks, jitted with the
+state donated, data-parallel over a Mesh (batch sharded on "data", state replicated; the
+discriminator's BatchNorm statistics are over the global batch). The state (both networks,
+both optimisers, the accumulators) is one pytree checkpointed by orbax; a killed run resumes
+from its last checkpoint and sees the same batches it would have seen.
+
+Outputs in the workdir: config.json, checkpoints/, training.npz (the image cache),
+metrics.csv (+ TensorBoard events), loss.png and samples/recon-<step>.png (originals above
+their reconstructions).
+"""
+
+import functools
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from tqdm import tqdm
+
+from deepssim_jax import io, parallel
+from deepssim_jax.train import MetricsLog
+from ldm_jax import autoencoder, common, discriminator, input_pipeline, perceptual
+
+AUTOENCODERS = {"AutoencoderKL_ref": autoencoder.AutoencoderKL_ref,
+                "AutoencoderKL_tiny": autoencoder.AutoencoderKL_tiny,
+                "AutoencoderKL": autoencoder.AutoencoderKL}
+DISCRIMINATORS = {"PatchDiscriminator_ref": discriminator.PatchDiscriminator_ref,
+                  "PatchDiscriminator_tiny": discriminator.PatchDiscriminator_tiny,
+                  "PatchDiscriminator": discriminator.PatchDiscriminator}
+
+
+class DiscState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+def make_autoencoder(model: ml_collections.ConfigDict):
+  return AUTOENCODERS[model.name](**common.tuples(model.get("overrides", {})))
+
+
+def make_discriminator(disc: ml_collections.ConfigDict):
+  return DISCRIMINATORS[disc.name](**common.tuples(disc.get("overrides", {})))
+
+
+def accumulation_steps(train: ml_collections.ConfigDict) -> int:
+  k, r = divmod(train.effective_batch_size, train.batch_size)
+  if r or k < 1:
+    raise ValueError(f"train.effective_batch_size {train.effective_batch_size} must be a "
+                     f"multiple of train.batch_size {train.batch_size}")
+  return k
+
+
+def make_optimizer(lr: float, optim: ml_collections.ConfigDict, every_k: int):
+  adam = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  return optax.MultiSteps(adam, every_k_schedule=every_k) if every_k > 1 else adam
+
+
+def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  """{"g": TrainState of the autoencoder, "d": DiscState of the discriminator}."""
+  ae, disc = make_autoencoder(config.model), make_discriminator(config.disc)
+  x = jnp.zeros((1, *config.data.image_size, 1), jnp.float32)
+  k_ae, k_d = jax.random.split(rng)
+  g_params = jax.jit(ae.init)(k_ae, x)["params"]
+  d_vars = jax.jit(functools.partial(disc.init, train=False))(k_d, x)
+  k = accumulation_steps(config.train)
+  g = train_state.TrainState.create(
+      apply_fn=ae.apply, params=g_params,
+      tx=make_optimizer(config.optim.learning_rate, config.optim, k))
+  d = DiscState.create(apply_fn=disc.apply, params=d_vars["params"],
+                       batch_stats=d_vars["batch_stats"],
+                       tx=make_optimizer(config.optim.d_learning_rate, config.optim, k))
+  return {"g": g, "d": d}
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def kl_loss(z_mu: jax.Array, z_sigma: jax.Array) -> jax.Array:
+  """MONAI's KL to N(0, I): per-sample sum over latent elements, mean over the batch."""
+  var = jnp.square(z_sigma)
+  kl = 0.5 * jnp.sum(jnp.square(z_mu) + var - jnp.log(var) - 1.0,
+                     axis=tuple(range(1, z_mu.ndim)))
+  return jnp.mean(kl)
+
+
+def train_step(state: dict, batch: dict, rng: jax.Array, *, loss: ml_collections.ConfigDict,
+               perceptual_fn, learning_rate: float) -> tuple[dict, dict]:
+  """One generator and one discriminator (micro-)step on a batch {"image": (B, H, W, 1)}."""
+  g, d = state["g"], state["d"]
+  rng = jax.random.fold_in(rng, g.step)
+  x = batch["image"]
+  adv_w = jnp.where(g.step >= loss.adv_warmup_steps, loss.adv_weight, 0.0)
+
+  def disc_logits(params, stats, images):
+    outs, upd = d.apply_fn({"params": params, "batch_stats": stats}, images, train=True,
+                           mutable=["batch_stats"])
+    return outs[-1], upd["batch_stats"]
+
+  def g_loss_fn(params):
+    recon, z_mu, z_sigma = g.apply_fn({"params": params}, x, rng)
+    l1 = jnp.mean(jnp.abs(recon - x))
+    p = perceptual_fn(recon, x)
+    kl = kl_loss(z_mu, z_sigma)
+    logits, stats = disc_logits(d.params, d.batch_stats, recon)
+    adv = jnp.mean(jnp.square(logits - 1.0))
+    total = (loss.l1_weight * l1 + loss.perceptual_weight * p + loss.kl_weight * kl
+             + adv_w * adv)
+    return total, (recon, stats, {"l1": l1, "perceptual": p, "kl": kl, "adv_g": adv})
+
+  (g_total, (recon, stats, parts)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      g.params)
+  recon = jax.lax.stop_gradient(recon)
+
+  def d_loss_fn(params):
+    fake, s = disc_logits(params, stats, recon)
+    real, s = disc_logits(params, s, x)
+    d_loss = 0.5 * (jnp.mean(jnp.square(fake)) + jnp.mean(jnp.square(real - 1.0)))
+    return adv_w * d_loss, (s, d_loss)
+
+  (_, (stats, d_loss)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d.params)
+  new = {"g": g.apply_gradients(grads=g_grads),
+         "d": d.apply_gradients(grads=d_grads, batch_stats=stats)}
+  metrics = {"loss_g": g_total, "loss_d": d_loss, **parts,
+             "grad_norm_g": optax.tree.norm(g_grads), "grad_norm_d": optax.tree.norm(d_grads),
+             "adv_weight": adv_w, "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
+  return new, metrics
+
+
+def reconstruct(state: dict, images: jax.Array) -> jax.Array:
+  """Deterministic reconstructions (decode(z_mu)) of (B, H, W, 1) images."""
+  ae = state["g"]
+  return ae.apply_fn({"params": ae.params}, images, method="reconstruct")
+
+
+def make_train_step(config: ml_collections.ConfigDict):
+  """train_step jitted for a config, the state donated."""
+  pfn = perceptual.make(config.loss.perceptual, **dict(config.loss.get("perceptual_kwargs", {})))
+  return jax.jit(functools.partial(train_step, loss=config.loss, perceptual_fn=pfn,
+                                   learning_rate=config.optim.learning_rate),
+                 donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def load_autoencoder(workdir: str, mesh=None):
+  """(model, params, config) of a trained autoencoder run (its latest checkpoint)."""
+  config = common.load_config(workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  target = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
+  mngr = common.checkpoint_manager(workdir, keep=1, create=False)
+  restored = common.restore_latest(mngr, target, mesh)
+  mngr.close()
+  if restored is None:
+    raise io.InputError(f"{workdir}: no autoencoder checkpoint; train it first "
+                        "(--mode=autoencoder)")
+  return make_autoencoder(config.model), restored[0]["g"].params, config
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
+                       stop_after: Optional[int] = None) -> dict:
+  """Trains the autoencoder + discriminator, resuming from `workdir` if it holds a run.
+
+  Args:
+    config: sections data, model, disc, loss, optim, train (configs/ldm_*_autoencoder.py).
+    workdir: outputs (module docstring).
+    mesh: device mesh (default: all devices).
+    stop_after: stop as if killed after this many steps of this call (tests).
+
+  Returns:
+    dict(step, state, metrics (the last logged row)).
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  tc = config.train
+  common.check_batch(tc.batch_size, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  common.save_config(workdir, config)
+  records = input_pipeline.load_records(config, workdir)
+  images = records["images"]
+  total = common.num_steps(tc, len(images), tc.batch_size)
+  spec = {"images": len(images), "seed": config.seed, "batch": tc.batch_size,
+          "fingerprint": io.fingerprint(images, *records["keys"])}
+
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = parallel.replicate(create_state(config, init_rng), mesh)
+  mngr = common.checkpoint_manager(workdir, tc.keep_checkpoints)
+  restored = common.restore_latest(mngr, state, mesh, spec, workdir)
+  start = 0
+  if restored is not None:
+    state, start = restored[0], int(restored[1]["step"])
+  log = MetricsLog(workdir, resume_step=start)
+
+  step_fn = make_train_step(config)
+  recon_fn = jax.jit(reconstruct)
+  n_grid = min(tc.num_grid_images, len(images))
+  grid_idx = np.linspace(0, len(images) - 1, n_grid).round().astype(int)
+  grid_in = images[grid_idx][..., None]
+  local = common.local_rows(tc.batch_size)
+
+  def save_grid(step):
+    n = -(-n_grid // mesh.devices.size) * mesh.devices.size
+    x = parallel.shard_batch(parallel.pad_to(grid_in, n)[common.local_rows(n)], mesh)
+    rec = common.to_host(recon_fn(state, x))[:n_grid, ..., 0]
+    if parallel.is_main_process():
+      common.image_grid(os.path.join(workdir, "samples", f"recon-{step:06d}.png"),
+                        np.concatenate([grid_in[..., 0], rec]), ncols=n_grid)
+
+  bar = tqdm(total=total, initial=start, desc="autoencoder", unit="step",
+             disable=not parallel.is_main_process())
+  pending, t0, n0, row = [], time.perf_counter(), start, {}
+  step = start
+  while step < total:
+    idx = common.batch_indices(len(images), tc.batch_size, config.seed, step)[local]
+    batch = parallel.shard_batch({"image": images[idx][..., None]}, mesh)
+    state, metrics = step_fn(state, batch, step_rng)
+    step += 1
+    pending.append(metrics)
+    bar.update(1)
+    if step % tc.log_every_steps == 0 or step == total:
+      row = common.mean_rows(jax.device_get(pending))
+      pending = []
+      row["images_per_s"] = (step - n0) * tc.batch_size / max(time.perf_counter() - t0, 1e-9)
+      t0, n0 = time.perf_counter(), step
+      log.write(step, row)
+      bar.set_postfix(l1=f"{row['l1']:.4f}")
+      if parallel.is_main_process():
+        common.plot_losses(os.path.join(workdir, "loss.png"), log.rows,
+                           ("loss_g", "l1", "perceptual", "adv_g", "loss_d"),
+                           "autoencoder + GAN")
+    if step % tc.sample_every_steps == 0 or step == total:
+      save_grid(step)
+    if step % tc.checkpoint_every_steps == 0 or step == total:
+      common.save(mngr, step, state, {"step": step, "spec": spec})
+    if stop_after is not None and step - start >= stop_after:
+      break
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  log.close()
+  logging.info("Autoencoder: step %d of %d in %s", step, total, workdir)
+  return {"step": step, "state": state, "metrics": row}

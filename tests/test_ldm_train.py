@@ -1,0 +1,296 @@
+"""ldm_jax trainers and generation: steps lower their losses, 4 devices equal 1, duplication,
+covariates, perceptual terms, resumption of training and of generation, the CLI's checks.
+
+Tiny networks on 32 x 32 demo slices (conftest.py gives 4 fake CPU devices).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepssim_jax import io, parallel
+from deepssim_jax.data import demo_sets
+from ldm_jax import (common, config_lib, diffusion, generate, input_pipeline, perceptual,
+                     train_autoencoder, train_diffusion)
+
+SIZE = (32, 32)     # autoencoder tests (its patch discriminator needs >= 32)
+DM_SIZE = (16, 16)  # diffusion tests (pixel space)
+DEMO = dict(slices_per_head=2, num_copies=1, num_neighbours=1, num_other=1,
+            heldout_per_head=0)
+
+
+def ae_config():
+  c = config_lib.autoencoder_config()
+  c.data.image_size = SIZE
+  c.data.train.part = "real"
+  c.data.demo.update(DEMO)
+  c.model.name = "AutoencoderKL_tiny"
+  c.disc.name = "PatchDiscriminator_tiny"
+  c.optim.learning_rate = 1e-3
+  c.optim.d_learning_rate = 1e-3
+  c.train.batch_size = 4
+  c.train.effective_batch_size = 8
+  c.train.num_epochs = 0
+  c.train.num_steps = 4
+  c.train.log_every_steps = 2
+  c.train.checkpoint_every_steps = 2
+  c.train.sample_every_steps = 2
+  return c
+
+
+def dm_config(cond="covariates"):
+  c = config_lib.diffusion_config()
+  c.data = ae_config().data
+  c.data.image_size = DM_SIZE
+  c.autoencoder.kind = "identity"
+  c.model.name = "DiffusionModelUNet_tiny"
+  c.cond.kind = cond
+  c.duplication.mode = "low"
+  c.optim.learning_rate = 1e-3
+  c.train.batch_size = 4
+  c.train.num_epochs = 0
+  c.train.num_steps = 4
+  c.train.log_every_steps = 2
+  c.train.checkpoint_every_steps = 2
+  c.train.sample_every_steps = 4
+  c.train.num_grid_samples = 8  # = generate.batch_size: one compiled sampler
+  c.sample.num_inference_steps = 4
+  c.generate.num_samples = 2
+  c.generate.batch_size = 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def images():
+  return demo_sets(size=SIZE, seed=0, **DEMO)["training"]["images"]
+
+
+def one_device():
+  return parallel.make_mesh(jax.devices()[:1])
+
+
+def close_trees(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_duplication_counts_follow_ranges(tmp_path):
+  ranges = dict(config_lib.diffusion_config().duplication.ranges)
+  for mode, (lo, hi) in (("none", (1, 1)), ("low", (1, 4)), ("high", (1, 14))):
+    k = input_pipeline.duplication_counts(2000, mode, ranges, seed=3)
+    assert k.min() == lo and k.max() == hi  # every value of the range is drawn
+    assert set(np.unique(k)) == set(range(lo, hi + 1))
+    np.testing.assert_array_equal(k, input_pipeline.duplication_counts(2000, mode, ranges, 3))
+    assert len(input_pipeline.expand(k)) == k.sum()
+  assert not np.array_equal(input_pipeline.duplication_counts(50, "high", ranges, 0),
+                            input_pipeline.duplication_counts(50, "high", ranges, 1))
+  with pytest.raises(ValueError, match="duplication"):
+    input_pipeline.duplication_counts(5, "extreme", ranges, 0)
+  path = str(tmp_path / "dup.csv")
+  input_pipeline.write_duplication_csv(path, ["a/z1", "b/z2"], np.array([3, 1]))
+  t = io.read_csv(path, required=("key", "uid", "count"))
+  assert t["uid"] == ["a-z1", "b-z2"] and t["count"] == ["3", "1"]
+
+
+def test_batch_indices_are_a_seeded_stream():
+  a = np.concatenate([common.batch_indices(10, 4, 7, s) for s in range(5)])
+  perm0 = np.random.default_rng((7, 0)).permutation(10)
+  np.testing.assert_array_equal(a[:10], perm0)  # epoch 0 is one permutation
+  assert sorted(a[10:20]) == list(range(10))
+  np.testing.assert_array_equal(common.batch_indices(3, 8, 1, 2),
+                                common.batch_indices(3, 8, 1, 2))
+
+
+def test_covariates_synthetic_csv_roundtrip(tmp_path, images):
+  keys = [f"head{i % 2}/z{i:03d}" for i in range(len(images))]
+  cov = input_pipeline.synthetic_covariates(keys, images, seed=0)
+  again = input_pipeline.synthetic_covariates(keys, images, seed=0)
+  for c in input_pipeline.COVARIATES:
+    np.testing.assert_array_equal(cov[c], again[c])
+  assert np.all(cov["age"][0::2] == cov["age"][0])  # one age per head
+  fr = cov["csf"] + cov["wm"] + cov["gm"]
+  np.testing.assert_allclose(fr, 1.0, atol=1e-9)
+  path = str(tmp_path / "cov.csv")
+  input_pipeline.write_covariates_csv(path, keys, cov)
+  got = input_pipeline.read_covariates(path, keys[::-1])
+  np.testing.assert_allclose(got[-1], [cov[c][0] for c in input_pipeline.COVARIATES],
+                             rtol=1e-6)
+  io.write_csv(path, ["key", *input_pipeline.COVARIATES], [["a", 40, "F", "T2", .2, .5, .3]])
+  np.testing.assert_allclose(input_pipeline.read_covariates(path, ["a"])[0],
+                             [40, 1, 1, .2, .5, .3], rtol=1e-6)
+  with pytest.raises(io.InputError, match="no row"):
+    input_pipeline.read_covariates(path, ["b"])
+
+
+def test_perceptual_terms(tmp_path):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 1)), jnp.float32)
+  y = x + 0.3 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  path = str(tmp_path / "net.npz")
+  np.savez(path, conv0_w=rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
+           conv0_b=np.zeros(4, np.float32),
+           conv1_w=rng.normal(size=(3, 3, 4, 8)).astype(np.float32), conv1_stride=2)
+  for name, kw in (("ssim", {}), ("features", {"weights": path})):
+    fn = jax.jit(perceptual.make(name, **kw))
+    assert abs(float(fn(x, x))) < 1e-5
+    assert float(fn(y, x)) > 1e-3
+    g = jax.grad(lambda a: fn(a, x))(y)
+    assert np.all(np.isfinite(np.asarray(g)))
+  with pytest.raises(io.InputError, match="not found"):
+    perceptual.make("features", weights=str(tmp_path / "missing.npz"))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _ae_run(config, batch, mesh, steps):
+  """Metrics of every step, and the first step's accumulated gradients and BN statistics."""
+  state = parallel.replicate(train_autoencoder.create_state(config, jax.random.key(0)), mesh)
+  fn = train_autoencoder.make_train_step(config)
+  rows, first = [], None
+  for _ in range(steps):
+    state, m = fn(state, parallel.shard_batch(batch, mesh), jax.random.key(1))
+    rows.append(jax.device_get(m))
+    if first is None:  # fetched now: the next step donates these buffers
+      first = jax.device_get({"g": state["g"].opt_state.acc_grads,
+                              "d": state["d"].opt_state.acc_grads,
+                              "stats": state["d"].batch_stats})
+  return state, rows, first
+
+
+def test_autoencoder_step_lowers_loss_and_4_devices_equal_1(images):
+  config = ae_config()  # 4 images per step, 8 per update (optax.MultiSteps)
+  batch = {"image": images[:4, ..., None]}
+  s4, rows4, first4 = _ae_run(config, batch, parallel.make_mesh(), 12)
+  _, rows1, first1 = _ae_run(config, batch, one_device(), 1)
+  assert rows4[-1]["l1"] < 0.85 * rows4[0]["l1"]
+  assert rows4[-1]["loss_g"] < rows4[0]["loss_g"]
+  assert int(s4["g"].step) == 12
+  for k in ("loss_g", "l1", "kl", "loss_d", "grad_norm_g", "grad_norm_d"):
+    np.testing.assert_allclose(rows4[0][k], rows1[0][k], rtol=1e-4, atol=1e-6)
+  # the accumulated gradients (MultiSteps, before its first update) and the BatchNorm
+  # statistics of the global batch: equal on 4 devices and on 1
+  close_trees(first4, first1, atol=1e-6)
+
+
+def test_diffusion_step_lowers_loss_and_4_devices_equal_1(images):
+  config = dm_config()
+  model = train_diffusion.make_unet(config, 1)
+  sched = train_diffusion.make_schedule(config)
+  x0 = images[:4].reshape(4, 16, 2, 16, 2).mean((2, 4))[..., None]  # 16 x 16
+  ctx = np.tile(np.linspace(0, 1, 6, dtype=np.float32), (4, 1, 1))
+  ctx[:, 0, 0] = np.arange(4) / 4
+  batch = {"mu": x0, "sigma": np.zeros_like(x0), "context": ctx}
+
+  def run(mesh, steps):
+    state = parallel.replicate(train_diffusion.create_state(config, model, x0.shape[1:],
+                                                            jax.random.key(0)), mesh)
+    fn = train_diffusion.make_train_step(config, sched)
+    b = parallel.shard_batch(batch, mesh)
+
+    def loss_at_step0(s):  # the loss at step 0's timesteps and noise (a throwaway update)
+      copy = parallel.replicate(jax.device_get(s).replace(step=np.int32(0)), mesh)
+      return float(fn(copy, b, jax.random.key(1))[1]["loss"])
+
+    before = loss_at_step0(state)
+    rows = []
+    for _ in range(steps):
+      state, m = fn(state, b, jax.random.key(1))
+      rows.append(jax.device_get(m))
+    return rows, before, loss_at_step0(state)
+
+  rows4, before, after = run(parallel.make_mesh(), 20)
+  rows1, _, _ = run(one_device(), 20)
+  assert after < 0.7 * before
+  # Same trajectory: losses and gradient norms at every step. (Parameters are not compared
+  # elementwise: Adam's first steps move even parameters whose gradient is rounding noise,
+  # e.g. conv biases before GroupNorm, by +-lr whatever the noise's sign.)
+  for k in ("loss", "grad_norm"):
+    np.testing.assert_allclose([r[k] for r in rows4], [r[k] for r in rows1], rtol=2e-4)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_autoencoder_run_resumes_after_interruption(tmp_path):
+  config = ae_config()
+  full = train_autoencoder.train_and_evaluate(config, str(tmp_path / "full"))
+  assert full["step"] == 4
+  wd = str(tmp_path / "killed")
+  part = train_autoencoder.train_and_evaluate(config, wd, stop_after=3)  # ckpt at step 2
+  assert part["step"] == 3
+  resumed = train_autoencoder.train_and_evaluate(config, wd)
+  assert resumed["step"] == 4
+  close_trees(resumed["state"]["g"].params, full["state"]["g"].params, atol=1e-6)
+  close_trees(resumed["state"]["d"].params, full["state"]["d"].params, atol=1e-6)
+  for name in ("loss.png", "metrics.csv", "config.json", "samples/recon-000004.png"):
+    assert os.path.isfile(os.path.join(wd, name)), name
+  steps = io.read_csv(os.path.join(wd, "metrics.csv"))["step"]
+  assert steps == ["2", "4"]
+  # the trained autoencoder loads for the diffusion stage
+  model, params, cfg = train_autoencoder.load_autoencoder(wd, one_device())
+  z_mu, _ = model.apply({"params": params}, jnp.zeros((1, *SIZE, 1)), method="encode")
+  assert z_mu.shape == (1, SIZE[0] // 4, SIZE[1] // 4, 3)
+
+
+def test_diffusion_run_resumes_and_generation_layout_resumes(tmp_path):
+  config = dm_config()
+  full = train_diffusion.train(config, str(tmp_path / "full"))
+  wd = str(tmp_path / "run")
+  part = train_diffusion.train(config, wd, stop_after=3)
+  assert part["step"] == 3
+  resumed = train_diffusion.train(config, wd)
+  assert resumed["step"] == 4
+  close_trees(resumed["state"].params, full["state"].params, atol=1e-6)
+  dup = io.read_csv(os.path.join(wd, "duplication.csv"), required=("key", "uid", "count"))
+  counts = np.asarray(dup["count"], int)
+  assert len(counts) == 8 and counts.min() >= 1 and counts.max() <= 4
+  np.testing.assert_array_equal(counts, full["counts"])
+  cov = io.read_csv(os.path.join(wd, "covariates.csv"), required=input_pipeline.COVARIATES)
+  assert len(cov["key"]) == 8
+  for name in ("loss.png", "samples/samples-000004.png", "latents.npz"):
+    assert os.path.isfile(os.path.join(wd, name)), name
+
+  # generation: 8 records x 2 samples in batches of 8; killed after one batch
+  out = str(tmp_path / "generated")
+  first = generate.generate(config, wd, out_dir=out, stop_after=1)
+  assert len(first["written"]) == 4 and first["skipped"] == 0
+  done = {u: os.path.getmtime(os.path.join(out, u, "gen-1.png")) for u in first["written"]}
+  second = generate.generate(config, wd, out_dir=out)
+  assert second["skipped"] == 4 and len(second["written"]) == 4
+  uids = sorted(os.listdir(out))
+  assert len(uids) == 8
+  for u in uids:
+    assert sorted(os.listdir(os.path.join(out, u))) == ["gen-0.png", "gen-1.png",
+                                                        "training.png"]
+    with Image.open(os.path.join(out, u, "gen-0.png")) as im:
+      assert im.mode == "L" and im.size == (DM_SIZE[1], DM_SIZE[0])
+      px = np.asarray(im)
+      assert px.min() == 0 and px.max() == 255  # min-max scaled
+  for u, t in done.items():  # complete uids were skipped, not rewritten
+    assert os.path.getmtime(os.path.join(out, u, "gen-1.png")) == t
+
+
+def test_main_stops_with_download_instructions():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from ldm_jax import main  # pylint: disable=g-import-not-at-top
+  root = os.path.join(os.path.dirname(__file__), "..", "configs")
+  for name in ("ldm_ixi_autoencoder", "ldm_ixi_diffusion"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    with pytest.raises(SystemExit, match="brain-development.org"):
+      main.check_data(config)
+  for name in ("ldm_demo_autoencoder", "ldm_demo_diffusion"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    main.check_data(mod.get_config())  # embedded data: nothing to download
