@@ -22,20 +22,11 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per checkpoint); warnings still pass."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   flags.mark_flags_as_required(["config"])
   parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  if not parallel.is_main_process():  # process 0 logs and shows progress; the others warn
-    logging.set_verbosity(logging.WARNING)
+  parallel.setup_logging()
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,

@@ -80,6 +80,21 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                jax.device_count())
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax (dozens of lines per checkpoint); warnings still pass."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
+def setup_logging() -> None:
+  """Entrypoint logging: no orbax INFO lines; processes other than 0 log warnings only
+  (process 0 logs and shows progress bars)."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not is_main_process():
+    logging.set_verbosity(logging.WARNING)
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D data-parallel mesh over all (global) devices.
 

@@ -39,6 +39,7 @@ def main(argv):
   del argv
   flags.mark_flags_as_required(["config"])
   parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  parallel.setup_logging()
   config = _CONFIG.value
   mode = _MODE.value or config.get("mode", "")
   if mode not in MODES:
