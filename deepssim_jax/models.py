@@ -216,8 +216,6 @@ def gelu(x: Array, approximate: bool = False) -> Array:
 
 
 _dense = functools.partial(nn.Dense, kernel_init=nn.initializers.truncated_normal(0.02))
-_conv = functools.partial(nn.Conv, kernel_init=nn.initializers.truncated_normal(0.02),
-                          padding="VALID")
 
 
 class PatchConv(nn.Module):
