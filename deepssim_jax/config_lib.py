@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pairs.align = False           # SPEC's phi: identity (reference code) or rigid alignment
   c.pairs.align_angles = tuple(round(-0.17 + 0.017 * i, 3) for i in range(21))
   c.pairs.align_flips = True
+  c.pairs.balance_bins = 0        # >0: even targets over that many bins of [0, 1] (ours)
+  c.pairs.pool_factor = 4.0       # balanced: targets computed for this many x num_pairs
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "convnext_base"

@@ -52,7 +52,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
         real, train_synth, num_pairs=pc.num_pairs, seed=config.seed,
         matched_fraction=pc.matched_fraction, valid_fraction=pc.valid_fraction,
         batch_size=pc.batch_size, align=pc.align, align_angles=tuple(pc.align_angles),
-        align_flips=pc.align_flips)
+        align_flips=pc.align_flips, balance_bins=pc.balance_bins,
+        pool_factor=pc.pool_factor)
     if parallel.is_main_process():
       pairs_lib.write_pairs(table_path, table)
     parallel.sync("pairs written")  # the other processes read it next

@@ -111,6 +111,33 @@ def sample_pairs(num_real: int, num_synth: int, num_pairs: int, seed: int,
   return real_idx, synth_idx, valid_synth[synth_idx]
 
 
+def balance_targets(targets: np.ndarray, num: int, bins: int, seed: int) -> np.ndarray:
+  """Indices of `num` of the pairs whose target histogram over `bins` equal bins of [0, 1]
+  is as flat as the pool allows (targets below 0 count in the first bin, above 1 in the last).
+
+  Water-filling: every bin gets an equal share of what is left; a bin holding fewer pairs
+  than its share gives all of them and the rest is shared among the other bins. Which pairs
+  of a bin are kept is random (seeded). Returns sorted indices.
+  """
+  if bins < 1:
+    raise ValueError(f"pairs.balance_bins must be >= 1 (got {bins})")
+  num = min(num, len(targets))
+  which = np.clip((np.asarray(targets) * bins).astype(np.int64), 0, bins - 1)
+  members = [np.flatnonzero(which == b) for b in range(bins)]
+  quota = np.zeros(bins, np.int64)
+  left, open_bins = num, [b for b in range(bins) if len(members[b])]
+  while left and open_bins:
+    share = max(left // len(open_bins), 1)
+    for b in sorted(open_bins, key=lambda b: len(members[b]) - quota[b]):
+      take = min(share, len(members[b]) - quota[b], left)
+      quota[b] += take
+      left -= take
+    open_bins = [b for b in open_bins if quota[b] < len(members[b])]
+  rng = np.random.default_rng(seed)
+  chosen = [rng.choice(m, q, replace=False) for m, q in zip(members, quota) if q]
+  return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
 def compute_ssim(real_images: np.ndarray, synth_images: np.ndarray, real_idx: np.ndarray,
                  synth_idx: np.ndarray, batch_size: int = 1024, align: bool = False,
                  align_angles: tuple = (), align_flips: bool = True,
@@ -158,11 +185,19 @@ def compute_ssim(real_images: np.ndarray, synth_images: np.ndarray, real_idx: np
 def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed: int,
                      matched_fraction: float, valid_fraction: float, batch_size: int,
                      align: bool, align_angles: tuple, align_flips: bool,
+                     balance_bins: int = 0, pool_factor: float = 4.0,
                      mesh=None) -> PairTable:
   """Samples pairs between two image banks and computes their SSIM targets.
 
   Banks are dicts with `keys` (N,) and z-scored `images` (N, H, W); the synthetic bank may
   carry meta `source_key` (the training image it derives from) to oversample matched pairs.
+
+  balance_bins > 0 (ours, not the reference's uniform sampling): targets are computed for a
+  pool of pool_factor x num_pairs sampled pairs, and num_pairs of them are kept so that the
+  targets spread as evenly as the pool allows over balance_bins bins of [0, 1]
+  (`balance_targets`). Uniform pairs of a real data set are almost all unrelated images
+  (SSIM 0.1-0.4); the memorization decision lives at 0.6-1, where a uniform table has few
+  pairs to learn from.
   """
   for name, bank in (("real", real_bank), ("synthetic", synth_bank)):
     if len(bank["keys"]) == 0:
@@ -175,10 +210,17 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   if src is not None:
     pos = {k: i for i, k in enumerate(real_bank["keys"])}
     source_index = np.array([pos.get(k, -1) for k in src])
-  ia, ib, is_valid = sample_pairs(len(real_bank["keys"]), len(synth_bank["keys"]), num_pairs,
+  pool = int(round(num_pairs * pool_factor)) if balance_bins else num_pairs
+  ia, ib, is_valid = sample_pairs(len(real_bank["keys"]), len(synth_bank["keys"]), pool,
                                   seed, source_index, matched_fraction, valid_fraction)
   s = compute_ssim(real_bank["images"], synth_bank["images"], ia, ib, batch_size=batch_size,
                    align=align, align_angles=align_angles, align_flips=align_flips, mesh=mesh)
+  if balance_bins:
+    keep = balance_targets(s, num_pairs, balance_bins, seed)
+    keep = keep[np.random.default_rng(seed).permutation(len(keep))]
+    ia, ib, is_valid, s = ia[keep], ib[keep], is_valid[keep], s[keep]
+    logging.info("Balanced pairs: %d of a pool of %d; targets per bin %s", len(keep), pool,
+                 np.histogram(np.clip(s, 0, 1), balance_bins, (0, 1))[0].tolist())
   split = np.where(is_valid, "valid", "train")
   return PairTable(np.asarray(real_bank["keys"])[ia], np.asarray(synth_bank["keys"])[ib], s,
                    split)

@@ -29,6 +29,29 @@ def test_sample_pairs_distinct_matched_and_split_by_synthetic_image():
   assert len(pairs.sample_pairs(3, 4, 100, seed=0)[0]) == 12
 
 
+def test_balance_targets_flattens_the_histogram_as_far_as_the_pool_allows():
+  rng = np.random.default_rng(0)
+  # A uniform table's shape: most targets low, few high, none in [0.5, 0.6).
+  t = np.concatenate([rng.uniform(0.0, 0.5, 900), rng.uniform(0.6, 0.9, 30),
+                      rng.uniform(0.9, 1.0, 5), [-0.2, 1.0]])
+  keep = pairs.balance_targets(t, 200, 10, seed=1)
+  assert len(keep) == 200 and len(np.unique(keep)) == 200
+  counts = np.histogram(np.clip(t[keep], 0, 1 - 1e-9), 10, (0, 1))[0]
+  pool = np.histogram(np.clip(t, 0, 1 - 1e-9), 10, (0, 1))[0]
+  short = pool <= counts  # bins the pool cannot fill give every pair they hold
+  np.testing.assert_array_equal(counts[short], pool[short])
+  assert short[5:].all() and counts[5] == 0
+  # The remaining 200 - (short total) pairs are shared evenly among the well-filled bins.
+  full = counts[~short]
+  assert full.max() - full.min() <= 1 and full.sum() == 200 - counts[short].sum()
+  np.testing.assert_array_equal(keep, pairs.balance_targets(t, 200, 10, seed=1))
+  assert not np.array_equal(keep, pairs.balance_targets(t, 200, 10, seed=2))
+  np.testing.assert_array_equal(pairs.balance_targets(t, 5000, 10, seed=0),
+                                np.arange(len(t)))  # asks for more than the pool: all
+  with pytest.raises(ValueError, match="balance_bins"):
+    pairs.balance_targets(t, 10, 0, seed=0)
+
+
 def test_pair_table_ssim_equals_scikit_image(tmp_path):
   rng = np.random.default_rng(0)
   def bank(n, prefix):
