@@ -130,7 +130,7 @@ def main():
   rows = [("train step", float(np.median(t_step)), step_flops),
           (f"DDIM {args.ddim_steps} steps", float(np.median(t_sample)), sample_flops)]
   if args.ddim_steps != 50:  # the scan's steps are identical: extrapolate to 50
-    rows.append((f"DDIM 50 steps", rows[1][1] * 50 / args.ddim_steps,
+    rows.append(("DDIM 50 steps", rows[1][1] * 50 / args.ddim_steps,
                  rows[1][2] * 50 / args.ddim_steps))
   print(f"\nmatmul 2048^2 float32 (jnp), median of {len(peaks)}: {peak / 1e9:.1f} GFLOP/s\n")
   print("| figure (batch 8, latents 3x36x28, DiffusionModelUNet_ref) | seconds (median) | "

@@ -117,7 +117,6 @@ def main():
   n = len(z64)
   za = jnp.asarray(z64, jnp.float32)
   zb = za[np.random.default_rng(1).permutation(n)]
-  zb_np = np.asarray(zb, np.float64)
   # scikit-image pairs: the first rows of the same n x n matrix, float64 as the reference.
   k = np.arange(args.skimage_pairs)
   ia_sk, ib_sk = k // n, k % n

@@ -9,7 +9,7 @@ arrays with fixed keys (image_a, image_b, ssim, weight).
 """
 
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import grain
 import jax

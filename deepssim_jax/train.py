@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

@@ -7,6 +7,8 @@
 * Checkpoints: one orbax CheckpointManager per run (`<workdir>/checkpoints`) holding the
   whole training state (one pytree) and a JSON item with the step and a data fingerprint;
   `restore_latest` restores onto the current mesh (any device count).
+* The training loop (`train_loop`): steps, progress, metrics rows with images/s, loss
+  plots, sample grids and checkpoints on the configured schedules.
 * Plots: loss curves from metrics rows and image grids, PNG, written atomically with
   matplotlib's object API (no pyplot, no global backend).
 """
@@ -14,7 +16,8 @@
 import io as _io
 import json
 import os
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -22,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from deepssim_jax import io, parallel
 
@@ -197,3 +201,52 @@ def image_grid(path: str, images: np.ndarray, ncols: int = 8, titles=None) -> st
 
 def mean_rows(fetched: Sequence[dict]) -> dict:
   return {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def train_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict]], *, start: int,
+               total: int, train: ml_collections.ConfigDict, log, mngr: ocp.CheckpointManager,
+               spec: dict, workdir: str, desc: str, plot_keys: Sequence[str],
+               on_sample: Callable[[Any, int], None], stop_after: Optional[int] = None
+               ) -> tuple[Any, int, dict]:
+  """Runs `state, metrics = step_fn(state, step)` for step = start .. total - 1.
+
+  Every train.log_every_steps (and at the end) the mean of the pending metrics, with the
+  images/s since the last row, goes to `log` (a MetricsLog) and loss.png (process 0);
+  `on_sample(state, step)` runs every train.sample_every_steps (0: never) and at the end;
+  the state is checkpointed with `spec` every train.checkpoint_every_steps and at the end.
+  Stops early after `stop_after` steps (tests of resumption). Closes the checkpoint manager.
+
+  Returns:
+    (state, the step reached, the last metrics row).
+  """
+  bar = tqdm(total=total, initial=start, desc=desc, unit="step",
+             disable=not parallel.is_main_process())
+  pending, t0, n0, row = [], time.perf_counter(), start, {}
+  step = start
+  while step < total:
+    state, metrics = step_fn(state, step)
+    step += 1
+    pending.append(metrics)
+    bar.update(1)
+    if step % train.log_every_steps == 0 or step == total:
+      row = mean_rows(jax.device_get(pending))
+      pending = []
+      row["images_per_s"] = (step - n0) * train.batch_size / max(time.perf_counter() - t0,
+                                                                 1e-9)
+      t0, n0 = time.perf_counter(), step
+      log.write(step, row)
+      bar.set_postfix({plot_keys[0]: f"{row[plot_keys[0]]:.4f}"})
+      if parallel.is_main_process():
+        plot_losses(os.path.join(workdir, "loss.png"), log.rows, plot_keys, desc)
+    if train.sample_every_steps and (step % train.sample_every_steps == 0 or step == total):
+      on_sample(state, step)
+    if step % train.checkpoint_every_steps == 0 or step == total:
+      save(mngr, step, state, {"step": step, "spec": spec})
+    if stop_after is not None and step - start >= stop_after:
+      break
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  return state, step, row

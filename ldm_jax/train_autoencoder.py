@@ -25,7 +25,6 @@ their reconstructions).
 
 import functools
 import os
-import time
 from typing import Any, Optional
 
 import jax
@@ -35,7 +34,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
-from tqdm import tqdm
 
 from deepssim_jax import io, parallel
 from deepssim_jax.train import MetricsLog
@@ -219,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   grid_in = images[grid_idx][..., None]
   local = common.local_rows(tc.batch_size)
 
-  def save_grid(step):
+  def save_grid(state, step):
     n = -(-n_grid // mesh.devices.size) * mesh.devices.size
     x = parallel.shard_batch(parallel.pad_to(grid_in, n)[common.local_rows(n)], mesh)
     rec = common.to_host(recon_fn(state, x))[:n_grid, ..., 0]
@@ -227,37 +225,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
       common.image_grid(os.path.join(workdir, "samples", f"recon-{step:06d}.png"),
                         np.concatenate([grid_in[..., 0], rec]), ncols=n_grid)
 
-  bar = tqdm(total=total, initial=start, desc="autoencoder", unit="step",
-             disable=not parallel.is_main_process())
-  pending, t0, n0, row = [], time.perf_counter(), start, {}
-  step = start
-  while step < total:
+  def one_step(state, step):
     idx = common.batch_indices(len(images), tc.batch_size, config.seed, step)[local]
-    batch = parallel.shard_batch({"image": images[idx][..., None]}, mesh)
-    state, metrics = step_fn(state, batch, step_rng)
-    step += 1
-    pending.append(metrics)
-    bar.update(1)
-    if step % tc.log_every_steps == 0 or step == total:
-      row = common.mean_rows(jax.device_get(pending))
-      pending = []
-      row["images_per_s"] = (step - n0) * tc.batch_size / max(time.perf_counter() - t0, 1e-9)
-      t0, n0 = time.perf_counter(), step
-      log.write(step, row)
-      bar.set_postfix(l1=f"{row['l1']:.4f}")
-      if parallel.is_main_process():
-        common.plot_losses(os.path.join(workdir, "loss.png"), log.rows,
-                           ("loss_g", "l1", "perceptual", "adv_g", "loss_d"),
-                           "autoencoder + GAN")
-    if step % tc.sample_every_steps == 0 or step == total:
-      save_grid(step)
-    if step % tc.checkpoint_every_steps == 0 or step == total:
-      common.save(mngr, step, state, {"step": step, "spec": spec})
-    if stop_after is not None and step - start >= stop_after:
-      break
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
+    return step_fn(state, parallel.shard_batch({"image": images[idx][..., None]}, mesh),
+                   step_rng)
+
+  state, step, row = common.train_loop(
+      state, one_step, start=start, total=total, train=tc, log=log, mngr=mngr, spec=spec,
+      workdir=workdir, desc="autoencoder", on_sample=save_grid, stop_after=stop_after,
+      plot_keys=("l1", "loss_g", "perceptual", "adv_g", "loss_d"))
   log.close()
   logging.info("Autoencoder: step %d of %d in %s", step, total, workdir)
   return {"step": step, "state": state, "metrics": row}

@@ -23,7 +23,6 @@ grids (samples/samples-<step>.png, the first records' covariates, fixed noise).
 
 import functools
 import os
-import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -33,7 +32,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
-from tqdm import tqdm
 
 from deepssim_jax import io, parallel
 from deepssim_jax.train import MetricsLog
@@ -297,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   grid_noise = np.asarray(jax.random.normal(jax.random.key(config.sample.seed),
                                             (n_grid, *latent_shape)))
 
-  def save_grid(step):
+  def save_grid(state, step):
     g = common.local_rows(n_grid)
     c = None if ctx is None else parallel.shard_batch(ctx[grid_rec][g], mesh)
     imgs = sample_fn(state.params, parallel.shard_batch(grid_noise[g], mesh), c,
@@ -309,39 +307,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
                         if ctx is not None else None)
 
   local = common.local_rows(tc.batch_size)
-  bar = tqdm(total=total, initial=start, desc="diffusion", unit="step",
-             disable=not parallel.is_main_process())
-  pending, t0, n0, row = [], time.perf_counter(), start, {}
-  step = start
-  while step < total:
+
+  def one_step(state, step):
     rec = train_list[common.batch_indices(len(train_list), tc.batch_size, config.seed,
                                           step)[local]]
     batch = {"mu": lat["mu"][rec], "sigma": lat["sigma"][rec]}
     if ctx is not None:
       batch["context"] = ctx[rec]
-    state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), step_rng)
-    step += 1
-    pending.append(metrics)
-    bar.update(1)
-    if step % tc.log_every_steps == 0 or step == total:
-      row = common.mean_rows(jax.device_get(pending))
-      pending = []
-      row["images_per_s"] = (step - n0) * tc.batch_size / max(time.perf_counter() - t0, 1e-9)
-      t0, n0 = time.perf_counter(), step
-      log.write(step, row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}")
-      if parallel.is_main_process():
-        common.plot_losses(os.path.join(workdir, "loss.png"), log.rows, ("loss",),
-                           "diffusion (noise MSE)")
-    if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == total):
-      save_grid(step)
-    if step % tc.checkpoint_every_steps == 0 or step == total:
-      common.save(mngr, step, state, {"step": step, "spec": spec})
-    if stop_after is not None and step - start >= stop_after:
-      break
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
+    return step_fn(state, parallel.shard_batch(batch, mesh), step_rng)
+
+  state, step, row = common.train_loop(
+      state, one_step, start=start, total=total, train=tc, log=log, mngr=mngr, spec=spec,
+      workdir=workdir, desc="diffusion", plot_keys=("loss",), on_sample=save_grid,
+      stop_after=stop_after)
   log.close()
   return {"step": step, "state": state, "metrics": row, "counts": counts}
 

@@ -1,10 +1,8 @@
 """Embedding job (resumable stores, 4 vs 1 devices) and the pair metrics of evaluation."""
 
 import functools
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from skimage.metrics import structural_similarity

@@ -14,7 +14,7 @@ from PIL import Image
 
 from deepssim_jax import io, parallel
 from deepssim_jax.data import demo_sets
-from ldm_jax import (common, config_lib, diffusion, generate, input_pipeline, perceptual,
+from ldm_jax import (common, config_lib, generate, input_pipeline, perceptual,
                      train_autoencoder, train_diffusion)
 
 SIZE = (32, 32)     # autoencoder tests (its patch discriminator needs >= 32)
