@@ -37,7 +37,6 @@ none / low / high generators of ldm_jax) into compare.csv and a grouped bar plot
 
 import copy
 import math
-import io as _io
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import calibrate, embed, evaluate, io, match, parallel, report
+from deepssim_jax import calibrate, embed, evaluate, io, match, parallel, plots, report
 
 Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
 Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
@@ -433,17 +432,13 @@ def compare_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list]:
 
 def compare_plot_png(rows: Sequence[Sequence], dpi: int = 100) -> bytes:
   """Grouped bar plot of the rates of each run."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   measures = [("memorization_rate", "Duplicate (paper thresholds)"),
               ("share_training_copied", "training images copied"),
               ("dar_rate", "Dar et al."), ("mi_rate", "MI > flag_z"),
               ("carlini_rate", "Carlini et al.")]
   col = {c: i for i, c in enumerate(COMPARE_COLUMNS)}
   measures = [(m, lab) for m, lab in measures if any(r[col[m]] is not None for r in rows)]
-  fig = Figure(figsize=(max(4.0, 1.6 * len(rows)) + 2.6, 3.8), dpi=dpi)
-  FigureCanvasAgg(fig)
+  fig = plots.figure((max(4.0, 1.6 * len(rows)) + 2.6, 3.8), dpi)
   ax = fig.add_subplot(1, 1, 1)
   x = np.arange(len(rows))
   width = 0.8 / max(1, len(measures))
@@ -456,10 +451,7 @@ def compare_plot_png(rows: Sequence[Sequence], dpi: int = 100) -> bytes:
   ax.set_title("Memorization by run")
   ax.set_ylim(0, 105)
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png", metadata={"Software": None})
-  return buf.getvalue()
+  return plots.png(fig)
 
 
 def compare_runs(audits: Mapping[str, str], out_dir: str, dpi: int = 100) -> dict[str, Any]:

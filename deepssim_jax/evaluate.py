@@ -13,7 +13,6 @@ matrix and the duplicate-vs-rest TPR at 5% FPR (the reference's later script).
 exhaustive search over candidate pairs, in O(G^2) from prefix counts of the sorted scores.
 """
 
-import io as _io
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence
@@ -21,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from deepssim_jax import io
+from deepssim_jax import io, plots
 
 LABELS = (0, 1, 2)
 CLASS_NAMES = {0: "different", 1: "duplicate", 2: "similar"}
@@ -235,37 +234,16 @@ def plot_histogram(path: str, scores: Sequence[float], labels: Sequence[int],
                    t_low: float, t_high: float, title: str = "", bins: int = 50) -> str:
   """Writes a PNG histogram of scores per true class with the two threshold lines.
 
-  Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change);
-  the file is written atomically.
+  The file is written atomically (deepssim_jax.plots).
 
   Returns:
     path.
   """
-  # Imported here: matplotlib is slow to import and only plotting needs it.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   y, s = _check(labels, scores)
-  fig = Figure(figsize=(6.4, 4.0), dpi=100)
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  lo, hi = min(s.min(), t_low), max(s.max(), t_high)
-  edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
   colors = {0: "tab:blue", 2: "tab:orange", 1: "tab:red"}
-  for c in (0, 2, 1):
-    if np.any(y == c):
-      ax.hist(s[y == c], bins=edges, alpha=0.5, color=colors[c],
-              label=f"{CLASS_NAMES[c]} (n={int(np.sum(y == c))})")
-  ax.axvline(t_low, color="k", linestyle="--", label=f"t_low = {t_low:.3g}")
-  ax.axvline(t_high, color="k", linestyle=":", label=f"t_high = {t_high:.3g}")
-  ax.set_xlabel("score")
-  ax.set_ylabel("pairs")
-  ax.set_title(title)
-  ax.legend(fontsize="small")
-  fig.tight_layout()
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png")
-  io.write_bytes(path, buf.getvalue())
+  io.write_bytes(path, plots.histogram(
+      [(CLASS_NAMES[c], s[y == c], colors[c]) for c in (0, 2, 1)],
+      {"t_low": t_low, "t_high": t_high}, bins=bins, title=title, ylabel="pairs"))
   return path
 
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from deepssim_jax import io
+from deepssim_jax import io, plots
 
 CLASS_NAMES = {0: "Different", 1: "Duplicate", 2: "Similar"}
 
@@ -123,41 +123,16 @@ def pair_pngs(synth: np.ndarray, train: np.ndarray, scale: int = 2,
 def histogram_png(scores: np.ndarray, lines: Mapping[str, float], bins: int = 50,
                   size: Sequence[float] = (6.4, 3.6), dpi: int = 100,
                   title: str = "") -> bytes:
-  """PNG of the score histogram, coloured by paper class, with labelled vertical lines.
+  """PNG of the histogram of nearest-training scores with labelled vertical lines.
 
   Args:
     scores: (n,) nearest-training scores.
     lines: {label: x} thresholds to draw (e.g. t_low, t_high, Dar's threshold).
     bins, size (inches), dpi, title: the figure.
   """
-  # Imported here: matplotlib is slow to import and only the report needs it.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  s = np.asarray(scores, np.float64).reshape(-1)
-  if not len(s) or not np.all(np.isfinite(s)):
-    raise ValueError("histogram needs a non-empty set of finite scores")
-  fig = Figure(figsize=tuple(size), dpi=dpi)
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  xs = [s.min(), s.max()] + [v for v in lines.values() if v is not None and math.isfinite(v)]
-  lo, hi = min(xs), max(xs)
-  edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-  ax.hist(s, bins=edges, color="tab:blue", alpha=0.8, label=f"synthetic images (n={len(s)})")
-  styles = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))
-  colors = ("k", "k", "tab:red", "tab:purple", "tab:green")
-  for i, (name, v) in enumerate(lines.items()):
-    if v is not None and math.isfinite(v):
-      ax.axvline(v, color=colors[i % len(colors)], linestyle=styles[i % len(styles)],
-                 label=f"{name} = {v:.3g}")
-  ax.set_xlabel("nearest-training score")
-  ax.set_ylabel("synthetic images")
-  ax.set_title(title)
-  ax.legend(fontsize="small")
-  fig.tight_layout()
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png", metadata={"Software": None})
-  return buf.getvalue()
+  return plots.histogram([("synthetic images", scores, "tab:blue")], lines, bins=bins,
+                         size=size, dpi=dpi, title=title, xlabel="nearest-training score",
+                         ylabel="synthetic images")
 
 
 # ---------------------------------------------------------------------------------------

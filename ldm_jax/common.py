@@ -13,7 +13,6 @@
   matplotlib's object API (no pyplot, no global backend).
 """
 
-import io as _io
 import json
 import os
 import time
@@ -27,7 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepssim_jax import io, parallel
+from deepssim_jax import io, parallel, plots
 
 # ----------------------------------------------------------------------------- data order
 
@@ -146,24 +145,9 @@ def tuples(d) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def _figure(size):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=size, dpi=100)
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _write_fig(fig, path: str) -> str:
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png")
-  io.write_bytes(path, buf.getvalue())
-  return path
-
-
 def plot_losses(path: str, rows: Sequence[dict], keys: Sequence[str], title: str = "") -> str:
   """A PNG of the metrics `keys` against step (log scale where all values are positive)."""
-  fig = _figure((6.4, 4.0))
+  fig = plots.figure((6.4, 4.0))
   ax = fig.add_subplot(1, 1, 1)
   positive = True
   for k in keys:
@@ -177,8 +161,8 @@ def plot_losses(path: str, rows: Sequence[dict], keys: Sequence[str], title: str
   ax.set_xlabel("step")
   ax.set_title(title)
   ax.legend(fontsize="small")
-  fig.tight_layout()
-  return _write_fig(fig, path)
+  io.write_bytes(path, plots.png(fig))
+  return path
 
 
 def image_grid(path: str, images: np.ndarray, ncols: int = 8, titles=None) -> str:
@@ -188,15 +172,15 @@ def image_grid(path: str, images: np.ndarray, ncols: int = 8, titles=None) -> st
   ncols = max(1, min(ncols, n))
   nrows = int(np.ceil(n / ncols))
   h, w = images.shape[1:3]
-  fig = _figure((1.6 * ncols * w / max(h, w) + 0.2, 1.6 * nrows * h / max(h, w) + 0.2))
+  fig = plots.figure((1.6 * ncols * w / max(h, w) + 0.2, 1.6 * nrows * h / max(h, w) + 0.2))
   for i, x in enumerate(images):
     ax = fig.add_subplot(nrows, ncols, i + 1)
     ax.imshow(x, cmap="gray")
     ax.set_axis_off()
     if titles is not None:
       ax.set_title(str(titles[i]), fontsize=6)
-  fig.tight_layout(pad=0.2)
-  return _write_fig(fig, path)
+  io.write_bytes(path, plots.png(fig, pad=0.2))
+  return path
 
 
 def mean_rows(fetched: Sequence[dict]) -> dict:
