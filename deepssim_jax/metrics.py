@@ -31,12 +31,23 @@ from deepssim_jax import embed, io, pairs as pairs_lib, parallel
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
 
+def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(first index of each distinct image, inverse): x[first][inverse] equals x bit for bit.
+  Pair stacks repeat their images (a training image in many pairs), so embedding each
+  distinct image once is cheaper; equality is exact (byte-wise)."""
+  flat = np.ascontiguousarray(x).reshape(len(x), -1)
+  rows = flat.view(np.dtype((np.void, flat.dtype.itemsize * flat.shape[1]))).ravel()
+  _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+  return first, inverse.reshape(-1)
+
+
 def _deepssim(ctx, a, b):
-  ea = embed.embed_array(ctx["model"], ctx["variables"], a, ctx["batch_size"], ctx.get("mesh"),
-                         progress=False, embed_fn=ctx.get("embed_fn"))
-  eb = embed.embed_array(ctx["model"], ctx["variables"], b, ctx["batch_size"], ctx.get("mesh"),
-                         progress=False, embed_fn=ctx.get("embed_fn"))
-  return embed.cosine_pairs(ea, eb)
+  def emb(x):
+    first, inverse = unique_rows(x)
+    e = embed.embed_array(ctx["model"], ctx["variables"], x[first], ctx["batch_size"],
+                          ctx.get("mesh"), progress=False, embed_fn=ctx.get("embed_fn"))
+    return e[inverse]
+  return embed.cosine_pairs(emb(a), emb(b))
 
 
 def _ssim(ctx, a, b):

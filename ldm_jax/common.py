@@ -142,6 +142,16 @@ def tuples(d) -> dict:
   return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(d).items()}
 
 
+def start_or_resume(workdir: str, state: Any, mesh, spec: dict, keep: int
+                    ) -> tuple[ocp.CheckpointManager, Any, int]:
+  """(checkpoint manager, state, first step): the latest checkpoint of `workdir` if any
+  (its spec must equal `spec`), else the fresh `state` at step 0."""
+  mngr = checkpoint_manager(workdir, keep)
+  restored = restore_latest(mngr, state, mesh, spec, workdir)
+  if restored is None:
+    return mngr, state, 0
+  return mngr, restored[0], int(restored[1]["step"])
+
 # ----------------------------------------------------------------------------- plots
 
 

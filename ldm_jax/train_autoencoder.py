@@ -203,11 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
 
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state = parallel.replicate(create_state(config, init_rng), mesh)
-  mngr = common.checkpoint_manager(workdir, tc.keep_checkpoints)
-  restored = common.restore_latest(mngr, state, mesh, spec, workdir)
-  start = 0
-  if restored is not None:
-    state, start = restored[0], int(restored[1]["step"])
+  mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
+                                              tc.keep_checkpoints)
   log = MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config)

@@ -280,11 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   latent_shape = lat["mu"].shape[1:]
   state = parallel.replicate(create_state(config, run["model"], latent_shape, init_rng, total),
                              mesh)
-  mngr = common.checkpoint_manager(workdir, tc.keep_checkpoints)
-  restored = common.restore_latest(mngr, state, mesh, spec, workdir)
-  start = 0
-  if restored is not None:
-    state, start = restored[0], int(restored[1]["step"])
+  mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
+                                              tc.keep_checkpoints)
   log = MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config, run["schedule"], total)

@@ -154,6 +154,32 @@ def test_metric_registry_scores_pairs(model_vars):
     metrics.get("lpips")
 
 
+def test_deepssim_metric_embeds_each_distinct_image_once_with_the_same_scores(model_vars):
+  model, v = model_vars
+  base = images(4, 11)
+  a = base[[0, 1, 0, 2, 0, 1]]  # a training image in several pairs
+  b = images(6, 12)
+  b[5] = b[1]
+  first, inverse = metrics.unique_rows(a)
+  np.testing.assert_array_equal(np.sort(first), [0, 1, 3])
+  np.testing.assert_array_equal(a[first][inverse], a)
+  c = a.copy()
+  c[2] = np.nextafter(c[2], np.inf)  # one ulp off is another image
+  assert len(metrics.unique_rows(c)[0]) == 4
+  calls = []
+  def counting_fn(variables, x):
+    calls.append(x.shape[0])
+    return embed.make_embed_fn(model)(variables, x)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctx = {"model": model, "variables": v, "batch_size": 1, "embed_fn": counting_fn,
+         "mesh": mesh}
+  got = metrics.get("deepssim")(ctx, a, b)
+  ea = embed.embed_array(model, v, a, 1, mesh, progress=False)
+  eb = embed.embed_array(model, v, b, 1, mesh, progress=False)
+  np.testing.assert_allclose(got, embed.cosine_pairs(ea, eb), atol=1e-6)
+  assert len(calls) == 3 + 5  # batches of one: each distinct image embedded once
+
+
 def test_checkpoint_specs():
   assert jobs.parse_checkpoint("best", "w") == ("w", "best", None)
   assert jobs.parse_checkpoint("latest:1200", "w") == ("w", "latest", 1200)
