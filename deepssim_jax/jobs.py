@@ -152,11 +152,13 @@ def store_folder(config, workdir: str, name: str) -> str:
   return os.path.join(config.embed.dir or os.path.join(workdir, "stores"), name)
 
 
-def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None) -> dict:
-  """Embeds each configured image set into its store (resumable; see embed.embed_to_store)."""
+def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None,
+              ck: dict | None = None) -> dict:
+  """Embeds each configured image set into its store (resumable; see embed.embed_to_store)
+  with the checkpoint `ck` (load_checkpoint's dict) or, by default, embed.checkpoint."""
   ec = config.embed
   mesh = parallel.make_mesh()
-  ck = load_checkpoint(ec.checkpoint, workdir, mesh)
+  ck = ck or load_checkpoint(ec.checkpoint, workdir, mesh)
   embed_fn = embed.make_embed_fn(ck["model"])
   out = {}
   for name in (sets or ec.sets):
@@ -179,14 +181,14 @@ def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None) -> dic
   return out
 
 
-def set_embeddings(config: ml_collections.ConfigDict, workdir: str, name: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def set_embeddings(config: ml_collections.ConfigDict, workdir: str, name: str,
+                   ck: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(ids, embeddings) of the image set config.data.<name>, from its store.
 
   The embed job runs first: it writes only the shards that are missing (none when the
   store is complete) and refuses a store made by another checkpoint or from other images.
   """
-  embed_job(config, workdir, sets=(name,))
+  embed_job(config, workdir, sets=(name,), ck=ck)
   return store.load_store(store_folder(config, workdir, name))
 
 
@@ -322,19 +324,18 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   return results
 
 
-def _store_embeddings(config, workdir: str, spec, name: str):
-  del spec  # the set is config.data.<name>
-  return set_embeddings(config, workdir, name)
-
-
-def _checkpoint_fingerprint(config, workdir: str) -> str:
-  return load_checkpoint(config.embed.checkpoint, workdir)["fingerprint"]
+def _audit_hooks(config, workdir: str) -> dict:
+  """The audit's embedding and fingerprint functions, with the checkpoint restored once."""
+  ck = load_checkpoint(config.embed.checkpoint, workdir, parallel.make_mesh())
+  return {"embeddings": lambda cfg, wd, spec, name: set_embeddings(cfg, wd, name, ck),
+          "checkpoint_fingerprint": lambda cfg, wd: ck["fingerprint"]}
 
 
 def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The memorization audit (deepssim_jax.audit) on store-backed embeddings."""
-  out = audit_lib.audit_job(config, workdir, _store_embeddings,
-                            checkpoint_fingerprint=_checkpoint_fingerprint)
+  hooks = _audit_hooks(config, workdir)
+  out = audit_lib.audit_job(config, workdir, hooks["embeddings"],
+                            checkpoint_fingerprint=hooks["checkpoint_fingerprint"])
   if parallel.is_main_process():
     s = out["summary"]
     print(f"audit: {s['n_synthetic']} synthetic images, {100 * s['memorization_rate']:.1f}% "
@@ -345,8 +346,9 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def compare_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Audits each of compare.synthetic and tabulates their memorization rates."""
-  return audit_lib.compare_job(config, workdir, _store_embeddings,
-                               checkpoint_fingerprint=_checkpoint_fingerprint)
+  hooks = _audit_hooks(config, workdir)
+  return audit_lib.compare_job(config, workdir, hooks["embeddings"],
+                               checkpoint_fingerprint=hooks["checkpoint_fingerprint"])
 
 
 MODES = {"train": train_job, "evaluate": evaluate_job, "embed": embed_job, "match": match_job,
