@@ -1,11 +1,12 @@
 """A self-contained HTML memorization report a person can read offline.
 
 One file, nothing to fetch: inline CSS, no scripts, every picture a base64 PNG data URI.
-It shows the audit summary (counts per class, memorization rate, share of training images
-copied, thresholds, fingerprints), the histogram of nearest-training scores with the
-threshold lines, and a gallery of the most similar synthetic/training pairs, most
-suspicious (highest score) first: synthetic image, its nearest training image and their
-absolute difference side by side, with the scores. Every piece of text is HTML-escaped.
+It shows the headline figures (counts per class, memorization rate, share of training
+images copied, calibrated rates), the histogram of nearest-training scores with the
+threshold lines, a gallery of the most similar synthetic/training pairs, most suspicious
+(highest score) first: synthetic image, its nearest training image and their absolute
+difference side by side, with the scores; then every summary value (thresholds,
+calibrations, fingerprints) in a table. Every piece of text is HTML-escaped.
 
 Images are z-scored floats; each is shown min-max scaled to 8 bits (so contrast changes
 of a copy do not hide it), upscaled by an integer factor with nearest-neighbour pixels.
@@ -53,6 +54,7 @@ img.gallery{display:block;image-rendering:pixelated;background:#000}
 figcaption{font-size:.85em;margin-top:6px;line-height:1.35}
 .c1{color:#b00020;font-weight:600}.c2{color:#a15c00}.c0{color:#1a5e20}
 .note{color:#555;font-size:.85em}
+details summary{cursor:pointer;color:#444;margin-bottom:6px}
 """
 
 
@@ -215,10 +217,7 @@ def render_html(summary: Mapping[str, Any], hist_png: bytes,
            f'<h1>{esc(title)}</h1>']
   parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
   parts.append(f'<section id="summary"><h2>Summary</h2><div class="headline">'
-               f'{_headline(summary)}</div><table class="kv">')
-  parts += [f'<tr><td class="k">{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>'
-            for k, v in _flatten(summary)]
-  parts.append('</table></section>')
+               f'{_headline(summary)}</div></section>')
   parts.append('<section id="histogram"><h2>Nearest-training scores</h2>'
                f'<img class="hist" alt="histogram of nearest-training scores" '
                f'src="{data_uri(hist_png)}"></section>')
@@ -240,7 +239,14 @@ def render_html(summary: Mapping[str, Any], hist_png: bytes,
         f'<span class="c{label}">{esc(CLASS_NAMES.get(label, str(label)))}</span> '
         f'score {esc(_fmt(float(g["score"])))}<br>synthetic: {esc(str(g["synth_id"]))}'
         f'<br>training: {esc(str(g["train_id"]))}{extra}</figcaption></figure>')
-  parts.append('</div></section></body></html>\n')
+  parts.append('</div></section>')
+  # Every summary value (thresholds, calibrations, fingerprints), folded: a <details>
+  # element opens without any script.
+  flat = _flatten(summary)
+  parts.append(f'<section id="details"><h2>Details</h2><details open><summary>All summary '
+               f'values ({len(flat)})</summary><table class="kv">')
+  parts += [f'<tr><td class="k">{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>' for k, v in flat]
+  parts.append('</table></details></section></body></html>\n')
   return "\n".join(parts)
 
 
