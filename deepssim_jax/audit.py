@@ -14,7 +14,9 @@ et al.) and writes one output folder:
   summary.json  counts per class, memorization rate (share of synthetic images classed
                 Duplicate), share of training images copied at least once (training images
                 that are the nearest match of at least one Duplicate), thresholds,
-                calibration summaries, fingerprints of the checkpoint, data and settings.
+                calibration summaries, fingerprints of the checkpoint, data and settings;
+                with known answers (audit.truth: a CSV, or the demo's labels), the
+                precision / recall of every decision rule ("validation").
   report.html   deepssim_jax.report: summary, histogram, gallery of the closest pairs.
 
 Nothing is written until every number and the whole report are computed; the three files
@@ -46,6 +48,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
+from sklearn import metrics as skm
 
 from deepssim_jax import calibrate, embed, evaluate, io, match, parallel, plots, report
 
@@ -71,6 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.audit.heldout = "heldout"      # '' or an unconfigured entry: no held-out set
   c.audit.out_dir = ""             # default <workdir>/audit
   c.audit.name = ""                # run name in summaries and comparisons
+  # Known answers (planted copies): a CSV synth_id, memorized (0/1)[, source_id] covering
+  # every synthetic image; 'auto': the demo's own labels (meta label 1 = copy) when the
+  # synthetic set is a demo set, else none; '': none. Each decision rule then gets its
+  # precision and recall in summary.json and the report.
+  c.audit.truth = "auto"
   c.calibrate = calibrate.default_config()
   c.report = report.default_config()
   c.compare = ml_collections.ConfigDict()
@@ -95,6 +103,27 @@ def default_images(config: ml_collections.ConfigDict, workdir: str, spec, name: 
     b = banks.bank(spec, config, os.path.join(workdir, "data"), name)
     return ArraySource(b["keys"], b["images"])
   return banks.open_source(spec, config.data.image_size, config.data.get("download_hint", ""))
+
+
+def load_truth(config: ml_collections.ConfigDict, workdir: str, synth_ids: np.ndarray
+               ) -> Optional[dict[str, np.ndarray]]:
+  """The known answers audit.truth names for the synthetic ids (read_truth), the demo's own
+  labels for 'auto' on a demo set, or None."""
+  what = str(config.audit.get("truth", ""))
+  if what and what != "auto":
+    return read_truth(what, synth_ids)
+  spec = _spec(config, config.audit.synthetic)
+  if what != "auto" or spec is None or spec.kind != "demo":
+    return None
+  from deepssim_jax import banks  # pylint: disable=g-import-not-at-top
+  b = banks.bank(spec, config, os.path.join(workdir, "data"), config.audit.synthetic)
+  meta = b.get("meta", {})
+  if "label" not in meta:
+    return None
+  pos = match.positions(np.asarray(b["keys"], str), np.asarray(synth_ids, str),
+                        "synthetic images (demo labels)")
+  return {"memorized": np.asarray(meta["label"]).astype(int)[pos] == 1,
+          "source": np.asarray(meta["source_key"], str)[pos]}
 
 
 def _spec(config, name: str):
@@ -148,6 +177,79 @@ def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int) -> dic
           "memorization_rate": float(dup.mean()) if len(classes) else 0.0,
           "n_training_copied": int(len(copied)),
           "share_training_copied": float(len(copied) / n_train) if n_train else 0.0}
+
+
+TRUTH_COLUMNS = ("synth_id", "memorized")
+RULES = {"paper": "class", "dar": "dar_memorized", "mi": "mi_memorized",
+         "carlini": "carlini_memorized"}  # decision rule -> its audit.csv column
+
+
+def read_truth(path: str, synth_ids: np.ndarray) -> dict[str, np.ndarray]:
+  """Known answers from a CSV (synth_id, memorized 0/1, optional source_id), in the order
+  of `synth_ids`.
+
+  Raises:
+    InputError: missing columns, a memorized value other than 0/1, a repeated id, or ids
+      that do not match the synthetic set's (named, with counts).
+  """
+  t = io.read_csv(path, required=TRUTH_COLUMNS)
+  ids = np.asarray(t["synth_id"], dtype=str)
+  bad = [i for i, v in enumerate(t["memorized"]) if v.strip() not in ("0", "1")]
+  if bad:
+    raise io.InputError(f"{path}: line {bad[0] + 2}: memorized must be 0 or 1, got "
+                        f"{t['memorized'][bad[0]]!r}")
+  if len(np.unique(ids)) != len(ids):
+    u, c = np.unique(ids, return_counts=True)
+    raise io.InputError(f"{path}: synth_id {str(u[c > 1][0])!r} appears more than once")
+  want = np.asarray(synth_ids, dtype=str)
+  missing, extra = np.setdiff1d(want, ids), np.setdiff1d(ids, want)
+  if len(missing) or len(extra):
+    raise io.InputError(
+        f"{path}: ids do not match the synthetic set: {len(missing)} synthetic images have "
+        f"no row (e.g. {[str(x) for x in missing[:3]]}), {len(extra)} rows name no "
+        f"synthetic image (e.g. {[str(x) for x in extra[:3]]})")
+  order = match.positions(ids, want, f"truth rows ({path})")
+  out = {"memorized": np.array([v.strip() == "1" for v in t["memorized"]])[order]}
+  if "source_id" in t:
+    out["source"] = np.asarray(t["source_id"], dtype=str)[order]
+  return out
+
+
+def validate(truth: Mapping[str, np.ndarray], decisions: Mapping[str, np.ndarray],
+             nearest_score: np.ndarray, nearest_id: np.ndarray) -> dict[str, Any]:
+  """How each decision rule does against known answers.
+
+  Args:
+    truth: {"memorized": (n,) bool[, "source": (n,) str training id each copy derives
+      from]}.
+    decisions: {rule: (n,) bool flagged}.
+    nearest_score, nearest_id: (n,) each synthetic image's nearest training score and id.
+
+  Returns:
+    {"n_memorized", "n_not_memorized", "auc" (nearest score, memorized vs not; None when one
+    side is empty), "rules": {rule: {tp, fp, fn, tn, precision, recall,
+    false_positive_rate}} (None where undefined), "source_match" (share of flagged true
+    copies whose nearest training image is their source; with sources only)}.
+  """
+  y = np.asarray(truth["memorized"], bool)
+  ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
+  out = {"n_memorized": int(y.sum()), "n_not_memorized": int((~y).sum()),
+         "auc": (float(skm.roc_auc_score(y, nearest_score)) if 0 < y.sum() < len(y)
+                 else None),
+         "rules": {}}
+  for rule, flagged in decisions.items():
+    f = np.asarray(flagged, bool)
+    tp, fp = int(np.sum(f & y)), int(np.sum(f & ~y))
+    fn, tn = int(np.sum(~f & y)), int(np.sum(~f & ~y))
+    out["rules"][rule] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn,
+                          "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
+                          "false_positive_rate": ratio(fp, fp + tn)}
+  if "source" in truth and "paper" in decisions:
+    hit = np.asarray(decisions["paper"], bool) & y
+    out["source_match"] = ratio(
+        np.sum(np.asarray(nearest_id, str)[hit] == np.asarray(truth["source"], str)[hit]),
+        hit.sum())
+  return out
 
 
 def audit_columns(k: int, columns: Sequence[str]) -> list[str]:
@@ -250,7 +352,8 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
 
 
 def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[str, Any]],
-                  checkpoint_fingerprint: str = "") -> dict[str, Any]:
+                  checkpoint_fingerprint: str = "",
+                  truth: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
   """Everything an audit writes, computed in memory (no file is touched).
 
   Args:
@@ -259,6 +362,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       (random-access images), "rows" (source row of each id), "shape" (H, W),
       "fingerprint", "emb_fingerprint"}.
     checkpoint_fingerprint: recorded in the summary.
+    truth: known answers in synthetic-id order (read_truth / load_truth), or None; with
+      them the summary gets "validation" (validate) and the report its table.
 
   Returns:
     {"files": {file name: text or a writer (see publish)}, "summary": dict, "classes",
@@ -308,6 +413,11 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
                "calibrate": config.calibrate.to_dict()}, sort_keys=True, default=str))},
       "files": list(FILES),
   }
+  if truth is not None:
+    decisions = {"paper": classes == 1}
+    decisions.update({rule: np.asarray(cal["columns"][col]) == 1 for rule, col in RULES.items()
+                      if col in cal["columns"]})
+    summary["validation"] = validate(truth, decisions, nn, tr["ids"][idx[:, 0]])
   header = audit_columns(k, cal["columns"])
 
   def write_audit_csv(path):  # streamed row by row: 10^6 rows never sit in memory as text
@@ -399,7 +509,8 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
         f"config.data.{ac.heldout or 'heldout'} (and audit.heldout), or set "
         "calibrate.dar.enabled = False")
   ck = checkpoint_fingerprint(config, workdir) if checkpoint_fingerprint else ""
-  out = compute_audit(config, sets, ck)
+  truth = load_truth(config, workdir, sets["synthetic"]["ids"])
+  out = compute_audit(config, sets, ck, truth)
   out_dir = ac.out_dir or os.path.join(workdir, "audit")
   if parallel.is_main_process():  # every process computed the same audit; one writes it
     out_dir = publish(out_dir, out["files"])

@@ -174,6 +174,35 @@ def _pct(v) -> str:
   return "-" if v is None else f"{100 * float(v):.1f}%"
 
 
+RULE_NAMES = {"paper": "paper thresholds (Duplicate)", "dar": "Dar et al.",
+              "mi": "Memorization Index", "carlini": "Carlini et al."}
+
+
+def _validation(v: Optional[Mapping]) -> list[str]:
+  """The 'against known answers' section (audit.validate's dict), or nothing."""
+  if not v:
+    return []
+  esc = html.escape
+  pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+  rows = "".join(
+      f'<tr><td>{esc(RULE_NAMES.get(rule, rule))}</td><td>{r["tp"]} / {r["tp"] + r["fn"]}'
+      f'</td><td>{pct(r["recall"])}</td><td>{pct(r["precision"])}</td>'
+      f'<td>{r["fp"]} / {r["fp"] + r["tn"]}</td><td>{pct(r["false_positive_rate"])}</td></tr>'
+      for rule, r in v["rules"].items())
+  notes = [f'{v["n_memorized"]} synthetic images are known copies, '
+           f'{v["n_not_memorized"]} are not.']
+  if v.get("auc") is not None:
+    notes.append(f'ROC AUC of the nearest-training score: {v["auc"]:.3f}.')
+  if v.get("source_match") is not None:
+    notes.append(f'{pct(v["source_match"])} of the flagged copies are matched to the '
+                 'training image they were made from.')
+  return ['<section id="validation"><h2>Against known answers</h2>'
+          f'<p class="note">{esc(" ".join(notes))}</p><table class="kv">'
+          '<tr><td class="k">rule</td><td class="k">copies flagged</td><td class="k">recall'
+          '</td><td class="k">precision</td><td class="k">others flagged</td>'
+          f'<td class="k">false-positive rate</td></tr>{rows}</table></section>']
+
+
 def _headline(summary: Mapping) -> str:
   stats = []
   counts = summary.get("counts", {})
@@ -218,6 +247,7 @@ def render_html(summary: Mapping[str, Any], hist_png: bytes,
   parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
   parts.append(f'<section id="summary"><h2>Summary</h2><div class="headline">'
                f'{_headline(summary)}</div></section>')
+  parts += _validation(summary.get("validation"))
   parts.append('<section id="histogram"><h2>Nearest-training scores</h2>'
                f'<img class="hist" alt="histogram of nearest-training scores" '
                f'src="{data_uri(hist_png)}"></section>')

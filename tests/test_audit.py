@@ -197,3 +197,85 @@ def test_compare_tabulates_and_plots(model_fn, tmp_path):
     assert os.path.exists(tmp_path / "work" / "compare" / name / "report.html")
   with pytest.raises(io.InputError, match="summary.json: not found"):
     audit.compare_runs({"x": str(tmp_path / "nowhere")}, str(tmp_path / "cmp"))
+
+
+def test_validate_equals_scikit_learn():
+  from sklearn import metrics as skm
+  rng = np.random.default_rng(0)
+  y = rng.random(60) < 0.4
+  score = np.where(y, 0.8, 0.5) + rng.normal(0, 0.15, 60)
+  decisions = {"paper": score > 0.85, "none": np.zeros(60, bool)}
+  src = np.array([f"t{i % 7}" for i in range(60)])
+  nearest = src.copy()
+  nearest[:5] = "elsewhere"
+  v = audit.validate({"memorized": y, "source": src}, decisions, score, nearest)
+  assert v["n_memorized"] == int(y.sum()) and v["n_not_memorized"] == int((~y).sum())
+  assert v["auc"] == pytest.approx(skm.roc_auc_score(y, score))
+  r = v["rules"]["paper"]
+  f = decisions["paper"]
+  assert r["precision"] == pytest.approx(skm.precision_score(y, f))
+  assert r["recall"] == pytest.approx(skm.recall_score(y, f))
+  assert r["false_positive_rate"] == pytest.approx(np.sum(f & ~y) / np.sum(~y))
+  assert r["tp"] + r["fp"] + r["fn"] + r["tn"] == 60
+  assert v["rules"]["none"]["precision"] is None  # nothing flagged: undefined, not 0
+  assert v["rules"]["none"]["recall"] == 0.0
+  hit = f & y
+  assert v["source_match"] == pytest.approx(np.mean(nearest[hit] == src[hit]))
+  assert audit.validate({"memorized": np.zeros(4, bool)}, {}, np.ones(4), src[:4])["auc"] is None
+
+
+def test_truth_csv_is_read_in_synthetic_order_and_bad_files_are_named(tmp_path):
+  ids = np.array(["s0", "s1", "s2"])
+  path = tmp_path / "truth.csv"
+  path.write_text("synth_id,memorized,source_id\ns2,0,\ns0,1,t9\ns1,0,\n")
+  t = audit.read_truth(str(path), ids)
+  np.testing.assert_array_equal(t["memorized"], [True, False, False])
+  assert t["source"][0] == "t9"
+  for text, message in [
+      ("synth_id\ns0\n", "missing column"),
+      ("synth_id,memorized\ns0,1\ns1,yes\ns2,0\n", "line 3: memorized must be 0 or 1"),
+      ("synth_id,memorized\ns0,1\ns0,0\ns1,0\ns2,0\n", "'s0' appears more than once"),
+      ("synth_id,memorized\ns0,1\ns1,0\n", "1 synthetic images have no row"),
+      ("synth_id,memorized\ns0,1\ns1,0\ns2,0\nzz,1\n", "1 rows name no synthetic image")]:
+    path.write_text(text)
+    with pytest.raises(io.InputError, match=message) as e:
+      audit.read_truth(str(path), ids)
+    assert str(path) in str(e.value)
+
+
+def test_audit_validates_against_demo_labels_and_a_truth_csv(model_fn, tmp_path):
+  c = _config(tmp_path)
+  work = str(tmp_path / "work")
+  s = audit.audit_job(c, work, model_fn)["summary"]
+  table = io.read_csv(os.path.join(c.audit.out_dir, "audit.csv"),
+                      ["synth_id", "class", "carlini_memorized"])
+  from deepssim_jax import banks
+  b = banks.bank(c.data.synth, c, os.path.join(work, "data"), "synth")
+  label = dict(zip(b["keys"].tolist(), np.asarray(b["meta"]["label"]).tolist()))
+  y = np.array([label[i] == 1 for i in table["synth_id"]])
+  flagged = np.array([v == "1" for v in table["class"]])
+  v = s["validation"]
+  assert v["n_memorized"] == 12 == int(y.sum())
+  assert v["rules"]["paper"]["tp"] == int(np.sum(flagged & y))
+  assert v["rules"]["paper"]["fp"] == int(np.sum(flagged & ~y))
+  carlini = np.array([x == "1" for x in table["carlini_memorized"]])
+  assert v["rules"]["carlini"]["tp"] == int(np.sum(carlini & y))
+  assert set(v["rules"]) == {"paper", "dar", "mi", "carlini"}
+  html_text = open(os.path.join(c.audit.out_dir, "report.html"), encoding="utf-8").read()
+  assert 'id="validation"' in html_text and "Against known answers" in html_text
+  # A truth CSV instead: the first two synthetic images are the only copies.
+  truth = tmp_path / "truth.csv"
+  truth.write_text("synth_id,memorized\n" + "".join(
+      f"{i},{int(j < 2)}\n" for j, i in enumerate(table["synth_id"])))
+  c.audit.truth = str(truth)
+  v = audit.audit_job(c, work, model_fn)["summary"]["validation"]
+  assert v["n_memorized"] == 2 and "source_match" not in v
+  # Mismatched ids: a clear error, and the audit already written stays as it was.
+  before = _snapshot(c.audit.out_dir)
+  truth.write_text("synth_id,memorized\nnot-an-id,1\n")
+  with pytest.raises(io.InputError, match="ids do not match"):
+    audit.audit_job(c, work, model_fn)
+  assert _snapshot(c.audit.out_dir) == before
+  # No known answers: no validation.
+  c.audit.truth = ""
+  assert "validation" not in audit.audit_job(c, work, model_fn)["summary"]

@@ -65,7 +65,7 @@ def test_audit_flags_augmented_copies_and_not_neighbours_or_other_heads(tmp_path
   # A flagged copy is matched to the very slice it was made from.
   src = np.array([meta["source_key"][s] for s in ids])
   top1 = np.asarray(rows["train_id_1"])
-  assert np.mean(top1[copy & flagged] == src[copy & flagged]) >= 0.95
+  assert np.mean(top1[copy & flagged] == src[copy & flagged]) >= 0.9
 
   # Neighbouring slices (true aligned SSIM about 0.4-0.65) and the unseen head are not.
   assert flagged[kind == "neighbour"].mean() <= 0.05, flagged[kind == "neighbour"].mean()
@@ -74,3 +74,7 @@ def test_audit_flags_augmented_copies_and_not_neighbours_or_other_heads(tmp_path
   with open(os.path.join(wd, "audit", "summary.json")) as f:
     summary = json.load(f)
   assert summary["memorization_rate"] == pytest.approx(np.mean(flagged))
+  # The audit's own check against the demo's labels says the same.
+  v = summary["validation"]["rules"]["paper"]
+  assert v["recall"] == pytest.approx(flagged[copy].mean())
+  assert v["fp"] == int(flagged[~copy].sum())
