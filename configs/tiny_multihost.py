@@ -1,9 +1,9 @@
 """A seconds-long DeepSSIM run for multi-process tests (tests/test_multihost.py).
 
 The embedded demo data at 32x32, a tiny ConvNeXt-atto, a global batch of 8 pairs on 4
-devices (2 rows per device), 2 epochs, then the evaluation on held-out labelled pairs. Adam's eps is raised as in test_train's 4-vs-1
-device test: it keeps the comparison of runs with different reduction orders
-well-conditioned.
+devices (2 rows per device), 2 epochs, then the evaluation on held-out labelled pairs.
+Adam's eps is raised as in test_train's 4-vs-1 device test: it keeps the comparison of runs
+with different reduction orders well-conditioned.
 
     python launch/local.py --num_processes=2 --devices_per_process=2 -- \
         --config=configs/tiny_multihost.py --workdir=/tmp/tiny_2x2

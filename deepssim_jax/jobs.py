@@ -20,9 +20,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as eval_lib, io, match as match_lib,
-                          metrics as metrics_lib, pairs as pairs_lib, parallel, pipeline, store,
-                          train)
+from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as eval_lib, io,
+                          match as match_lib, metrics as metrics_lib, pairs as pairs_lib,
+                          parallel, pipeline, store, train)
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -10,16 +10,14 @@ real training several times slower), as the user runs it.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from deepssim_jax import banks, io
+import run_cli  # tests/run_cli.py (pytest puts tests/ on sys.path)
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-CONFIG = os.path.join(ROOT, "configs", "audit_demo.py")
+CONFIG = os.path.join(run_cli.ROOT, "configs", "audit_demo.py")
 
 
 def load_config():
@@ -30,14 +28,7 @@ def load_config():
 
 
 def _cli(workdir, *args):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  cmd = [sys.executable, "-m", "deepssim_jax.main", "--config=configs/audit_demo.py",
-         f"--workdir={workdir}", *args]
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return out.stdout
+  return run_cli.run("deepssim_jax.main", "configs/audit_demo.py", workdir, *args)
 
 
 def test_audit_flags_augmented_copies_and_not_neighbours_or_other_heads(tmp_path):

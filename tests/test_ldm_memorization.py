@@ -13,26 +13,18 @@ steps for this loop), sharing the persistent compilation cache.
 
 import glob
 import os
-import subprocess
-import sys
 
 import numpy as np
 
 from deepssim_jax import ssim
 from deepssim_jax.data import images as images_lib
+import run_cli  # tests/run_cli.py (pytest puts tests/ on sys.path)
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 THRESHOLD = 0.85
 
 
 def _cli(workdir, *args):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  cmd = [sys.executable, "-m", "ldm_jax.main", "--config=configs/ldm_memorization.py",
-         f"--workdir={workdir}", *args]
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  return run_cli.run("ldm_jax.main", "configs/ldm_memorization.py", workdir, *args, timeout=600)
 
 
 def _nearest_ssim(out_dir):

@@ -211,14 +211,17 @@ def test_batchnorm_stats_update_only_in_train_and_dropout_only_in_train():
   jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], stats0)
   np.testing.assert_array_equal(out_eval, apply(v, x, train=False, mutable=False))
   # Train mode: statistics move toward the batch's and dropout depends on the rng.
-  out1, upd1 = apply(v, x, train=True, mutable=("batch_stats",), rngs={"dropout": jax.random.key(1)})
+  out1, upd1 = apply(v, x, train=True, mutable=("batch_stats",),
+                     rngs={"dropout": jax.random.key(1)})
   out2, _ = apply(v, x, train=True, mutable=("batch_stats",), rngs={"dropout": jax.random.key(2)})
   assert not np.allclose(upd1["batch_stats"]["head"]["bn"]["mean"], stats0["head"]["bn"]["mean"])
   assert not np.allclose(out1, out2)
   # Without dropout (and drop-path), train mode is rng-independent: BN alone changes nothing.
   nodrop = tiny(depthwise_impl="conv", dropout=0.0)
-  o1, _ = nodrop.apply(v, x, train=True, mutable=("batch_stats",), rngs={"dropout": jax.random.key(1)})
-  o2, _ = nodrop.apply(v, x, train=True, mutable=("batch_stats",), rngs={"dropout": jax.random.key(2)})
+  o1, _ = nodrop.apply(v, x, train=True, mutable=("batch_stats",),
+                         rngs={"dropout": jax.random.key(1)})
+  o2, _ = nodrop.apply(v, x, train=True, mutable=("batch_stats",),
+                         rngs={"dropout": jax.random.key(2)})
   np.testing.assert_array_equal(o1, o2)
 
 
