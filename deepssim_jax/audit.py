@@ -13,7 +13,8 @@ et al.) and writes one output folder:
                 mi_memorized, carlini_ratio, carlini_memorized; those switched on).
   summary.json  counts per class, memorization rate (share of synthetic images classed
                 Duplicate), share of training images copied at least once (training images
-                that are the nearest match of at least one Duplicate), thresholds,
+                that are the nearest match of at least one Duplicate) and of subjects
+                (audit.subject_regex: the volume of a slice id by default), thresholds,
                 calibration summaries, fingerprints of the checkpoint, data and settings;
                 with known answers (audit.truth: a CSV, or the demo's labels), the
                 precision / recall of every decision rule ("validation").
@@ -38,9 +39,10 @@ none / low / high generators of ldm_jax) into compare.csv and a grouped bar plot
 """
 
 import copy
-import math
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -79,6 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
   # synthetic set is a demo set, else none; '': none. Each decision rule then gets its
   # precision and recall in summary.json and the report.
   c.audit.truth = "auto"
+  # Which subject (patient, volume) a training id belongs to: the regex's first group, or
+  # the whole id when it does not match. The default takes the volume of '<volume>/z080'
+  # slice ids; for IXI patients across sequences use r"^(IXI\d+)".
+  c.audit.subject_regex = r"^(.*)/[^/]*$"
   c.calibrate = calibrate.default_config()
   c.report = report.default_config()
   c.compare = ml_collections.ConfigDict()
@@ -162,21 +168,43 @@ def check_sets(sets: Mapping[str, Mapping[str, Any]]) -> None:
                           f"training set {tuple(ref['shape'])}")
 
 
-def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int) -> dict[str, Any]:
-  """Counts per class, memorization rate and share of training images copied at least once.
+def subjects(train_ids: Sequence[str], regex: str) -> np.ndarray:
+  """The subject of each training id: `regex`'s first group, or the id where it does not
+  match (so ids without a subject part are their own subject)."""
+  pattern = re.compile(regex)
+  out = []
+  for i in np.asarray(train_ids, dtype=str).tolist():
+    m = pattern.match(i)
+    out.append(m.group(1) if m and m.groups() else i)
+  return np.asarray(out, dtype=str)
+
+
+def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int,
+              train_subjects: Optional[np.ndarray] = None) -> dict[str, Any]:
+  """Counts per class, memorization rate and share of training images copied at least once
+  (the nearest match of a Duplicate); with the training images' subjects, also how many
+  subjects (patients, volumes) have at least one image copied.
 
   Args:
     classes: (n,) paper classes of the synthetic images.
     nearest_idx: (n,) index of each one's nearest training image.
     n_train: training set size.
+    train_subjects: (n_train,) subject of each training image, or None.
   """
   classes = np.asarray(classes)
   dup = classes == 1
   copied = np.unique(np.asarray(nearest_idx)[dup])
-  return {"counts": {CLASS_NAMES[c]: int(np.sum(classes == c)) for c in (1, 2, 0)},
-          "memorization_rate": float(dup.mean()) if len(classes) else 0.0,
-          "n_training_copied": int(len(copied)),
-          "share_training_copied": float(len(copied) / n_train) if n_train else 0.0}
+  out = {"counts": {CLASS_NAMES[c]: int(np.sum(classes == c)) for c in (1, 2, 0)},
+         "memorization_rate": float(dup.mean()) if len(classes) else 0.0,
+         "n_training_copied": int(len(copied)),
+         "share_training_copied": float(len(copied) / n_train) if n_train else 0.0}
+  if train_subjects is not None:
+    subj = np.asarray(train_subjects, dtype=str)
+    n_subj = len(np.unique(subj))
+    hit = np.unique(subj[copied]) if len(copied) else np.zeros(0, str)
+    out.update(n_subjects=n_subj, n_subjects_copied=int(len(hit)),
+               share_subjects_copied=float(len(hit) / n_subj) if n_subj else 0.0)
+  return out
 
 
 TRUTH_COLUMNS = ("synth_id", "memorized")
@@ -396,7 +424,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       "name": str(ac.get("name", "")) or sy["name"],
       "n_synthetic": int(len(sy["ids"])), "n_training": n_train,
       "n_heldout": int(len(held["ids"])) if held is not None else 0, "k": k,
-      **summarize(classes, idx[:, 0], n_train),
+      **summarize(classes, idx[:, 0], n_train,
+                  subjects(tr["ids"], str(ac.get("subject_regex", "(.*)")))),
       "thresholds": {"t_low": t_low, "t_high": t_high,
                      **({"dar": cal["summary"]["dar"]["threshold"]}
                         if "dar" in cal["summary"] else {})},

@@ -214,6 +214,9 @@ def _headline(summary: Mapping) -> str:
     stats.append(("memorization rate", _pct(summary["memorization_rate"])))
   if "share_training_copied" in summary:
     stats.append(("training images copied", _pct(summary["share_training_copied"])))
+  if "n_subjects" in summary:
+    stats.append(("subjects copied",
+                  f'{summary["n_subjects_copied"]} / {summary["n_subjects"]}'))
   for name, cal in summary.get("calibration", {}).items():
     if isinstance(cal, Mapping) and "memorization_rate" in cal:
       stats.append((f"{name} memorization rate", _pct(cal["memorization_rate"])))

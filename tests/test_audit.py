@@ -78,6 +78,9 @@ def test_audit_writes_csv_summary_and_report(model_fn, tmp_path):
   assert s["memorization_rate"] == pytest.approx(np.mean(cls == 1))
   copied = {t for t, c_ in zip(table["train_id_1"], cls) if c_ == 1}
   assert s["share_training_copied"] == pytest.approx(len(copied) / 16)
+  assert s["n_subjects"] == 4  # the demo's four training heads ('<head>/z080' ids)
+  assert s["n_subjects_copied"] == len({t.rsplit("/", 1)[0] for t in copied})
+  assert s["share_subjects_copied"] == pytest.approx(s["n_subjects_copied"] / 4)
   assert s["thresholds"]["t_low"] == 0.6 and s["thresholds"]["t_high"] == 0.85
   assert s["thresholds"]["dar"] == s["calibration"]["dar"]["threshold"]
   assert set(s["calibration"]) == {"dar", "mi", "carlini"}
@@ -279,3 +282,17 @@ def test_audit_validates_against_demo_labels_and_a_truth_csv(model_fn, tmp_path)
   # No known answers: no validation.
   c.audit.truth = ""
   assert "validation" not in audit.audit_job(c, work, model_fn)["summary"]
+
+
+def test_subjects_of_training_ids():
+  ids = ["colin27/z080", "a/b/z001", "IXI002-Guys-0828-T1/z070", "IXI002-Guys-0828-T2/z070",
+         "uid17"]
+  np.testing.assert_array_equal(
+      audit.subjects(ids, audit.default_config().audit.subject_regex),
+      ["colin27", "a/b", "IXI002-Guys-0828-T1", "IXI002-Guys-0828-T2", "uid17"])
+  np.testing.assert_array_equal(audit.subjects(ids[2:4], r"^(IXI\d+)"), ["IXI002", "IXI002"])
+  # Copied subjects: only subjects whose images are the nearest match of a Duplicate.
+  s = audit.summarize(np.array([1, 1, 2, 0]), np.array([0, 1, 2, 3]), 4,
+                      np.array(["p1", "p1", "p2", "p3"]))
+  assert (s["n_subjects"], s["n_subjects_copied"]) == (3, 1)
+  assert s["share_subjects_copied"] == pytest.approx(1 / 3)
