@@ -115,7 +115,7 @@ def load_truth(config: ml_collections.ConfigDict, workdir: str, synth_ids: np.nd
                ) -> Optional[dict[str, np.ndarray]]:
   """The known answers audit.truth names for the synthetic ids (read_truth), the demo's own
   labels for 'auto' on a demo set, or None."""
-  what = str(config.audit.get("truth", ""))
+  what = config.audit.truth
   if what and what != "auto":
     return read_truth(what, synth_ids)
   spec = _spec(config, config.audit.synthetic)
@@ -208,8 +208,9 @@ def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int,
 
 
 TRUTH_COLUMNS = ("synth_id", "memorized")
-RULES = {"paper": "class", "dar": "dar_memorized", "mi": "mi_memorized",
-         "carlini": "carlini_memorized"}  # decision rule -> its audit.csv column
+# Calibrated decision rules -> their audit.csv column (the paper's rule is class == 1).
+CALIBRATED_RULES = {"dar": "dar_memorized", "mi": "mi_memorized",
+                    "carlini": "carlini_memorized"}
 
 
 def read_truth(path: str, synth_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -425,7 +426,7 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       "n_synthetic": int(len(sy["ids"])), "n_training": n_train,
       "n_heldout": int(len(held["ids"])) if held is not None else 0, "k": k,
       **summarize(classes, idx[:, 0], n_train,
-                  subjects(tr["ids"], str(ac.get("subject_regex", "(.*)")))),
+                  subjects(tr["ids"], ac.subject_regex)),
       "thresholds": {"t_low": t_low, "t_high": t_high,
                      **({"dar": cal["summary"]["dar"]["threshold"]}
                         if "dar" in cal["summary"] else {})},
@@ -444,8 +445,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
   }
   if truth is not None:
     decisions = {"paper": classes == 1}
-    decisions.update({rule: np.asarray(cal["columns"][col]) == 1 for rule, col in RULES.items()
-                      if col in cal["columns"]})
+    decisions.update({rule: np.asarray(cal["columns"][col]) == 1
+                      for rule, col in CALIBRATED_RULES.items() if col in cal["columns"]})
     summary["validation"] = validate(truth, decisions, nn, tr["ids"][idx[:, 0]])
   header = audit_columns(k, cal["columns"])
 
