@@ -222,16 +222,20 @@ def read_truth(path: str, synth_ids: np.ndarray) -> dict[str, np.ndarray]:
       that do not match the synthetic set's (named, with counts).
   """
   t = io.read_csv(path, required=TRUTH_COLUMNS)
-  ids = np.asarray(t["synth_id"], dtype=str)
+  raw = np.asarray(t["synth_id"], dtype=str)
   bad = [i for i, v in enumerate(t["memorized"]) if v.strip() not in ("0", "1")]
   if bad:
     raise io.InputError(f"{path}: line {bad[0] + 2}: memorized must be 0 or 1, got "
                         f"{t['memorized'][bad[0]]!r}")
+  # Ids in either spelling, ours or the reference's `<uid>___<name>` (io.canonical_key).
+  ids = np.asarray([io.canonical_key(k) for k in raw.tolist()], dtype=str)
   if len(np.unique(ids)) != len(ids):
-    u, c = np.unique(ids, return_counts=True)
-    raise io.InputError(f"{path}: synth_id {str(u[c > 1][0])!r} appears more than once")
-  want = np.asarray(synth_ids, dtype=str)
-  missing, extra = np.setdiff1d(want, ids), np.setdiff1d(ids, want)
+    u, first, c = np.unique(ids, return_index=True, return_counts=True)
+    raise io.InputError(f"{path}: synth_id {str(raw[first[c > 1][0]])!r} appears more than "
+                        "once")
+  given = np.asarray(synth_ids, dtype=str)
+  want = np.asarray([io.canonical_key(k) for k in given.tolist()], dtype=str)
+  missing, extra = given[~np.isin(want, ids)], raw[~np.isin(ids, want)]
   if len(missing) or len(extra):
     raise io.InputError(
         f"{path}: ids do not match the synthetic set: {len(missing)} synthetic images have "
@@ -275,9 +279,9 @@ def validate(truth: Mapping[str, np.ndarray], decisions: Mapping[str, np.ndarray
                           "false_positive_rate": ratio(fp, fp + tn)}
   if "source" in truth and "paper" in decisions:
     hit = np.asarray(decisions["paper"], bool) & y
-    out["source_match"] = ratio(
-        np.sum(np.asarray(nearest_id, str)[hit] == np.asarray(truth["source"], str)[hit]),
-        hit.sum())
+    same = [io.canonical_key(a) == io.canonical_key(b) for a, b in  # either spelling
+            zip(np.asarray(nearest_id, str)[hit], np.asarray(truth["source"], str)[hit])]
+    out["source_match"] = ratio(np.sum(same), hit.sum())
   return out
 
 

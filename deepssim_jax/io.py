@@ -153,3 +153,51 @@ def fingerprint(*parts) -> str:
     else:
       h.update(str(p).encode())
   return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- image keys
+# The PyTorch reference names an image `<uid>___<name>` (its parent folder, three
+# underscores, its PNG file name without .png: extract_image_identifier in its
+# src/utils/utils.py), in its pair table, test_set.csv and matrix index files; this project
+# names the same image `<uid>/<name>` (deepssim_jax.data.images). Every lookup of a given key
+# among image ids compares canonical keys, so the reference's files are read as they are and
+# either spelling works on either side.
+
+REFERENCE_SEP = "___"
+
+
+def canonical_key(key) -> str:
+  """Our spelling of an image key: `<uid>___<name>` -> `<uid>/<name>` (at the first `___`,
+  as the reference's get_image_path splits it); any other key as it is. A '.png' suffix is
+  kept: it is part of neither spelling, so a key carrying it names no image."""
+  key = str(key)
+  uid, sep, name = key.partition(REFERENCE_SEP)
+  return f"{uid}/{name}" if sep else key
+
+
+def reference_key(key) -> str:
+  """The reference's spelling of a key: `<uid>/<name>` -> `<uid>___<name>` at the last '/'
+  (uid = the folder holding the image, name = its file name, as the reference derives
+  them); a key without '/' as it is. canonical_key undoes it."""
+  key = canonical_key(key)
+  uid, sep, name = key.rpartition("/")
+  return f"{uid}{REFERENCE_SEP}{name}" if sep else key
+
+
+def key_positions(ids: Sequence[str], origin: str) -> dict[str, int]:
+  """{canonical key: row} of a set's ids, so that a key in either spelling finds its row.
+
+  A repeated id keeps its last row (as a plain dict of the ids would).
+
+  Raises:
+    InputError: two different ids name one image ('a/b' and 'a___b'): a key would be
+      ambiguous. The message names `origin` (the set or file) and both ids.
+  """
+  pos, spelled = {}, {}
+  for i, k in enumerate(np.asarray(ids).tolist()):
+    k = str(k)
+    c = canonical_key(k)
+    if spelled.setdefault(c, k) != k:
+      raise InputError(f"{origin}: ids {spelled[c]!r} and {k!r} name the same image")
+    pos[c] = i
+  return pos

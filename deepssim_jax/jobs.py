@@ -265,6 +265,30 @@ def split_for_fitting(synth_keys: np.ndarray, fraction: float, seed: int) -> np.
   return np.asarray([k in fit for k in synth_keys.tolist()])
 
 
+MATRIX_PREFIX = "matrix:"
+
+
+def matrix_metric_paths(metric: str) -> tuple[str, str, str] | None:
+  """The files of an eval.metrics entry that names a precomputed score matrix, else None.
+
+  'matrix:<m.npz>' reads <m.npz> with real.npz and synth.npz beside it (the match job's
+  layout, write_reference_npz); 'matrix:<m.npz>,<real.npz>,<synth.npz>' names all three, as
+  the reference's scripts/eval.py takes them (its matrices and indices live in two folders).
+  So the reference's own matrices (dar, chen, semdedup, deepssim) are scored on the same
+  labelled pairs, by the same code, as our metrics.
+  """
+  if not metric.startswith(MATRIX_PREFIX):
+    return None
+  parts = [p.strip() for p in metric[len(MATRIX_PREFIX):].split(",")]
+  if len(parts) == 1 and parts[0]:
+    folder = os.path.dirname(parts[0])
+    return parts[0], os.path.join(folder, "real.npz"), os.path.join(folder, "synth.npz")
+  if len(parts) == 3 and all(parts):
+    return parts[0], parts[1], parts[2]
+  raise io.InputError(f"eval.metrics entry {metric!r}: expected 'matrix:<matrix.npz>' or "
+                      "'matrix:<matrix.npz>,<real.npz>,<synth.npz>'")
+
+
 def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | None = None
                  ) -> dict:
   """Scores labelled pairs with every configured metric (and checkpoint); one table.
@@ -272,33 +296,52 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   For each metric: results at the configured thresholds on all pairs, and, when
   eval.fit_fraction > 0, thresholds fitted (max macro F1) on a split of the synthetic
   images and results on the other pairs. With eval.misaligned, each metric is also scored
-  after seeded flips/rotations/gamma (p = 0.8) of both images.
+  after seeded flips/rotations/gamma (p = 0.8) of both images. A 'matrix:' entry
+  (matrix_metric_paths) reads its scores from a precomputed matrix (no misaligned variant);
+  when every entry is one, no image is read and only data.test_pairs_csv is needed.
   """
   ec = config.eval
-  d = prepare_data(config, workdir) if data is None else data
+  matrices = {m: matrix_metric_paths(m) for m in ec.metrics}
+  if data is None and matrices and all(matrices.values()):
+    d = {"test_pairs": config.data.test_pairs_csv or None}  # scores come from the files
+  else:
+    d = prepare_data(config, workdir) if data is None else data
   if not d["test_pairs"]:
     raise io.InputError("nothing to evaluate: set data.test_pairs_csv (real_key, synth_key, "
                         "label)")
   pairs = eval_lib.read_labelled_pairs(d["test_pairs"])
-  ia = pairs_lib.key_index(d["real"]["keys"], pairs["real_key"], "real", d["test_pairs"])
-  ib = pairs_lib.key_index(d["synth"]["keys"], pairs["synth_key"], "synthetic",
-                           d["test_pairs"])
-  a, b = d["real"]["images"][ia], d["synth"]["images"][ib]
-  variants = [("aligned", a, b)]
-  if ec.misaligned.enabled:
-    variants.append(("misaligned", misalign(a, ec.misaligned.seed, ec.misaligned),
-                     misalign(b, ec.misaligned.seed + 1, ec.misaligned)))
+  variants = [("aligned", None, None)]
+  if "real" in d:
+    ia = pairs_lib.key_index(d["real"]["keys"], pairs["real_key"], "real", d["test_pairs"])
+    ib = pairs_lib.key_index(d["synth"]["keys"], pairs["synth_key"], "synthetic",
+                             d["test_pairs"])
+    a, b = d["real"]["images"][ia], d["synth"]["images"][ib]
+    variants = [("aligned", a, b)]
+    if ec.misaligned.enabled:
+      variants.append(("misaligned", misalign(a, ec.misaligned.seed, ec.misaligned),
+                       misalign(b, ec.misaligned.seed + 1, ec.misaligned)))
   labels = np.asarray(pairs["label"])
-  fit = (split_for_fitting(np.asarray(pairs["synth_key"]), ec.fit_fraction, config.seed)
+  # One synthetic image in two spellings is one image of the fitting split.
+  synth_keys = np.asarray([io.canonical_key(k) for k in pairs["synth_key"]], str)
+  fit = (split_for_fitting(synth_keys, ec.fit_fraction, config.seed)
          if ec.fit_fraction > 0 else np.zeros(len(labels), bool))
   t_low, t_high = ec.thresholds
   out_dir = os.path.join(workdir, "eval")
   rows, results = [], {}
   for metric in ec.metrics:
-    ctx = metric_context(metric, config, workdir, d["real"])
+    paths = matrices[metric]
+    if paths:
+      precomputed = match_lib.matrix_scores(
+          *match_lib.read_reference_matrix(*paths), pairs["real_key"], pairs["synth_key"],
+          real_name=f"{d['test_pairs']}: real ids of {paths[1]}",
+          synth_name=f"{d['test_pairs']}: synthetic ids of {paths[2]}")
+    else:
+      ctx = metric_context(metric, config, workdir, d["real"])
     for variant, va, vb in variants:
+      if paths and variant != "aligned":
+        continue  # precomputed scores of the aligned images only
       name = metric if variant == "aligned" else f"{metric} (misaligned)"
-      scores = score_pairs(metric, ctx, va, vb, ec.chunk)
+      scores = precomputed if paths else score_pairs(metric, ctx, va, vb, ec.chunk)
       res = {"fixed": eval_lib.evaluate_scores(labels, scores, t_low, t_high)}
       row = eval_lib.summary_row(name, res["fixed"])
       if fit.any() and (~fit).any():
@@ -312,7 +355,13 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
       if parallel.is_main_process():
         safe = name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_") \
             .replace("@", "_").replace(":", "_")
-        plot_t = ((t_low, t_high) if metric.split("@")[0] in metrics_lib.SSIM_SCALED
+        # A matrix file is named after its metric (<metric>[_augmented].npz); its paths would
+        # make a file name too long: the file's stem and a hash of the entry instead.
+        stem = os.path.basename(paths[0]).removesuffix(".npz") if paths else ""
+        if paths:
+          safe = f"matrix_{stem}_{io.fingerprint(metric)[:8]}"
+        base = stem.removesuffix("_augmented") if paths else metric.split("@")[0]
+        plot_t = ((t_low, t_high) if base in metrics_lib.SSIM_SCALED
                   or "fitted" not in res else (res["fitted"]["t_low"], res["fitted"]["t_high"]))
         eval_lib.plot_histogram(os.path.join(out_dir, f"hist_{safe}.png"), scores, labels,
                                 *plot_t, title=f"{name} on test pairs")

@@ -28,6 +28,7 @@ lax.top_k's lower-chunk-first rule keeps the lowest-index tied elements).
 
 import functools
 import os
+import zipfile
 from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -385,22 +386,33 @@ def full_matrix(real_emb: np.ndarray, synth_emb: np.ndarray, block: int = 1024,
 
 def write_reference_npz(folder: str, real_ids: Sequence[str], synth_ids: Sequence[str],
                         matrix: np.ndarray, name: str = "deepssim") -> dict[str, str]:
-  """Writes a score matrix in the reference's format, atomically.
+  """Writes a score matrix in the reference's format, atomically, so that its
+  scripts/eval.py reads our output as its own.
 
   Files (each np.savez with one key `data`): `<name>.npz` the (n_real, n_synth) float16
   matrix (rows real/training images, columns synthetic, as the reference's
   scripts/compute_matrix.py and eval.py index it: matrix[real_pos, synth_pos]);
-  `real.npz` and `synth.npz` the ids in row/column order.
+  `real.npz` and `synth.npz` the ids in row/column order, in the reference's spelling
+  `<uid>___<name>` (io.reference_key; eval.py finds test_set.csv's keys by plain equality).
+  read_reference_matrix reads them back in our spelling.
 
   Returns:
     {"matrix": path, "real": path, "synth": path}.
+
+  Raises:
+    ValueError: the matrix shape does not match the ids, or two ids have one reference
+      spelling (eval.py would find only the first).
   """
-  real_ids = np.asarray(real_ids, dtype=str)
-  synth_ids = np.asarray(synth_ids, dtype=str)
+  real_ids = np.asarray([io.reference_key(k) for k in np.asarray(real_ids).tolist()], str)
+  synth_ids = np.asarray([io.reference_key(k) for k in np.asarray(synth_ids).tolist()], str)
   matrix = np.asarray(matrix)
   if matrix.shape != (len(real_ids), len(synth_ids)):
     raise ValueError(f"{folder}: matrix shape {matrix.shape} != (real {len(real_ids)}, "
                      f"synthetic {len(synth_ids)})")
+  for what, ids in (("real", real_ids), ("synthetic", synth_ids)):
+    u, c = np.unique(ids, return_counts=True)
+    if (c > 1).any():
+      raise ValueError(f"{folder}: {what} id {str(u[c > 1][0])!r} occurs {c[c > 1][0]} times")
   paths = {"matrix": os.path.join(folder, name + ".npz"),
            "real": os.path.join(folder, "real.npz"),
            "synth": os.path.join(folder, "synth.npz")}
@@ -410,38 +422,105 @@ def write_reference_npz(folder: str, real_ids: Sequence[str], synth_ids: Sequenc
   return paths
 
 
-def read_reference_npz(folder: str,
-                       name: str = "deepssim") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Reads a matrix written by write_reference_npz (or by the reference).
+def _npz_data(path: str) -> np.ndarray:
+  """The `data` array of an np.savez file; InputError naming the file otherwise."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise io.InputError(f"{path}: file not found")
+  try:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+      raise io.InputError(f"{path}: a single array, not an .npz archive (np.savez)")
+    with z:
+      if "data" not in z.files:
+        raise io.InputError(f"{path}: no 'data' array (found {z.files})")
+      return z["data"]
+  except io.InputError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not npz, pickles, ...
+    raise io.InputError(f"{path}: cannot read the 'data' array: {e}") from None
+
+
+def _reference_ids(path: str, what: str) -> np.ndarray:
+  """An index file's ids in our spelling, checked: 1-D strings naming distinct images."""
+  ids = _npz_data(path)
+  if ids.ndim != 1 or ids.dtype.kind not in "US":
+    raise io.InputError(f"{path}: {what} ids must be a 1-D array of strings, got "
+                        f"{ids.dtype} of shape {ids.shape}")
+  ids = ids.astype(str)
+  canonical = np.asarray([io.canonical_key(k) for k in ids.tolist()], str)
+  u, first, c = np.unique(canonical, return_index=True, return_counts=True)
+  if (c > 1).any():
+    raise io.InputError(f"{path}: {what} id {str(ids[first[c > 1][0]])!r} occurs "
+                        f"{c[c > 1][0]} times (ids must be unique)")
+  return canonical
+
+
+def read_reference_matrix(matrix_path: str, real_path: str, synth_path: str
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads a score matrix and its two index files, the three paths the reference's
+  scripts/eval.py takes (--matrix_path, --real_indices_path, --synth_indices_path): ours
+  (write_reference_npz) or the reference's own (scripts/compute_matrix.py).
 
   Returns:
-    real_ids (n_real,), synth_ids (n_synth,), matrix (n_real, n_synth).
+    real_ids (n_real,) and synth_ids (n_synth,) in our spelling `<uid>/<name>`
+    (io.canonical_key), matrix (n_real, n_synth) as stored (float16 from either writer).
+
+  Raises:
+    InputError: naming the file: missing or unreadable, no `data` array, ids not 1-D
+      strings or repeated, a matrix that is not 2-D or whose shape is not (n_real, n_synth).
   """
-  out = []
-  for f in ("real.npz", "synth.npz", name + ".npz"):
-    path = os.path.join(folder, f)
-    if not os.path.isfile(path):
-      raise io.InputError(f"{path}: file not found")
-    with np.load(path, allow_pickle=False) as z:
-      if "data" not in z:
-        raise io.InputError(f"{path}: no 'data' array")
-      out.append(z["data"])
-  real_ids, synth_ids, matrix = out
+  real_ids = _reference_ids(real_path, "real")
+  synth_ids = _reference_ids(synth_path, "synthetic")
+  matrix = _npz_data(matrix_path)
   if matrix.shape != (len(real_ids), len(synth_ids)):
-    raise io.InputError(f"{os.path.join(folder, name + '.npz')}: shape {matrix.shape} != "
-                        f"(real {len(real_ids)}, synthetic {len(synth_ids)})")
+    raise io.InputError(f"{matrix_path}: shape {matrix.shape} != (real {len(real_ids)} ids "
+                        f"in {real_path}, synthetic {len(synth_ids)} ids in {synth_path})")
+  if not np.issubdtype(matrix.dtype, np.number):
+    raise io.InputError(f"{matrix_path}: scores must be numbers, got {matrix.dtype}")
   return real_ids, synth_ids, matrix
 
 
+def read_reference_npz(folder: str,
+                       name: str = "deepssim") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads `<folder>/<name>.npz`, `real.npz` and `synth.npz` (write_reference_npz's layout;
+  see read_reference_matrix)."""
+  return read_reference_matrix(os.path.join(folder, name + ".npz"),
+                               os.path.join(folder, "real.npz"),
+                               os.path.join(folder, "synth.npz"))
+
+
+def matrix_scores(real_ids: Sequence[str], synth_ids: Sequence[str], matrix: np.ndarray,
+                  real_keys: Sequence[str], synth_keys: Sequence[str],
+                  real_name: str = "real ids", synth_name: str = "synthetic ids"
+                  ) -> np.ndarray:
+  """matrix[real_pos, synth_pos] of labelled (real_key, synth_key) pairs, in float64: what
+  the reference's eval.py scores, with keys in either spelling.
+
+  Raises:
+    InputError: a key is not among the ids; the message names the key and `real_name` or
+      `synth_name` (the files involved).
+  """
+  if len(real_keys) != len(synth_keys):
+    raise ValueError(f"{len(real_keys)} real keys but {len(synth_keys)} synthetic keys")
+  ri = positions(real_ids, real_keys, real_name)
+  si = positions(synth_ids, synth_keys, synth_name)
+  return np.asarray(matrix)[ri, si].astype(np.float64)
+
+
 def positions(ids: Sequence[str], keys: Sequence[str], name: str) -> np.ndarray:
-  """Row positions of `keys` in `ids`; InputError naming the first missing key and `name`."""
-  pos = {k: i for i, k in enumerate(np.asarray(ids).tolist())}
+  """Row positions of `keys` in `ids`; InputError naming the first missing key and `name`.
+
+  Keys match in either spelling, `<uid>/<name>` or the reference's `<uid>___<name>`
+  (io.canonical_key), on either side.
+  """
+  pos = io.key_positions(ids, name)
   out = np.empty(len(keys), np.int64)
   for j, key in enumerate(keys):
     try:
-      out[j] = pos[key]
+      out[j] = pos[io.canonical_key(key)]
     except KeyError:
-      raise io.InputError(f"{name}: key {key!r} not found ({len(pos)} ids)") from None
+      raise io.InputError(f"{name}: key {str(key)!r} not found ({len(pos)} ids)") from None
   return out
 
 

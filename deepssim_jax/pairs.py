@@ -61,11 +61,16 @@ def write_pairs(path: str, table: PairTable) -> None:
 
 
 def key_index(keys: np.ndarray, wanted: np.ndarray, what: str, source: str) -> np.ndarray:
-  """Maps keys to row indices of a bank, naming the first missing key."""
-  pos = {k: i for i, k in enumerate(keys)}
+  """Maps keys to row indices of a bank, naming the first missing key.
+
+  Keys match in either spelling, ours `<uid>/<name>` or the reference's `<uid>___<name>`
+  (io.canonical_key), on either side: the reference's pair tables and test sets are read as
+  they are.
+  """
+  pos = io.key_positions(keys, f"the {what} image set (keys of {source})")
   out = np.empty(len(wanted), np.int64)
   for j, k in enumerate(wanted):
-    i = pos.get(k)
+    i = pos.get(io.canonical_key(k))
     if i is None:
       raise io.InputError(f"{source}: {what} key {str(k)!r} (row {j + 2}) is not in the "
                           f"image set ({len(keys)} images, e.g. "
@@ -208,8 +213,8 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   source_index = None
   src = synth_bank.get("meta", {}).get("source_key")
   if src is not None:
-    pos = {k: i for i, k in enumerate(real_bank["keys"])}
-    source_index = np.array([pos.get(k, -1) for k in src])
+    pos = io.key_positions(real_bank["keys"], "the real image set")
+    source_index = np.array([pos.get(io.canonical_key(k), -1) for k in src])
   pool = int(round(num_pairs * pool_factor)) if balance_bins else num_pairs
   ia, ib, is_valid = sample_pairs(len(real_bank["keys"]), len(synth_bank["keys"]), pool,
                                   seed, source_index, matched_fraction, valid_fraction)
