@@ -340,20 +340,27 @@ class ConvNeXt(nn.Module):
   gelu_approximate: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, all_stages: bool = False):
+    """(B, H, W, 3) -> the last stage's (B, h, w, F), or with all_stages every stage's output."""
     if len(self.depths) != len(self.dims):
       raise ValueError(f"depths {tuple(self.depths)} and dims {tuple(self.dims)} differ in length")
     x = x.astype(self.dtype)
     x = NormConv(self.dims[0], 4, norm_first=False, dtype=self.dtype, name="stem")(x)
-    total = sum(self.depths)
-    rates = [self.drop_path_rate * k / max(total - 1, 1) for k in range(total)]
-    start = 0
+    rates = drop_path_rates(self.depths, self.drop_path_rate)
+    start, outs = 0, []
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
       x = ConvNeXtStage(dim, depth, i > 0, tuple(rates[start:start + depth]),
                         self.layer_scale_init, self.depthwise_impl, self.gelu_approximate,
                         self.dtype, name=f"stages_{i}")(x, train)
+      outs.append(x)
       start += depth
-    return x
+    return outs if all_stages else x
+
+
+def drop_path_rates(depths: Sequence[int], rate: float) -> list:
+  """Per-block stochastic-depth rates: block k of K gets rate * k / (K - 1) (torchvision)."""
+  total = sum(depths)
+  return [rate * k / max(total - 1, 1) for k in range(total)]
 
 
 ConvNeXtAtto = functools.partial(ConvNeXt, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
@@ -368,13 +375,18 @@ class DeepSSIM(nn.Module):
   """Grey image -> L2-normalised embedding whose pairwise cosine regresses SSIM.
 
   Attributes:
-    backbone: a ConvNeXt (any module mapping (B, H, W, 3) -> (B, h, w, F) with a `train` arg).
+    backbone: a ConvNeXt (maps (B, H, W, 3) -> (B, h, w, F); `all_stages=True` gives every
+      stage's output).
+    head: "wacv" (the paper's: global average pool of the last stage -> Head) or "gem"
+      (DeepSSIM++: GeM pooling of each stage, concatenated -> GemHead).
     embed_dim: embedding size.
-    hidden_dim: width of the head's hidden layer.
+    hidden_dim: width of the head's hidden layer (0 with "gem": (sum of dims + embed) // 2,
+      the reference's funnel, 848 for ConvNeXt-Tiny).
     dropout: dropout rate of the head (active only when train=True).
     bn_momentum / bn_epsilon: BatchNorm running-average momentum (flax convention) and eps.
   """
   backbone: nn.Module
+  head: str = "wacv"
   embed_dim: int = 256
   hidden_dim: int = 512
   dropout: float = 0.33
@@ -398,11 +410,52 @@ class DeepSSIM(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 1:
       raise ValueError(f"expected grey images (B, H, W) or (B, H, W, 1), got shape {x.shape}")
     x = jnp.repeat(x, 3, axis=-1)
-    x = self.backbone(x, train=train)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = Head(self.embed_dim, self.hidden_dim, self.dropout, self.bn_momentum, self.bn_epsilon,
-             name="head")(x, train)
+    if self.head == "wacv":
+      x = self.backbone(x, train=train)
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      x = Head(self.embed_dim, self.hidden_dim, self.dropout, self.bn_momentum,
+               self.bn_epsilon, name="head")(x, train)
+    elif self.head == "gem":
+      x = GemHead(self.embed_dim, self.hidden_dim, self.dropout, name="head")(
+          self.backbone(x, train=train, all_stages=True), train)
+    else:
+      raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
     return l2_normalize(x)
+
+
+HEADS = ("wacv", "gem")
+
+
+class BatchNorm1d(nn.Module):
+  """torch.nn.BatchNorm1d over (B, C): normalises with the biased batch variance, but its
+  running variance is updated with the unbiased one (n / (n - 1)), as torch does (flax's
+  BatchNorm uses the biased one for both). Same variables as nn.BatchNorm: params
+  {scale, bias}, batch_stats {mean, var}; momentum in flax's convention (0.9 = torch's 0.1).
+  """
+  use_running_average: bool
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      x32 = x.astype(jnp.float32).reshape(-1, c)
+      n = x32.shape[0]
+      mean = jnp.mean(x32, axis=0)
+      var = jnp.mean(jnp.square(x32 - mean), axis=0)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(x.dtype)
 
 
 class Head(nn.Module):
@@ -415,9 +468,40 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, name="bn")(x)
+    x = BatchNorm1d(not train, self.bn_momentum, self.bn_epsilon, name="bn")(x)
     x = _dense(self.hidden_dim, name="hidden")(x)
+    x = gelu(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return _dense(self.embed_dim, name="embed")(x)
+
+
+def gem_pool(x: Array, p: Array, eps: float = 1e-6) -> Array:
+  """Generalised mean over H, W: mean(clip(x, eps)^p)^(1/p); p = 1 is the average, p -> inf
+  the maximum (Radenovic et al. 2018). (B, H, W, C) -> (B, C), computed in float32."""
+  x = jnp.maximum(x.astype(jnp.float32), eps)
+  return jnp.mean(x ** p, axis=(1, 2)) ** (1.0 / p)
+
+
+class GemHead(nn.Module):
+  """DeepSSIM++'s head: a learnable-p GeM per stage, concatenated -> LayerNorm -> Dense
+  hidden -> exact GELU -> Dropout -> Dense embed."""
+  embed_dim: int = 256
+  hidden_dim: int = 0
+  dropout: float = 0.1
+  gem_p: float = 3.0
+  gem_eps: float = 1e-6
+  ln_epsilon: float = 1e-5  # torch.nn.LayerNorm's default
+
+  @nn.compact
+  def __call__(self, stages: Sequence[Array], train: bool) -> Array:
+    pooled = []
+    for i, s in enumerate(stages):
+      p = self.param(f"gem_{i}", nn.initializers.constant(self.gem_p), (1,), jnp.float32)
+      pooled.append(gem_pool(s, p, self.gem_eps))
+    x = jnp.concatenate(pooled, axis=-1)
+    hidden = self.hidden_dim or (x.shape[-1] + self.embed_dim) // 2
+    x = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm")(x)
+    x = _dense(hidden, name="hidden")(x)
     x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return _dense(self.embed_dim, name="embed")(x)
@@ -443,13 +527,13 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def make_model(name: str = "convnext_base", *, embed_dim: int = 256, hidden_dim: int = 512,
-               dropout: float = 0.33, **backbone_overrides) -> DeepSSIM:
+def make_model(name: str = "convnext_base", *, head: str = "wacv", embed_dim: int = 256,
+               hidden_dim: int = 512, dropout: float = 0.33, **backbone_overrides) -> DeepSSIM:
   """Builds DeepSSIM with a named backbone.
 
   Args:
     name: key of MODELS.
-    embed_dim, hidden_dim, dropout: head fields.
+    head, embed_dim, hidden_dim, dropout: head fields (see DeepSSIM).
     **backbone_overrides: ConvNeXt fields (depths, dims, drop_path_rate, dtype,
       depthwise_impl, gelu_approximate, layer_scale_init).
 
@@ -458,7 +542,7 @@ def make_model(name: str = "convnext_base", *, embed_dim: int = 256, hidden_dim:
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-  return DeepSSIM(MODELS[name](**backbone_overrides), embed_dim=embed_dim,
+  return DeepSSIM(MODELS[name](**backbone_overrides), head=head, embed_dim=embed_dim,
                   hidden_dim=hidden_dim, dropout=dropout)
 
 
