@@ -1,7 +1,10 @@
 """DeepSSIM on CoRR with the paper's settings (ConvNeXt-Base, batch 32, 40 epochs).
 
     python -m deepssim_jax.main --config=configs/corr.py --workdir=workdirs/corr \
-        --config.data.real.root=/data/CoRR --config.data.synth.root=/data/corr_generated
+        --config.data.real.root=/data/CoRR --config.data.synth.root=/data/corr_generated \
+        --config.model.init_from=/weights/convnext_base-6075fbad.pth
+
+Paper semantics and ImageNet init as in configs/ixi.py.
 """
 
 from deepssim_jax import config_lib
@@ -16,9 +19,9 @@ Synthetic images (optional): ldm_jax's generation output, --config.data.synth.ro
 
 
 def get_config():
-  c = config_lib.base_config()
+  c = config_lib.paper_semantics(config_lib.base_config(), stochastic_depth=0.5)
   c.workdir = "workdirs/corr"
   c.data.real = config_lib.source_config("volumes", "", layout="corr", sequences=("T1",))
   c.data.synth = config_lib.source_config("reference", "", part="generated")
-  c.data.download_hint = HINT
+  c.data.download_hint = HINT + "\n" + config_lib.IMAGENET_HINT
   return c

@@ -5,23 +5,23 @@ layout written by ldm_jax's generation job (or any <uid>/training.png, <uid>/gen
 folder). Without a synthetic set, pairs are drawn within the real set.
 
     python -m deepssim_jax.main --config=configs/ixi.py --workdir=workdirs/ixi \
-        --config.data.real.root=/data/IXI --config.data.synth.root=/data/ixi_generated
+        --config.data.real.root=/data/IXI --config.data.synth.root=/data/ixi_generated \
+        --config.model.init_from=/weights/convnext_base-6075fbad.pth
+
+The paper's training semantics (config_lib.paper_semantics): ImageNet-1k init with the stem
+and first two stages frozen, stochastic depth 0.5, no z-scoring after augmentation,
+augmented validation pairs, one forward pass per branch. Without model.init_from the run
+stops and says where to get torchvision's weights (frozen random layers are refused);
+--config.model.freeze=reference reproduces the reference's own freezing rule.
 """
 
 from deepssim_jax import config_lib
 
-HINT = """Download the IXI T1, T2 and PD images (IXI-T1.tar, IXI-T2.tar, IXI-PD.tar) and,
-optionally, the demographics IXI.xls from https://brain-development.org/ixi-dataset/ ,
-extract all .nii.gz files into one folder (names like IXI002-Guys-0828-T1.nii.gz, with
-IXI.xls beside them) and pass it as --config.data.real.root=/path/to/IXI.
-Synthetic images (optional): run ldm_jax's generation job (configs/ldm_ixi_diffusion.py)
-and pass its output folder as --config.data.synth.root=/path/to/generated."""
-
 
 def get_config():
-  c = config_lib.base_config()
+  c = config_lib.paper_semantics(config_lib.base_config(), stochastic_depth=0.5)
   c.workdir = "workdirs/ixi"
   c.data.real = config_lib.source_config("volumes", "", layout="ixi")
   c.data.synth = config_lib.source_config("reference", "", part="generated")
-  c.data.download_hint = HINT
+  c.data.download_hint = config_lib.IXI_HINT + "\n" + config_lib.IMAGENET_HINT
   return c

@@ -26,7 +26,7 @@ def get_config():
   c.pairs.batch_size = 16
   c.pairs.valid_fraction = 0.2
   c.model.name = "convnext_atto"
-  c.model.num_frozen_stages = 1
+  c.model.num_frozen_stages = 0  # freezing needs model.init_from
   # depthwise_impl 'conv' compiles ~5x faster on CPU (test_models: same numbers).
   c.model.overrides = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), hidden_dim=32,
                            embed_dim=16, depthwise_impl="conv")

@@ -24,6 +24,33 @@ def source_config(kind: str = "", root: str = "", **kw) -> ml_collections.Config
   return c
 
 
+IXI_HINT = """Download the IXI T1, T2 and PD images (IXI-T1.tar, IXI-T2.tar, IXI-PD.tar) and,
+optionally, the demographics IXI.xls from https://brain-development.org/ixi-dataset/ ,
+extract all .nii.gz files into one folder (names like IXI002-Guys-0828-T1.nii.gz, with
+IXI.xls beside them) and pass it as --config.data.real.root=/path/to/IXI.
+Synthetic images (optional): run ldm_jax's generation job (configs/ldm_ixi_diffusion.py)
+and pass its output folder as --config.data.synth.root=/path/to/generated."""
+
+IMAGENET_HINT = """The paper starts from torchvision's ImageNet-1k ConvNeXt weights; download
+them on a machine with internet access and pass the file as --config.model.init_from=FILE:
+  convnext_base (DeepSSIM): https://download.pytorch.org/models/convnext_base-6075fbad.pth
+  convnext_tiny (DeepSSIM++): https://download.pytorch.org/models/convnext_tiny-983f1562.pth
+(torchvision's ConvNeXt_{Base,Tiny}_Weights.IMAGENET1K_V1). timm .safetensors ConvNeXt
+files and converted checkpoint folders (python -m deepssim_jax.convert) work too."""
+
+
+def paper_semantics(c: ml_collections.ConfigDict, stochastic_depth: float = 0.5
+                    ) -> ml_collections.ConfigDict:
+  """The reference's training semantics: torchvision's stochastic depth (0.5 for
+  convnext_base, linear per block), no z-scoring after augmentation, augmented validation
+  pairs, one forward pass per Siamese branch."""
+  c.model.overrides.drop_path_rate = stochastic_depth
+  c.aug.renormalize = False
+  c.train.augment_valid = True
+  c.train.branches = "separate"
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
@@ -54,7 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "convnext_base"
-  c.model.num_frozen_stages = 2   # stem + first N stages frozen
+  c.model.head = "wacv"           # wacv (the paper's) or gem (DeepSSIM++: GeM on every stage)
+  c.model.num_frozen_stages = 2   # freeze "stages": stem + first N stages frozen
+  c.model.freeze = "stages"       # stages | reference (names holding 0 or 1) | none
+  # The backbone's starting weights: a torchvision convnext .pth, a timm .safetensors or a
+  # converted/trained checkpoint folder. Freezing needs it (frozen random layers are refused).
+  c.model.init_from = ""
   c.model.overrides = ml_collections.ConfigDict()  # e.g. dims/depths for tiny test models
 
   c.optim = ml_collections.ConfigDict()
@@ -66,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0
   c.optim.schedule = "constant"   # constant (paper) or cosine
   c.optim.warmup_steps = 0
+  c.optim.layer_decay = 0.0       # >0: backbone stage i of n at lr * decay**(n - i) (DeepSSIM++)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32         # global batch of pairs
@@ -76,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0  # 0: at every evaluation
   c.train.keep_latest = 1
   c.train.num_workers = 0         # grain worker processes (0: threads in this process)
+  c.train.augment_valid = False   # validation pairs augmented like training pairs (reference)
+  # joint: both branches in one batch (one BatchNorm batch); separate: one forward per
+  # branch, BatchNorm statistics per branch and two running-average updates (reference).
+  c.train.branches = "joint"
 
   c.aug = ml_collections.ConfigDict()
   c.aug.p_flip0 = 0.33
@@ -85,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.p_gamma = 0.33
   c.aug.gamma_min = 0.5
   c.aug.gamma_max = 1.5
-  c.aug.renormalize = True
+  c.aug.renormalize = True        # z-score again after augmenting (ours; reference: False)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -21,10 +21,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 from flax.training import train_state
 from tqdm import tqdm
 
-from deepssim_jax import augment, io, models, parallel, pipeline
+from deepssim_jax import augment, convert, io, models, parallel, pipeline
 
 
 class TrainState(train_state.TrainState):
@@ -34,35 +35,84 @@ class TrainState(train_state.TrainState):
 # ----------------------------------------------------------------------------- setup
 
 
-def make_optimizer(params, optim: ml_collections.ConfigDict, num_frozen_stages: int,
-                   total_steps: int) -> optax.GradientTransformation:
-  """AdamW + global-norm clipping on trainable leaves; frozen leaves get zero updates."""
+FREEZE_RULES = ("stages", "reference", "none")
+
+
+def trainable_mask(params, num_frozen_stages: int = 0, freeze: str = "stages") -> Any:
+  """True for trained leaves. freeze: "stages" (ours: the stem and the first
+  `num_frozen_stages` stages), "reference" (the reference's rule: every parameter whose
+  torchvision `features` name contains '0' or '1', about 59% of ConvNeXt-Base) or "none"."""
+  if freeze == "stages":
+    return models.freeze_mask(params, num_frozen_stages)
+  if freeze == "reference":
+    return convert.reference_freeze_mask(params)
+  if freeze == "none":
+    return jax.tree.map(lambda _: True, params)
+  raise ValueError(f"unknown model.freeze {freeze!r}; choose one of {FREEZE_RULES}")
+
+
+def lr_scales(params, layer_decay: float) -> Any:
+  """Layer-wise learning-rate decay (DeepSSIM++): the head at the base rate, backbone stage
+  i of n at decay ** (n - i), the stem with stage 0. 0 or 1: every leaf at 1."""
+  flat = traverse_util.flatten_dict(dict(params))
+  n = len({p[1] for p in flat if p[0] == "backbone" and p[1].startswith("stages_")})
+
+  def scale(path):
+    if not layer_decay or layer_decay == 1.0 or path[0] != "backbone":
+      return 1.0
+    i = 0 if path[1] == "stem" else int(path[1].split("_")[1])
+    return float(layer_decay) ** (n - i)
+
+  return traverse_util.unflatten_dict({p: scale(p) for p in flat})
+
+
+def _schedule(optim: ml_collections.ConfigDict, total_steps: int, scale: float = 1.0):
   if optim.schedule == "constant":
-    lr = optim.learning_rate
-  elif optim.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
-                                            max(total_steps, optim.warmup_steps + 1))
-  else:
-    raise ValueError(f"unknown schedule {optim.schedule!r} (constant, cosine)")
-  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm),
-                   optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                               weight_decay=optim.weight_decay))
-  labels = models.trainable_labels(params, num_frozen_stages)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return optim.learning_rate * scale
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.learning_rate * scale, optim.warmup_steps,
+        max(total_steps, optim.warmup_steps + 1))
+  raise ValueError(f"unknown schedule {optim.schedule!r} (constant, cosine)")
+
+
+def make_optimizer(params, optim: ml_collections.ConfigDict, num_frozen_stages: int,
+                   total_steps: int, freeze: str = "stages") -> optax.GradientTransformation:
+  """AdamW + global-norm clipping on trainable leaves; frozen leaves get zero updates.
+
+  With optim.layer_decay, each group of lr_scales gets its own AdamW at the scaled rate
+  (torch's per-group AdamW: the decoupled weight decay scales with the group's rate).
+  """
+  def adamw(scale):
+    return optax.adamw(_schedule(optim, total_steps, scale), b1=optim.b1, b2=optim.b2,
+                       eps=optim.eps, weight_decay=optim.weight_decay)
+
+  mask = trainable_mask(params, num_frozen_stages, freeze)
+  decay = optim.get("layer_decay", 0.0)
+  if not decay:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw(1.0))
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  scales = lr_scales(params, decay)
+  labels = jax.tree.map(lambda t, sc: f"lr_x{sc:.6g}" if t else "frozen", mask, scales)
+  txs = {lab: adamw(float(lab[4:])) for lab in set(jax.tree.leaves(labels)) if lab != "frozen"}
+  txs["frozen"] = optax.set_to_zero()
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm),
+                     optax.multi_transform(txs, labels))
 
 
 def learning_rate(optim: ml_collections.ConfigDict, step: jax.Array, total_steps: int):
-  if optim.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
-                                              max(total_steps, optim.warmup_steps + 1))(step)
-  return jnp.asarray(optim.learning_rate, jnp.float32)
+  """The base (head) learning rate at a step."""
+  lr = _schedule(optim, total_steps)
+  return lr(step) if callable(lr) else jnp.asarray(lr, jnp.float32)
 
 
 def model_from_config(config: ml_collections.ConfigDict):
   """The DeepSSIM module a config names (JSON-restored lists become tuples)."""
   overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
                for k, v in dict(config.model.get("overrides", {})).items()}
-  return models.make_model(config.model.name, **overrides)
+  return models.make_model(config.model.name, head=config.model.get("head", "wacv"),
+                           **overrides)
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_shape,
@@ -71,18 +121,68 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_
   x = jnp.zeros((1, *image_shape), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
   tx = make_optimizer(variables["params"], config.optim, config.model.num_frozen_stages,
-                      total_steps)
+                      total_steps, config.model.get("freeze", "stages"))
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def check_freezing(config: ml_collections.ConfigDict) -> None:
+  """Refuses to freeze layers that were never loaded.
+
+  A frozen random stem feeds a LayerNorm that divides out every grid-aligned 4x4 patch's
+  scale: the network can no longer see local contrast, which SSIM is made of. Refused
+  rather than unfrozen with a warning, because a run that silently trains something other
+  than what its config says would be compared with the paper as if it were the paper's.
+  """
+  m = config.model
+  freezes = (m.get("freeze", "stages") == "reference"
+             or (m.get("freeze", "stages") == "stages" and m.num_frozen_stages > 0))
+  if freezes and not m.get("init_from", ""):
+    raise io.InputError(
+        "model.num_frozen_stages / model.freeze freeze backbone layers, but model.init_from "
+        "is empty: frozen random layers cannot learn (and a frozen random stem cannot see "
+        "local contrast). Pass --config.model.init_from=<torchvision convnext .pth, timm "
+        ".safetensors or a converted checkpoint folder> (see README: pretrained weights), or "
+        "--config.model.num_frozen_stages=0 --config.model.freeze=stages to train all layers.")
+
+
+def initial_backbone(config: ml_collections.ConfigDict, image_shape) -> Optional[dict]:
+  """params['backbone'] from model.init_from (None when empty)."""
+  path = config.model.get("init_from", "")
+  if not path:
+    return None
+  return convert.backbone_params(path, model_from_config(config), image_shape)
+
+
+def init_from_fingerprint(config) -> str:
+  path = config.model.get("init_from", "")
+  if not path:
+    return ""
+  return convert.file_sha256(path) if os.path.isfile(path) else os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------- steps
 
 
-def _cosines(state: TrainState, params, images_a, images_b, train: bool, rng=None):
-  """Embeds both branches in one pass (shared weights) and returns row-wise cosines."""
-  x = jnp.concatenate([images_a, images_b], axis=0)
+def _cosines(state: TrainState, params, images_a, images_b, train: bool, rng=None,
+             branches: str = "joint"):
+  """Embeds both branches with shared weights and returns row-wise cosines.
+
+  branches "joint": one pass over both batches (BatchNorm sees 2B images); "separate": one
+  pass per branch as the reference runs its Siamese net (BatchNorm statistics per branch,
+  the running averages updated twice, the second pass seeing the first's update).
+  """
   variables = {"params": params, "batch_stats": state.batch_stats}
+  if branches == "separate" and train:
+    k_a, k_b = jax.random.split(rng)
+    ea, upd = state.apply_fn(variables, images_a, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": k_a})
+    eb, upd = state.apply_fn({"params": params, **upd}, images_b, train=True,
+                             mutable=["batch_stats"], rngs={"dropout": k_b})
+    return jnp.sum(ea * eb, axis=-1), upd
+  if branches not in ("joint", "separate"):
+    raise ValueError(f"unknown train.branches {branches!r} (joint, separate)")
+  x = jnp.concatenate([images_a, images_b], axis=0)
   if train:
     emb, updates = state.apply_fn(variables, x, train=True, mutable=["batch_stats"],
                                   rngs={"dropout": rng})
@@ -94,7 +194,8 @@ def _cosines(state: TrainState, params, images_a, images_b, train: bool, rng=Non
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
                aug: augment.AugmentConfig, optim: ml_collections.ConfigDict,
-               total_steps: int, num_frozen_stages: int = 0) -> tuple[TrainState, dict]:
+               total_steps: int, num_frozen_stages: int = 0,
+               freeze: str = "stages", branches: str = "joint") -> tuple[TrainState, dict]:
   """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b)).
 
   Gradients of the frozen stages are replaced by zeros before anything reads them, so XLA
@@ -107,32 +208,44 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   b = augment.augment_batch(k_b, batch["image_b"], aug)
 
   def loss_fn(params):
-    cos, updates = _cosines(state, params, a, b, train=True, rng=k_drop)
+    cos, updates = _cosines(state, params, a, b, train=True, rng=k_drop, branches=branches)
     err = cos - batch["ssim"]
     return jnp.mean(err ** 2), (updates, jnp.mean(jnp.abs(err)))
 
   (loss, (updates, mae)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if num_frozen_stages:
-    mask = models.freeze_mask(state.params, num_frozen_stages)
+  if freeze == "reference" or (freeze == "stages" and num_frozen_stages):
+    mask = trainable_mask(state.params, num_frozen_stages, freeze)
     grads = jax.tree.map(lambda g, trainable: g if trainable else jnp.zeros_like(g), grads,
                          mask)
-  new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+  new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
   metrics = {"loss": loss, "mae": mae, "grad_norm": optax.tree.norm(grads),
              "learning_rate": learning_rate(optim, state.step, total_steps)}
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict) -> dict:
-  """Sums of squared and absolute errors over the real (weight 1) rows of a batch."""
-  cos, _ = _cosines(state, state.params, batch["image_a"], batch["image_b"], train=False)
+def eval_step(state: TrainState, batch: dict, rng: Optional[jax.Array] = None,
+              aug: Optional[augment.AugmentConfig] = None) -> dict:
+  """Sums of squared and absolute errors over the real (weight 1) rows of a batch.
+
+  With `aug` (train.augment_valid, the reference's validation), both images are augmented
+  as in training, from `rng`.
+  """
+  a, b = batch["image_a"], batch["image_b"]
+  if aug is not None:
+    k_a, k_b = jax.random.split(rng)
+    a, b = augment.augment_batch(k_a, a, aug), augment.augment_batch(k_b, b, aug)
+  cos, _ = _cosines(state, state.params, a, b, train=False)
   err, w = cos - batch["ssim"], batch["weight"]
   return {"sse": jnp.sum(w * err ** 2), "sae": jnp.sum(w * jnp.abs(err)), "count": jnp.sum(w)}
 
 
-def evaluate(state, eval_fn, ds, mesh) -> dict:
+def evaluate(state, eval_fn, ds, mesh, rng: Optional[jax.Array] = None) -> dict:
+  """Validation MSE and MAE. With `rng`, batch i is augmented from fold_in(rng, i): the
+  same draws at every evaluation, so validation losses of different steps compare."""
   sums = None
-  for batch in pipeline.iterate(ds):
-    out = eval_fn(state, parallel.shard_batch(batch, mesh))
+  for i, batch in enumerate(pipeline.iterate(ds)):
+    args = () if rng is None else (jax.random.fold_in(rng, i),)
+    out = eval_fn(state, parallel.shard_batch(batch, mesh), *args)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   n = max(float(sums["count"]), 1.0)
@@ -284,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
   if len(valid_source) == 0:
     raise io.InputError("no validation pairs (split 'valid' of the pair table): the best "
                         "checkpoint is chosen on them; raise pairs.valid_fraction")
+  check_freezing(config)
   os.makedirs(workdir, exist_ok=True)
   save_config(workdir, config)
   tc = config.train
@@ -298,13 +412,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
                "epochs": tc.num_epochs,
                "fingerprint": io.fingerprint(train_source.real_idx, train_source.synth_idx,
                                              train_source.ssim)}
+  if config.model.get("init_from", ""):
+    data_spec["init_from"] = init_from_fingerprint(config)
 
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   image_shape = tuple(config.data.image_size)
   state = create_train_state(config, init_rng, image_shape, total_steps)
-  state = parallel.replicate(state, mesh)
   latest, best = checkpoint_managers(workdir, config)
+  if latest.latest_step() is None and config.model.get("init_from", ""):
+    params = dict(state.params)
+    params["backbone"] = initial_backbone(config, image_shape)
+    state = state.replace(params=params)
+    logging.info("Backbone initialised from %s", config.model.init_from)
+  state = parallel.replicate(state, mesh)
   start = 0
   if latest.latest_step() is not None:
     step = latest.latest_step()
@@ -321,9 +442,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
   aug = augment.AugmentConfig.from_config(config.aug)
   step_fn = jax.jit(functools.partial(train_step, aug=aug, optim=config.optim,
                                       total_steps=total_steps,
-                                      num_frozen_stages=config.model.num_frozen_stages),
+                                      num_frozen_stages=config.model.num_frozen_stages,
+                                      freeze=config.model.get("freeze", "stages"),
+                                      branches=tc.get("branches", "joint")),
                     donate_argnums=(0,))
-  eval_fn = jax.jit(eval_step)
+  valid_rng = None
+  if tc.get("augment_valid", False):
+    eval_fn = jax.jit(functools.partial(eval_step, aug=aug))
+    valid_rng = jax.random.fold_in(jax.random.key(config.seed), 1_000_003)
+  else:
+    eval_fn = jax.jit(eval_step)
   evals = [r for r in log.rows if r.get("val_loss", "") != ""]  # from before a resume
   best_val = min([float(r["val_loss"]) for r in evals], default=float("inf"))
   last_eval = ({k: float(evals[-1][k]) for k in ("val_loss", "val_mae")} if evals else {})
@@ -354,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
       row["pairs_per_s"] = (step - n0) * tc.batch_size / max(dt, 1e-9)
       t0, n0 = time.perf_counter(), step
       if is_eval:
-        last_eval = evaluate(state, eval_fn, valid_ds, mesh)
+        last_eval = evaluate(state, eval_fn, valid_ds, mesh, valid_rng)
         row.update(last_eval)
         best_val = min(best_val, last_eval["val_loss"])
       log.write(step, row)

@@ -16,7 +16,7 @@ def tiny_config(**train_overrides):
   c = config_lib.base_config()
   c.data.image_size = SIZE
   c.model.name = "convnext_atto"
-  c.model.num_frozen_stages = 2
+  c.model.num_frozen_stages = 0  # freezing needs model.init_from (test_init_from_...)
   # The grouped-conv depthwise form compiles ~5x faster than the default shift-sum form;
   # test_models checks that both give the same numbers.
   c.model.overrides.update(dict(hidden_dim=32, embed_dim=16, depthwise_impl="conv"))
@@ -57,11 +57,13 @@ def _step_fn(config, total_steps=100):
   aug = augment.AugmentConfig.from_config(config.aug)
   return jax.jit(lambda s, b, r: train.train_step(
       s, b, r, aug=aug, optim=config.optim, total_steps=total_steps,
-      num_frozen_stages=config.model.num_frozen_stages))
+      num_frozen_stages=config.model.num_frozen_stages, freeze=config.model.freeze,
+      branches=config.train.branches))
 
 
 def test_jitted_step_lowers_loss_and_keeps_frozen_params(sources):
   config = tiny_config()
+  config.model.num_frozen_stages = 2
   config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
   config.model.overrides.dropout = 0.0
   state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
@@ -156,3 +158,137 @@ def test_resume_refuses_other_data(tmp_path, sources):
                               tr.ssim[::-1].copy())
   with pytest.raises(io.InputError, match="other data"):
     train.train_and_evaluate(config, str(tmp_path), other, va)
+
+
+# ----------------------------------------------------------------------------- reference semantics
+
+
+def _backbone_file(tmp_path, seed=5):
+  """A random convnext_atto backbone saved as a torchvision-layout .safetensors file."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from deepssim_jax import convert, models  # pylint: disable=g-import-not-at-top
+  model = train.model_from_config(tiny_config())
+  params = model.init(jax.random.key(seed), np.zeros((1, *SIZE), np.float32))["params"]
+  path = str(tmp_path / "backbone.safetensors")
+  save_file(convert.to_torchvision(params["backbone"]), path)
+  return path, params["backbone"]
+
+
+def test_frozen_random_layers_are_refused_and_nothing_is_written(tmp_path, sources):
+  config = tiny_config()
+  config.model.num_frozen_stages = 2
+  with pytest.raises(io.InputError, match="model.init_from"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
+  config.model.num_frozen_stages, config.model.freeze = 0, "reference"
+  with pytest.raises(io.InputError, match="model.init_from"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_init_from_loads_the_backbone_and_frozen_stages_keep_it(tmp_path, sources):
+  path, want = _backbone_file(tmp_path)
+  config = tiny_config(num_epochs=1)
+  config.model.num_frozen_stages = 2
+  config.model.init_from = path
+  out = train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
+  got = traverse_util.flatten_dict(out["params"]["backbone"])
+  want = traverse_util.flatten_dict(want)
+  for p in want:
+    if p[0] in ("stem", "stages_0", "stages_1"):  # frozen: exactly the file's weights
+      np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
+  assert any(not np.allclose(got[p], want[p]) for p in want if p[0] == "stages_3")
+  # A different file on the same workdir is other settings: refused, not silently resumed.
+  other, _ = _backbone_file(tmp_path / "..", seed=6)
+  config.model.init_from = other
+  with pytest.raises(io.InputError, match="other data/settings"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
+
+
+def test_reference_freeze_rule_trains_only_names_without_0_or_1(sources):
+  from deepssim_jax import convert  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.model.freeze = "reference"
+  config.model.overrides.dropout = 0.0
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  new, _ = _step_fn(config)(state, fixed_batch(sources[0]), jax.random.key(1))
+  before = traverse_util.flatten_dict(state.params["backbone"])
+  after = traverse_util.flatten_dict(new.params["backbone"])
+  for p in before:
+    name = convert.torchvision_name(p)
+    changed = not np.array_equal(before[p], after[p])
+    assert changed == ("0" not in name and "1" not in name), (p, name)
+
+
+def test_layer_decay_scales_each_stage_first_step():
+  """Adam's first step moves every weight by lr (sign of its gradient): with layer decay d,
+  a leaf of backbone stage i of 4 moves by lr * d**(4 - i) (plus its weight decay)."""
+  config = tiny_config()
+  config.optim.layer_decay = 0.3
+  config.optim.weight_decay = 0.0
+  config.optim.eps = 1e-30  # behind 1e-6 layer scales gradients are tiny; eps must not matter
+  config.model.overrides.dropout = 0.0
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  scales = traverse_util.flatten_dict(train.lr_scales(state.params, 0.3))
+  assert scales[("backbone", "stages_3", "block_0", "pwconv1", "kernel")] == pytest.approx(0.3)
+  assert scales[("backbone", "stem", "conv", "kernel")] == pytest.approx(0.3 ** 4)
+  assert scales[("head", "hidden", "kernel")] == 1.0
+  rng = np.random.default_rng(0)
+  batch = {"image_a": rng.normal(size=(8, *SIZE)).astype(np.float32),
+           "image_b": rng.normal(size=(8, *SIZE)).astype(np.float32),
+           "ssim": rng.uniform(size=8).astype(np.float32), "weight": np.ones(8, np.float32)}
+  new, _ = _step_fn(config)(state, batch, jax.random.key(1))
+  before, after = (traverse_util.flatten_dict(t) for t in (state.params, new.params))
+  lr = config.optim.learning_rate
+  for p in (("backbone", "stages_3", "block_0", "layer_scale"),
+            ("backbone", "stages_1", "block_0", "layer_scale"),
+            ("backbone", "stages_2", "block_0", "pwconv1", "kernel"), ("head", "embed", "kernel")):
+    step = np.abs(np.asarray(after[p]) - np.asarray(before[p]))
+    assert np.median(step[step > 0]) == pytest.approx(lr * scales[p], rel=1e-3), p
+
+
+def test_augmented_validation_is_augmented_and_repeatable(sources):
+  config = tiny_config()
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  aug = augment.AugmentConfig.from_config(config.aug)
+  batch = fixed_batch(sources[1])
+  plain = train.eval_step(state, batch)
+  a1 = train.eval_step(state, batch, jax.random.key(3), aug)
+  a2 = train.eval_step(state, batch, jax.random.key(3), aug)
+  assert float(a1["sse"]) == float(a2["sse"])
+  assert float(a1["sse"]) != pytest.approx(float(plain["sse"]), rel=1e-6)
+
+
+def test_separate_branches_update_batchnorm_twice(sources):
+  """train.branches='separate' (the reference): each branch's BatchNorm statistics are its
+  own and the running averages take two updates per step."""
+  config = tiny_config()
+  config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
+  config.model.overrides.dropout = 0.0
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  batch = fixed_batch(sources[0])
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  ea, upd = state.apply_fn(variables, batch["image_a"], train=True, mutable=["batch_stats"])
+  eb, upd = state.apply_fn({"params": state.params, **upd}, batch["image_b"], train=True,
+                           mutable=["batch_stats"])
+  want_loss = float(np.mean((np.sum(ea * eb, -1) - batch["ssim"]) ** 2))
+  config.train.branches = "separate"
+  new, m = _step_fn(config)(state, batch, jax.random.key(1))
+  assert float(m["loss"]) == pytest.approx(want_loss, rel=1e-5)
+  for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(upd["batch_stats"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  config.train.branches = "joint"
+  joint, mj = _step_fn(config)(state, batch, jax.random.key(1))
+  assert float(mj["loss"]) != pytest.approx(want_loss, rel=1e-4)
+
+
+def test_gem_head_bf16_step_keeps_float32_params(sources):
+  config = tiny_config()
+  config.model.head = "gem"
+  config.model.overrides.update(dict(hidden_dim=0, dtype="bfloat16"))
+  config.optim.layer_decay = 0.3
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  assert state.params["head"]["hidden"]["kernel"].shape == (8 + 16 + 32 + 64, (120 + 16) // 2)
+  new, m = _step_fn(config)(state, fixed_batch(sources[0]), jax.random.key(1))
+  assert np.isfinite(float(m["loss"]))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(new.params))
+  assert float(new.params["head"]["gem_0"][0]) != 3.0  # the GeM exponents learn
