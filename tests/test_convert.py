@@ -350,3 +350,31 @@ def test_reference_torchscript_drives_evaluate_and_audit(tmp_path):
     want = l2n(net(torch.from_numpy(np.asarray(real["images"], np.float32))[:, None]
                    .repeat(1, 3, 1, 1)))
   report("audit store embeddings vs the TorchScript model", np.asarray(emb)[order], want)
+
+
+def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  model = models.make_model("convnext_atto", depthwise_impl="conv")
+  params = model.init(jax.random.key(0), np.zeros((1, 32, 32), np.float32))["params"]
+  good = convert.to_torchvision(params["backbone"])
+
+  def load(state, name):
+    path = str(tmp_path / f"{name}.safetensors")
+    save_file(state, path)
+    return convert.backbone_params(path, model, (32, 32))
+
+  loaded = load(good, "good")
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(io.InputError, match=r"unknown key.*features\.1\.0\.block\.9\.weight"):
+    load({**good, "features.1.0.block.9.weight": np.zeros(3, np.float32)}, "extra")
+  missing = {k: v for k, v in good.items() if k != "features.3.0.layer_scale"}
+  with pytest.raises(io.InputError, match="missing.*stages_1/block_0/layer_scale"):
+    load(missing, "missing")
+  bad = {**good, "features.0.1.weight": np.zeros(5, np.float32)}
+  with pytest.raises(io.InputError, match=r"shape mismatch.*stem/norm/scale.*\(5,\)"):
+    load(bad, "bad")
+  with pytest.raises(io.InputError, match="none of the ConvNeXt key prefixes"):
+    load({"encoder.weight": np.zeros(2, np.float32)}, "foreign")
+  with pytest.raises(io.InputError, match="no such file"):
+    convert.backbone_params(str(tmp_path / "absent.pth"), model, (32, 32))
