@@ -3,14 +3,19 @@
 Modes: autoencoder (train the KL autoencoder + GAN), diffusion (train the UNet on the frozen
 autoencoder's latents), generate (write <uid>/training.png, <uid>/gen-<i>.png for every
 training record of a diffusion run). Without --mode, the config's `mode` field decides.
+
+As deepssim_jax.main: the config is checked before any work (deepssim_jax.validate), every
+mode runs holding the workdir's lock after the temporaries of killed jobs are removed
+(deepssim_jax.workdir), and errors meant for users print one line and exit with status 2
+(deepssim_jax.cli; --verbose or DEEPSSIM_VERBOSE=1 adds the traceback).
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepssim_jax import cli, parallel, validate, workdir as workdir_lib
 from deepssim_jax import config_lib as deepssim_config
-from deepssim_jax import parallel
 from ldm_jax import generate, train_autoencoder, train_diffusion
 
 MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
@@ -25,6 +30,8 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coord
                              "host:port (multi-process runs; auto-detected on SLURM/TPU).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for errors meant for users too "
+                             f"(or {cli.VERBOSE_ENV}=1).")
 
 
 def check_data(config) -> None:
@@ -35,21 +42,33 @@ def check_data(config) -> None:
                                  config.data.get("download_hint", ""))
 
 
-def main(argv):
-  del argv
-  flags.mark_flags_as_required(["config"])
-  parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+def run():
+  try:
+    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  except ValueError as e:  # incomplete multi-process settings
+    raise validate.ConfigError(str(e)) from e
   parallel.setup_logging()
   config = _CONFIG.value
+  if config is None:
+    raise validate.ConfigError("--config is required, e.g. "
+                               "--config=configs/ldm_demo_autoencoder.py")
   mode = _MODE.value or config.get("mode", "")
   if mode not in MODES:
-    raise app.UsageError(f"--mode: one of {sorted(MODES)} (the config has mode={mode!r})")
+    raise validate.ConfigError(f"--mode must be one of {sorted(MODES)} (the config has "
+                               f"mode={mode!r})")
+  validate.check_ldm(config, mode, jax.device_count())  # before anything is written
   check_data(config)
   workdir = _WORKDIR.value or config.workdir
-  logging.info("JAX %s: %d process(es), %d device(s): %s; mode %s", jax.__version__,
-               jax.process_count(), jax.device_count(), jax.devices()[0].platform, mode)
-  MODES[mode](config, workdir)
+  with workdir_lib.locked(workdir, mode):
+    logging.info("JAX %s: %d process(es), %d device(s): %s; mode %s", jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform, mode)
+    return MODES[mode](config, workdir)
+
+
+def main(argv):
+  del argv
+  cli.run_guarded(run, verbose=cli.verbose_requested(_VERBOSE.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
