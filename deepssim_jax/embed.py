@@ -8,8 +8,21 @@ Two entry points:
   device or process count; a killed job skips the shards already on disk and produces
   the same store. Images are read by grain threads while the devices compute; the job
   reports images/s and the share of its time spent waiting on input.
+
+A store records what it was made from (deepssim_jax.store, "identity"): the source's ids
+and their number, shard_rows, dtype, the caller's fingerprint (checkpoint, data, image
+size). A writer continues it only when all of that matches; a partial store whose
+shard_rows changed is begun again, any other change is refused, naming the fields. The
+store is marked complete only when its rows are exactly the source's ids, in order.
+
+Test hook: the environment variable DEEPSSIM_STOP_AFTER_SHARDS=N makes embed_to_store stop
+the job as a kill would, after writing N shards (and their partial index) in this run: it
+raises StoppedByTestHook, a SystemExit with status STOP_EXIT_CODE (3), so the command exits
+non-zero and no later step runs (not even the final index); the reason is logged. Tests
+use it to interrupt --mode=embed, match or audit at a known point without timing.
 """
 
+import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -96,15 +109,59 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _todo_shards(folder: str, num_shards: int, fingerprint: str) -> list[int]:
-  """Shards still to write; process 0 decides (it alone sees the store) and tells all."""
-  done = np.zeros(num_shards, np.int32)
+STOP_ENV = "DEEPSSIM_STOP_AFTER_SHARDS"
+STOP_EXIT_CODE = 3
+
+
+class StoppedByTestHook(SystemExit):
+  """Raised after DEEPSSIM_STOP_AFTER_SHARDS shards: a SystemExit with status
+  STOP_EXIT_CODE (an integer status, so entrypoints do not report it as a user error);
+  str() is the reason."""
+
+  def __init__(self, message: str):
+    super().__init__(STOP_EXIT_CODE)
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+def _stop_after_env() -> Optional[int]:
+  value = os.environ.get(STOP_ENV, "").strip()
+  if not value:
+    return None
+  try:
+    n = int(value)
+  except ValueError:
+    raise ValueError(f"{STOP_ENV}={value!r}: expected a number of shards") from None
+  if n < 1:
+    raise ValueError(f"{STOP_ENV}={value!r}: expected a number of shards >= 1")
+  return n
+
+
+def _todo_shards(folder: str, num_shards: int,
+                 prepare: Optional[Callable[[], list[int]]] = None) -> list[int]:
+  """Shards still to write; process 0 decides (it alone sees the store) and tells all.
+
+  prepare: process 0's check of the folder, returning the shards done
+  (store.prepare_writer); default: the valid shards on disk (store.completed_shards). If
+  it refuses the store, every process raises.
+  """
+  done = np.zeros(num_shards + 1, np.int32)  # the last entry: 1 if process 0 refused
+  error = None
   if parallel.is_main_process():
-    for i in store.completed_shards(folder, fingerprint):
-      if i < num_shards:
-        done[i] = 1
+    try:
+      for i in (prepare() if prepare else store.completed_shards(folder)):
+        if i < num_shards:
+          done[i] = 1
+    except io.InputError as e:
+      error, done[-1] = e, 1
   if jax.process_count() > 1:
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  if error is not None:
+    raise error
+  if done[-1]:
+    raise io.InputError(f"{folder}: process 0 refused the store (see its log)")
   return [i for i in range(num_shards) if not done[i]]
 
 
@@ -112,8 +169,17 @@ def embed_to_store(embed_fn: Callable, variables: Any, source, folder: str, *,
                    batch_size: int, shard_rows: int, fingerprint: str,
                    meta: Optional[Mapping[str, Any]] = None, dtype: str = "float32",
                    mesh=None, num_threads: int = 4, prefetch: int = 4,
-                   progress: bool = True, stop_after_shards: Optional[int] = None) -> dict:
+                   progress: bool = True, stop_after_shards: Optional[int] = None,
+                   identity: Optional[Mapping[str, Any]] = None) -> dict:
   """Embeds every image of a source into an embedding store, resumably.
+
+  The store's identity (meta["identity"]) is {"n_source", "source_ids" (store.
+  ids_fingerprint of the keys), "shard_rows", "dtype", "fingerprint"} plus `identity`. An
+  existing store is continued only if its identity is the same; a partial one that differs
+  only in shard_rows is begun again; otherwise InputError naming what changed, before any
+  file is touched (store.prepare_writer). The store is marked complete only when its ids
+  are the source's keys, in order. The batch size is not part of the identity: it changes
+  the embeddings only in the last bits.
 
   Args:
     embed_fn: jitted (variables, (B, H, W)) -> (B, D) (make_embed_fn).
@@ -123,18 +189,27 @@ def embed_to_store(embed_fn: Callable, variables: Any, source, folder: str, *,
     folder: the store folder.
     batch_size: global batch (rounded up to a multiple of the device count).
     shard_rows: source rows per shard (fixes the store's layout).
-    fingerprint: identifies model + checkpoint + data; a store begun with another one is
-      refused instead of being silently mixed.
+    fingerprint: identifies model + checkpoint + data (a hash of inputs and settings, not
+      of embeddings); a store begun with another one is refused instead of being silently
+      mixed.
     meta: recorded in the store's index (checkpoint, data root, ...).
     dtype: "float32" or "float16" storage.
     mesh: the data-parallel mesh (default: all devices).
     num_threads, prefetch: grain reading threads and batches read ahead.
     progress: tqdm bar (process 0 only).
-    stop_after_shards: stop after writing this many shards (tests of resumption).
+    stop_after_shards: return after writing this many shards (tests of resumption; the
+      environment variable DEEPSSIM_STOP_AFTER_SHARDS instead stops the job as a kill
+      would: see the module docstring).
+    identity: more of what the store is made from (checkpoint fingerprint, data root,
+      image size, ...; JSON values), each checked by name when the store is continued.
 
   Returns:
-    {"n", "written", "skipped", "seconds", "images_per_s", "input_wait_fraction",
-     "complete", "index"} (index only once complete).
+    {"n", "folder", "written", "skipped", "seconds", "images_per_s",
+     "input_wait_fraction", "complete", "index"} (index only once complete).
+
+  Raises:
+    InputError: an empty source, or a store in `folder` made from other inputs.
+    StoppedByTestHook: DEEPSSIM_STOP_AFTER_SHARDS shards were written.
   """
   keys = np.asarray(source.keys, dtype=str)
   n = len(keys)
@@ -149,11 +224,16 @@ def embed_to_store(embed_fn: Callable, variables: Any, source, folder: str, *,
   if global_batch % jax.process_count():
     raise ValueError(f"global batch {global_batch} not divisible by {jax.process_count()} "
                      "processes")
+  stop_env = _stop_after_env()
   variables = parallel.replicate(variables, mesh)
   num_shards = -(-n // shard_rows)
+  ident = {**dict(identity or {}), "fingerprint": fingerprint, "n_source": int(n),
+           "source_ids": store.ids_fingerprint(keys), "shard_rows": int(shard_rows),
+           "dtype": dtype}
   meta = dict(meta or {}, fingerprint=fingerprint, shard_rows=int(shard_rows),
-              n_source=int(n))
-  all_todo = _todo_shards(folder, num_shards, fingerprint)
+              n_source=int(n), identity=ident)
+  all_todo = _todo_shards(folder, num_shards,
+                          lambda: store.prepare_writer(folder, ident, meta))
   todo = all_todo if stop_after_shards is None else all_todo[:stop_after_shards]
   main = parallel.is_main_process()
   rows_todo = sum(min(n, (s + 1) * shard_rows) - s * shard_rows for s in todo)
@@ -179,16 +259,26 @@ def embed_to_store(embed_fn: Callable, variables: Any, source, folder: str, *,
     if main:
       store.write_shard(folder, s, keys[start:stop], np.concatenate(outs).astype(dtype))
       store.finalize(folder, meta, complete=False)
+    written = todo.index(s) + 1
+    if stop_env is not None and written >= stop_env:
+      bar.close()
+      msg = (f"{STOP_ENV}={stop_env}: stopped after writing {written} shard(s) of {folder} "
+             "(test hook)")
+      logging.warning(msg)
+      raise StoppedByTestHook(msg)
   bar.close()
   seconds = time.perf_counter() - t0
-  out = {"n": n, "written": len(todo), "skipped": num_shards - len(all_todo),
+  out = {"n": n, "folder": folder, "written": len(todo),
+         "skipped": num_shards - len(all_todo),
          "seconds": seconds, "images_per_s": rows_todo / max(seconds, 1e-9),
          "input_wait_fraction": wait / max(seconds, 1e-9), "complete": False}
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("embed_to_store:" + folder)
-  complete = len(_todo_shards(folder, num_shards, fingerprint)) == 0
+  complete = len(_todo_shards(folder, num_shards)) == 0
   if complete and main:
-    out["index"] = store.finalize(folder, meta, complete=True)
+    # Checks that the rows are the source's ids in order; an index with the same content
+    # (a complete store reused) is not rewritten.
+    out["index"] = store.finalize(folder, meta, complete=True, source_ids=keys)
   parallel.sync("embed_to_store finalized:" + folder)  # others may read the store next (match)
   out["complete"] = complete
   logging.info("Embedded %d images in %.1f s: %.1f img/s, %.0f%% of the time waiting on "

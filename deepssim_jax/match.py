@@ -296,11 +296,14 @@ def topk_match(query_emb: np.ndarray, ref_emb: np.ndarray, k: int, q_block: int 
 def match_stores(query_folder: str, ref_folder: str, out_path: str, k: int,
                  q_block: int = 256, r_block: int = 8192, mesh: Optional[Mesh] = None,
                  chunk: int = 64, normalize_rows: bool = True,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, query_ids: Optional[Sequence[str]] = None,
+                 ref_ids: Optional[Sequence[str]] = None) -> dict:
   """Matches a query store (synthetic) against a reference store (training), streaming.
 
   The query store is loaded (it is the (Nq, d) side kept on the devices); the reference
-  store is read once, one block at a time.
+  store is read once, one block at a time. Both must be complete: a store marked complete
+  with fewer or more rows than its source is refused (store.read_index), naming the folder
+  and the counts.
 
   Args:
     query_folder: store of synthetic embeddings.
@@ -309,30 +312,35 @@ def match_stores(query_folder: str, ref_folder: str, out_path: str, k: int,
       train_ids (Nq, k), indices (Nq, k) int64, scores (Nq, k) float32. Otherwise a CSV
       with columns synth_id, rank (1 = closest), train_id, score.
     k, q_block, r_block, mesh, chunk, normalize_rows, progress: see topk_match_blocks.
+    query_ids, ref_ids: the ids of the image sets the stores are taken for, in order
+      (jobs.match_job passes them): each store's rows must be exactly these, else
+      InputError naming the folder and the counts.
 
   Returns:
     {"path", "n_query", "n_ref", "k"}.
   """
-  q_ids, q_emb = store.load_store(query_folder)
-  ref_index = store.read_index(ref_folder)
+  q_ids, q_emb = store.load_store(query_folder, source_ids=query_ids)
+  ref_index = store.read_index(ref_folder, source_ids=ref_ids)
   if q_emb.shape[1] != ref_index["dim"]:
     raise io.InputError(f"{ref_folder}: embedding dimension {ref_index['dim']} differs from "
                         f"{q_emb.shape[1]} in {query_folder}")
   n_ref = ref_index["n_rows"]
   r_block = ref_block_size(n_ref, r_block, chunk)
-  ref_ids = []
+  ref_ids_read = []
 
   def blocks():
     for ids, emb in store.iter_store_blocks(ref_folder, r_block, ref_index):
-      ref_ids.append(ids)
+      ref_ids_read.append(ids)
       yield emb
 
   scores, idx = topk_match_blocks(q_emb, blocks(), n_ref, k, q_block=q_block,
                                   r_block=r_block, mesh=mesh, chunk=chunk,
                                   normalize_rows=normalize_rows, progress=progress,
                                   ref_name=ref_folder)
-  ref_ids = np.concatenate(ref_ids)
-  train_ids = ref_ids[idx]
+  streamed_ids = np.concatenate(ref_ids_read)
+  if ref_ids is not None:
+    store.check_rows(ref_folder, streamed_ids, ref_ids)
+  train_ids = streamed_ids[idx]
   if str(out_path).endswith(".npz"):
     io.write_npz(out_path, synth_ids=q_ids, train_ids=train_ids, indices=idx, scores=scores)
   else:

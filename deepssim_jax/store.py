@@ -15,6 +15,26 @@ atomically (deepssim_jax.io), so a shard that exists is whole; `completed_shards
 resuming writer which ones to skip. `finalize` checks the shards (contiguous numbering,
 one dimension and dtype, unique ids) before it marks the store complete; readers refuse a
 store that is not complete or whose shards disagree with its index.
+
+What a store was made from (its identity, `index["meta"]["identity"]`, written by
+deepssim_jax.embed.embed_to_store): the number of source images (`n_source`) and a
+fingerprint of their ids in order (`source_ids`), the layout (`shard_rows`), the storage
+`dtype`, and the caller's inputs (checkpoint fingerprint, data root, image size) with the
+combined `fingerprint`. A writer continues a store only when all of it matches
+(`prepare_writer`): a partial store whose layout alone changed is rebuilt, any other
+difference is refused with the fields that changed. A store is complete only when its rows
+are its source: `n_rows == n_source`, and (`finalize`, `load_store` with `source_ids`) the
+same ids in the same order. Readers (`read_index`, `load_store`, `iter_store_blocks`)
+refuse a store marked complete whose row count differs from its source, naming the folder
+and both counts.
+
+Fingerprints hash inputs and settings, never float outputs: embeddings differ in the last
+bits (~1e-7) with the batch size, the device count or the XLA version, so a hash of them
+would tell two runs of the same images and checkpoint apart while they hold the same
+answer. `meta["fingerprint"]` is therefore computed from the checkpoint fingerprint (itself
+a hash of the weights, the inputs of the embedder), the data root, the ids in order, the
+image size and the dtype; the layout (`shard_rows`) is part of the identity but not of the
+fingerprint, since it does not change a row. `fingerprint(folder)` returns it.
 """
 
 import json
@@ -24,6 +44,7 @@ import zipfile
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
 from deepssim_jax import io
 
@@ -31,6 +52,9 @@ INDEX = "index.json"
 FORMAT = "deepssim-embedding-store/1"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.npz$")
 _DTYPES = ("float32", "float16")
+# Identity fields that only change how rows are cut into shards, not any row: a partial
+# store that differs from its writer only in these is rebuilt rather than refused.
+LAYOUT_FIELDS = ("shard_rows",)
 
 
 def shard_name(shard_idx: int) -> str:
@@ -169,7 +193,96 @@ def completed_shards(folder: str, fingerprint: Optional[str] = None) -> list[int
   return done
 
 
-def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True) -> dict:
+def ids_fingerprint(ids: Sequence[str]) -> str:
+  """A fingerprint of ids in order (and so of their number), whatever the string width of
+  the array holding them."""
+  ids = np.asarray(ids, dtype=str)
+  return io.fingerprint(len(ids), "\x00".join(ids.tolist()))
+
+
+def identity(index: Mapping[str, Any]) -> dict:
+  """What a store says it was made from: `meta["identity"]`, or for a store written before
+  identities were recorded, the fields its meta has (fingerprint, shard_rows, n_source)."""
+  meta = index.get("meta") or {}
+  if isinstance(meta.get("identity"), dict):
+    return dict(meta["identity"])
+  return {k: meta[k] for k in ("fingerprint", "shard_rows", "n_source") if k in meta}
+
+
+def is_complete(index: Mapping[str, Any]) -> bool:
+  """Status "complete" and, where the index records its source's size, as many rows."""
+  n_source = identity(index).get("n_source")
+  return index.get("status") == "complete" and (n_source is None
+                                                or index.get("n_rows") == n_source)
+
+
+def _describe(index: Mapping[str, Any]) -> str:
+  n_source = identity(index).get("n_source")
+  rows = f"{index.get('n_rows')} rows" + ("" if n_source is None else
+                                          f" of {n_source} source images")
+  return f"{'complete' if is_complete(index) else 'partial'}, {rows}"
+
+
+def _clear(folder: str) -> None:
+  """Removes a store's index and shard files (nothing else in the folder)."""
+  for path in [os.path.join(folder, INDEX), *_shard_files(folder).values()]:
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def prepare_writer(folder: str, ident: Mapping[str, Any], meta: Mapping[str, Any]) -> list[int]:
+  """Makes `folder` ready for a writer of the store `ident` describes; the shards done.
+
+  Args:
+    folder: the store folder (created if missing).
+    ident: what the writer makes the store from (embed.embed_to_store: n_source,
+      source_ids, shard_rows, dtype, fingerprint, and the caller's inputs), JSON values.
+    meta: the index meta of a new store; it must carry `ident` as meta["identity"].
+
+  Returns:
+    Sorted numbers of the valid shards already written (completed_shards).
+
+  Cases:
+    * no store (no index, no shards): a new one; a partial index is written at once, so a
+      job killed after its first shard leaves a store that says what made it.
+    * a store with the same identity (every field both record is equal): continued.
+    * a partial store (is_complete: status and row count) that differs only in
+      LAYOUT_FIELDS (shard_rows): its shards cut the source elsewhere and cannot be reused;
+      its index and shard files are removed and the store begins again.
+    * anything else (another checkpoint or data root, other or more or fewer images,
+      another dtype or image size, a complete store of another layout, shard files without
+      an index): InputError naming the folder and each field that changed, old -> new;
+      nothing is touched.
+  """
+  path = os.path.join(folder, INDEX)
+  index = _read_index(folder) if os.path.isdir(folder) else None
+  if index is None:
+    if os.path.isdir(folder) and _shard_files(folder):
+      raise io.InputError(f"{folder}: shard files but no {INDEX}; nothing says what made "
+                          "them. Use another folder or delete this one")
+    os.makedirs(folder, exist_ok=True)
+    finalize(folder, meta, complete=False)
+    return []
+  old = identity(index)
+  changed = [k for k in ident if k in old and old[k] != ident[k]]
+  if not changed:
+    return completed_shards(folder)
+  diff = ", ".join(f"{k} {old[k]!r} -> {ident[k]!r}" for k in changed)
+  if set(changed) <= set(LAYOUT_FIELDS) and not is_complete(index):
+    logging.warning("%s: the store (%s) was begun with another layout (%s): its shards "
+                    "cannot be reused; starting it again", folder, _describe(index), diff)
+    _clear(folder)
+    finalize(folder, meta, complete=False)
+    return []
+  hint = ("set " + ", ".join(f"embed.{k}={old[k]!r}" for k in changed) + " to use it, "
+          if set(changed) <= set(LAYOUT_FIELDS) else "")
+  raise io.InputError(f"{path}: the store ({_describe(index)}) was made from other inputs or "
+                      f"settings than these: {diff}; {hint}use another folder (embed.dir) or "
+                      "delete this one")
+
+
+def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True,
+             source_ids: Optional[Sequence[str]] = None) -> dict:
   """Checks the shards and writes index.json.
 
   Args:
@@ -178,13 +291,17 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True) -> dic
       under "fingerprint" (completed_shards checks it).
     complete: True once every shard is written. False records progress (status
       "partial"): readers refuse the store, resuming writers still see the fingerprint.
+    source_ids: (when complete) the ids of the images the store was made from, in order:
+      the store's rows must be exactly these. Without them, a row count recorded as
+      meta["identity"]["n_source"] must equal the store's.
 
   Returns:
-    The index written.
+    The index written (an index.json with the same content is left as it is).
 
   Raises:
     InputError: missing folder; (when complete) no shards, a gap in the shard numbers,
-      dimensions or dtypes that differ across shards, or an id present twice.
+      dimensions or dtypes that differ across shards, an id present twice, or rows that
+      are not the source's (count or ids), naming the folder and both counts.
   """
   if not os.path.isdir(folder):
     raise io.InputError(f"{folder}: store folder not found")
@@ -207,8 +324,10 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True) -> dic
                           f"{dim} in {first}")
     elif info["dtype"] != dtype:
       raise io.InputError(f"{files[i]}: dtype {info['dtype']} differs from {dtype} in {first}")
+  n_rows = int(sum(v["rows"] for v in infos.values()))
   if complete:
     seen: dict[str, int] = {}
+    all_ids = []
     for i in infos:
       with np.load(files[i], allow_pickle=False) as z:
         ids = z["ids"]
@@ -220,25 +339,63 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True) -> dic
         if j != i:
           raise io.InputError(f"{folder}: duplicate id {key!r} in {shard_name(j)} and "
                               f"{shard_name(i)}")
+      all_ids.append(ids)
+    n_source = (meta.get("identity") or {}).get("n_source")
+    if source_ids is not None:
+      check_rows(folder, np.concatenate(all_ids), source_ids)
+    elif n_source is not None and n_rows != n_source:
+      raise io.InputError(f"{folder}: {n_rows} rows but the source has {n_source} images; "
+                          "the store is not complete")
   index = {
       "format": FORMAT,
       "status": "complete" if complete else "partial",
       "dim": dim,
       "dtype": dtype,
-      "n_rows": int(sum(v["rows"] for v in infos.values())),
+      "n_rows": n_rows,
       "shards": [{"file": shard_name(i), "rows": v["rows"]} for i, v in infos.items()],
       "meta": dict(meta),
   }
-  io.write_json(os.path.join(folder, INDEX), index)
+  try:  # as JSON reads it back (tuples become lists)
+    same = _read_index(folder) == json.loads(json.dumps(index, default=_plain))
+  except io.InputError:
+    same = False
+  if not same:
+    io.write_json(os.path.join(folder, INDEX), index)
   return index
 
 
-def read_index(folder: str) -> dict:
+def _plain(x):
+  return x.item() if isinstance(x, np.generic) else np.asarray(x).tolist()
+
+
+def check_rows(folder: str, ids: np.ndarray, source_ids: Sequence[str]) -> None:
+  """InputError unless a store's ids are its source's, same number, same order."""
+  source_ids = np.asarray(source_ids, dtype=str)
+  if len(ids) != len(source_ids):
+    raise io.InputError(f"{folder}: the store has {len(ids)} rows but its source has "
+                        f"{len(source_ids)} images; it is not a store of this source")
+  diff = np.flatnonzero(np.asarray(ids, dtype=str) != source_ids)
+  if len(diff):
+    r = int(diff[0])
+    raise io.InputError(f"{folder}: row {r} of the store's {len(ids)} is {str(ids[r])!r}, the "
+                        f"source's image {r} (of {len(source_ids)}) is "
+                        f"{str(source_ids[r])!r}; it is not a store of this source")
+
+
+def read_index(folder: str, source_ids: Optional[Sequence[str]] = None) -> dict:
   """The index of a complete store, with its shard files checked against it.
 
+  Args:
+    folder: the store folder.
+    source_ids: the ids of the image set the caller takes the store for, in order: the
+      store must have as many rows, and (where its identity records their fingerprint)
+      the same ids. load_store compares the ids themselves.
+
   Raises:
-    InputError: missing folder or index, a partial store, or a shard that is missing or
-      disagrees with the index (rows, dimension, dtype).
+    InputError: missing folder or index, a partial store, a store marked complete whose
+      rows are fewer or more than its source's images (or than `source_ids`), or a shard
+      that is missing or disagrees with the index (rows, dimension, dtype). Messages name
+      the folder and the counts.
   """
   if not os.path.isdir(folder):
     raise io.InputError(f"{folder}: store folder not found")
@@ -247,7 +404,27 @@ def read_index(folder: str) -> dict:
   if index is None:
     raise io.InputError(f"{path}: not found; the store is incomplete (finalize was not run)")
   if index.get("status") != "complete":
-    raise io.InputError(f"{path}: store status is {index.get('status')!r}, not 'complete'")
+    raise io.InputError(f"{path}: store status is {index.get('status')!r}, not 'complete' "
+                        f"({index.get('n_rows')} rows); run --mode=embed to finish it")
+  ident = identity(index)
+  n_rows = index.get("n_rows")
+  if sum(s["rows"] for s in index["shards"]) != n_rows:
+    raise io.InputError(f"{path}: n_rows {n_rows} is not the sum of its shards' rows "
+                        f"({sum(s['rows'] for s in index['shards'])})")
+  if "n_source" in ident and n_rows != ident["n_source"]:
+    raise io.InputError(f"{folder}: marked complete but has {n_rows} rows for "
+                        f"{ident['n_source']} source images; it is incomplete: run "
+                        "--mode=embed to finish it, or delete it")
+  if source_ids is not None:
+    n = len(source_ids)
+    if n != n_rows:
+      raise io.InputError(f"{folder}: the store has {n_rows} rows but its image set now has "
+                          f"{n} images; it was made from other images: delete it or use "
+                          "another folder (embed.dir)")
+    if "source_ids" in ident and ident["source_ids"] != ids_fingerprint(source_ids):
+      raise io.InputError(f"{folder}: the store's {n_rows} ids are not the {n} ids of its "
+                          "image set (other images, or another order); delete it or use "
+                          "another folder (embed.dir)")
   for s in index["shards"]:
     info = shard_info(os.path.join(folder, s["file"]))
     if info["rows"] != s["rows"]:
@@ -260,13 +437,18 @@ def read_index(folder: str) -> dict:
   return index
 
 
-def load_store(folder: str) -> tuple[np.ndarray, np.ndarray]:
+def load_store(folder: str, source_ids: Optional[Sequence[str]] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Loads a whole store into memory (for small stores; stream big ones).
+
+  Args:
+    folder: a complete store (read_index).
+    source_ids: if given, the store's ids must be exactly these, in this order.
 
   Returns:
     ids: (n,) unicode array; emb: (n, d) in the store's dtype.
   """
-  index = read_index(folder)
+  index = read_index(folder, source_ids)
   ids, embs = [], []
   for s in index["shards"]:
     with np.load(os.path.join(folder, s["file"]), allow_pickle=False) as z:
@@ -277,7 +459,17 @@ def load_store(folder: str) -> tuple[np.ndarray, np.ndarray]:
   dup = _first_duplicate(ids)
   if dup is not None:
     raise io.InputError(f"{folder}: duplicate id {dup!r}")
+  if source_ids is not None:
+    check_rows(folder, ids, source_ids)
   return ids, emb
+
+
+def fingerprint(folder: str) -> str:
+  """The fingerprint a complete store records (meta["fingerprint"]): a hash of what it was
+  made from (checkpoint, data, ids, image size, dtype), not of its float rows, so the same
+  images embedded with another batch size, device count or shard layout give the same one
+  (see the module docstring)."""
+  return str(read_index(folder).get("meta", {}).get("fingerprint", ""))
 
 
 def iter_store_blocks(folder: str, block_rows: int,
