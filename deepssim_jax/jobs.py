@@ -25,12 +25,91 @@ from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as
                           parallel, pipeline, store, train)
 
 
+def pair_record(config: ml_collections.ConfigDict, real_fp: str, synth_fp: str) -> dict:
+  """What the workdir's pair table is made from: the pair settings that change its rows,
+  the seed, the held-out share and the fingerprints of both banks (banks.bank). Settings
+  that change nothing (pairs.batch_size) are left out."""
+  pc = config.pairs
+  rec = {"version": 1, "num_pairs": int(pc.num_pairs),
+         "matched_fraction": float(pc.matched_fraction),
+         "valid_fraction": float(pc.valid_fraction), "align": bool(pc.align),
+         "balance_bins": int(pc.balance_bins), "seed": int(config.seed),
+         "test_fraction": (0.0 if config.data.test_pairs_csv
+                           else float(config.data.get("test_fraction", 0))),
+         "real": real_fp, "synth": synth_fp}
+  if pc.align:
+    rec.update(align_angles=[float(a) for a in pc.align_angles],
+               align_flips=bool(pc.align_flips))
+  if pc.balance_bins:
+    rec["pool_factor"] = float(pc.pool_factor)
+  return rec
+
+
+def heldout_pairs_record(config: ml_collections.ConfigDict, real_fp: str, synth_fp: str
+                         ) -> dict:
+  """What the demo's labelled held-out pairs (test_pairs.csv) are made from."""
+  return {"version": 1, "seed": int(config.seed),
+          "test_fraction": float(config.data.test_fraction), "real": real_fp,
+          "synth": synth_fp}
+
+
+def trained_steps(workdir: str) -> list[str]:
+  """The checkpoint step folders of a training workdir (checkpoints/{latest,best}/<step>)."""
+  out = []
+  for which in ("latest", "best"):
+    folder = os.path.join(workdir, "checkpoints", which)
+    if os.path.isdir(folder):
+      out += [os.path.join(folder, d) for d in os.listdir(folder) if d.isdigit()]
+  return sorted(out)
+
+
+def refuse_stale_pair_table(table_path: str, diff: list, workdir: str) -> None:
+  """A stale pair table under a trained run is refused (not rebuilt): it is the training
+  data of the run's checkpoints, and resuming, evaluating or auditing them against another
+  table would mix two runs in one workdir."""
+  if not diff or diff == ["not built yet"] or not trained_steps(workdir):
+    return
+  raise io.InputError(
+      f"{table_path}: the pair table of this workdir does not match the config "
+      f"({'; '.join(diff)}), and the checkpoints in {os.path.join(workdir, 'checkpoints')} "
+      "were trained on it, so it is not rebuilt. Use a new --workdir for the new settings "
+      f"(evaluate, embed and audit can read these checkpoints from there: "
+      f"--config.eval.checkpoint={workdir}:best, --config.embed.checkpoint={workdir}:best), "
+      "set the settings back, or, to keep using the table as it is, pass "
+      f"--config.data.pairs_csv={table_path}")
+
+
+def _cached_changes(path: str, record: dict) -> list:
+  if not os.path.isfile(path):
+    return ["not built yet"]
+  return banks.changes(banks.read_record(path), record)
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Image banks and the pair table, built once into the workdir and reused after."""
+  """Image banks and the pair table, built once into the workdir and reused after.
+
+  Each cached file (banks, pairs.csv, test_pairs.csv, the .npy copies) has a record of what
+  it was made from beside it (<file>.record.json) and is reused only when the record
+  matches the config; otherwise it is rebuilt and the log names what changed. The one
+  exception: a stale pair table of a workdir holding checkpoints is refused before anything
+  is written (refuse_stale_pair_table). A given data.pairs_csv is read, never written.
+  """
   cache = os.path.join(workdir, "data")
+  has_synth = bool(config.data.synth.kind)
+  own_table = not config.data.pairs_csv
+  table_path = config.data.pairs_csv or os.path.join(workdir, "pairs.csv")
+  if own_table:  # checked before any bank is rebuilt: a refused run writes nothing
+    real_rec, _ = banks.cache_state(config.data.real, config, cache, "real")
+    real_fp = banks.record_fingerprint(real_rec)
+    synth_fp = (banks.record_fingerprint(banks.cache_state(config.data.synth, config, cache,
+                                                           "synth")[0])
+                if has_synth else real_fp)
+    refuse_stale_pair_table(
+        table_path, _cached_changes(table_path, pair_record(config, real_fp, synth_fp)),
+        workdir)
   real = banks.bank(config.data.real, config, cache, "real", config.data.num_threads)
   synth = (banks.bank(config.data.synth, config, cache, "synth", config.data.num_threads)
-           if config.data.synth.kind else real)
+           if has_synth else real)
   test_path = config.data.test_pairs_csv
   meta = synth.get("meta", {})
   train_synth = synth
@@ -40,24 +119,39 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_test = np.random.default_rng(config.seed + 1).random(len(synth["keys"])) < \
         config.data.test_fraction
     test_path = os.path.join(workdir, "test_pairs.csv")
-    if not os.path.exists(test_path):
+    test_rec = heldout_pairs_record(config, real["fingerprint"], synth["fingerprint"])
+    why = _cached_changes(test_path, test_rec)
+    if why:
+      if os.path.exists(test_path):
+        logging.warning("%s: rebuilding the labelled test pairs: %s", test_path,
+                        "; ".join(why))
+      banks.drop_record(test_path)
       write_labelled_test_pairs(test_path, real, banks.subset(synth, is_test), config.seed)
+      banks.write_record(test_path, test_rec)
     train_synth = banks.subset(synth, ~is_test)
-  table_path = config.data.pairs_csv or os.path.join(workdir, "pairs.csv")
-  if not os.path.exists(table_path):
-    if config.data.pairs_csv:
+  if not own_table:
+    if not os.path.exists(table_path):
       raise io.InputError(f"{table_path}: pair table not found")
-    pc = config.pairs
-    table = pairs_lib.build_pair_table(
-        real, train_synth, num_pairs=pc.num_pairs, seed=config.seed,
-        matched_fraction=pc.matched_fraction, valid_fraction=pc.valid_fraction,
-        batch_size=pc.batch_size, align=pc.align, align_angles=tuple(pc.align_angles),
-        align_flips=pc.align_flips, balance_bins=pc.balance_bins,
-        pool_factor=pc.pool_factor)
-    if parallel.is_main_process():
-      pairs_lib.write_pairs(table_path, table)
-    parallel.sync("pairs written")  # the other processes read it next
-    logging.info("Wrote %d pairs to %s", len(table), table_path)
+  else:
+    record = pair_record(config, real["fingerprint"], synth["fingerprint"])
+    why = _cached_changes(table_path, record)
+    if why:
+      refuse_stale_pair_table(table_path, why, workdir)  # again, with the banks as built
+      if os.path.exists(table_path):
+        logging.warning("%s: rebuilding the pair table: %s", table_path, "; ".join(why))
+      pc = config.pairs
+      table = pairs_lib.build_pair_table(
+          real, train_synth, num_pairs=pc.num_pairs, seed=config.seed,
+          matched_fraction=pc.matched_fraction, valid_fraction=pc.valid_fraction,
+          batch_size=pc.batch_size, align=pc.align, align_angles=tuple(pc.align_angles),
+          align_flips=pc.align_flips, balance_bins=pc.balance_bins,
+          pool_factor=pc.pool_factor)
+      if parallel.is_main_process():
+        banks.drop_record(table_path)
+        pairs_lib.write_pairs(table_path, table)
+        banks.write_record(table_path, record)
+      parallel.sync("pairs written")  # the other processes read it next
+      logging.info("Wrote %d pairs to %s", len(table), table_path)
   table = pairs_lib.read_pairs(table_path)
   real_npy = pipeline.save_bank_arrays(cache, "real", real)
   synth_npy = (pipeline.save_bank_arrays(cache, "synth", synth)
@@ -155,24 +249,38 @@ def store_folder(config, workdir: str, name: str) -> str:
 def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None,
               ck: dict | None = None) -> dict:
   """Embeds each configured image set into its store (resumable; see embed.embed_to_store)
-  with the checkpoint `ck` (load_checkpoint's dict) or, by default, embed.checkpoint."""
+  with the checkpoint `ck` (load_checkpoint's dict) or, by default, embed.checkpoint.
+
+  Every mode that reads a store runs this first: it writes the missing shards of a partial
+  store (none of a complete one) and refuses a store made from other inputs, naming what
+  changed. A store's identity: the checkpoint fingerprint (a hash of the weights), the
+  data root, the image ids in order and their number, the image size, dtype and
+  shard_rows; its fingerprint (index meta "fingerprint", store.fingerprint) hashes these
+  inputs and settings, never the float embeddings (which move in the last bits with the
+  batch size), so one set embedded twice records one fingerprint.
+
+  Returns:
+    {set name: embed_to_store's dict plus "ids", the set's image ids in order}.
+  """
   ec = config.embed
   mesh = parallel.make_mesh()
   ck = ck or load_checkpoint(ec.checkpoint, workdir, mesh)
   embed_fn = embed.make_embed_fn(ck["model"])
   out = {}
-  for name in (sets or ec.sets):
+  for name in dict.fromkeys(sets or ec.sets):
     src, root = image_source(config, workdir, name)
     keys = np.asarray(src.keys, dtype=str)
+    image_size = [int(x) for x in config.data.image_size]
     fp = io.fingerprint(ck["fingerprint"], root, keys, tuple(config.data.image_size), ec.dtype)
     meta = {"set": name, "data_root": root, "checkpoint": f"{ck['run']}:{ck['which']}",
-            "step": ck["step"], "model": config.model.name, "image_size":
-            list(config.data.image_size)}
+            "step": ck["step"], "model": config.model.name, "image_size": image_size}
+    identity = {"checkpoint": ck["fingerprint"], "data_root": root, "image_size": image_size}
     out[name] = embed.embed_to_store(
         embed_fn, ck["variables"], src, store_folder(config, workdir, name),
         batch_size=ec.batch_size, shard_rows=ec.shard_rows, fingerprint=fp, meta=meta,
         dtype=ec.dtype, mesh=mesh, num_threads=ec.num_threads,
-        progress=True, stop_after_shards=ec.get("stop_after_shards"))
+        progress=True, stop_after_shards=ec.get("stop_after_shards"), identity=identity)
+    out[name]["ids"] = keys
     if parallel.is_main_process():
       r = out[name]
       print(f"embed {name}: {r['n']} images, {r['written']} shards written, {r['skipped']} "
@@ -187,27 +295,32 @@ def set_embeddings(config: ml_collections.ConfigDict, workdir: str, name: str,
 
   The embed job runs first: it writes only the shards that are missing (none when the
   store is complete) and refuses a store made by another checkpoint or from other images.
+  The store is then read only if its rows are exactly the set's ids, in order.
   """
-  embed_job(config, workdir, sets=(name,), ck=ck)
-  return store.load_store(store_folder(config, workdir, name))
+  r = embed_job(config, workdir, sets=(name,), ck=ck)[name]
+  if not r["complete"]:
+    raise io.InputError(f"{r['folder']}: store incomplete after embedding ({r['n']} images)")
+  return store.load_store(r["folder"], source_ids=r["ids"])
+
 
 
 def match_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Top-k training neighbours of every synthetic image (streamed), optionally the full
   float16 matrix in the reference's npz format."""
   mc = config.match
-  query = store_folder(config, workdir, mc.query)
-  ref = store_folder(config, workdir, mc.reference)
-  for folder, name in ((query, mc.query), (ref, mc.reference)):
-    if not os.path.exists(os.path.join(folder, "index.json")):
-      logging.info("No complete store for %s: embedding it first", name)
-      embed_job(config, workdir, sets=(name,))
+  # Both stores made complete first (written, finished if a job was killed, or checked:
+  # embed_job writes nothing for a complete store of these inputs and refuses one of
+  # others); match then reads them only if their rows are exactly their sets' ids.
+  emb = embed_job(config, workdir, sets=(mc.query, mc.reference))
+  query, ref = emb[mc.query]["folder"], emb[mc.reference]["folder"]
+  q_src, r_src = emb[mc.query]["ids"], emb[mc.reference]["ids"]
   out_dir = os.path.join(workdir, "match")
   res = match_lib.match_stores(query, ref, os.path.join(out_dir, f"top{mc.k}.csv"), mc.k,
-                               q_block=mc.q_block, r_block=mc.r_block)
+                               q_block=mc.q_block, r_block=mc.r_block,
+                               query_ids=q_src, ref_ids=r_src)
   if mc.full_matrix:
-    q_ids, q_emb = store.load_store(query)
-    r_ids, r_emb = store.load_store(ref)
+    q_ids, q_emb = store.load_store(query, source_ids=q_src)
+    r_ids, r_emb = store.load_store(ref, source_ids=r_src)
     if len(q_ids) * len(r_ids) > mc.full_matrix_max_entries:
       raise io.InputError(f"full matrix of {len(r_ids)} x {len(q_ids)} exceeds "
                           f"match.full_matrix_max_entries={mc.full_matrix_max_entries}")
@@ -374,10 +487,19 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
 
 
 def _audit_hooks(config, workdir: str) -> dict:
-  """The audit's embedding and fingerprint functions, with the checkpoint restored once."""
+  """The audit's embedding and fingerprint functions, with the checkpoint restored once.
+
+  "embeddings" finishes (or writes, or checks) the set's store and reads it only if its
+  rows are exactly the set's ids (set_embeddings). "embedding_fingerprint" (cfg, wd, name)
+  -> the fingerprint the set's complete store records (store.fingerprint), a hash of inputs
+  and settings that is the same for any embed.batch_size, unlike a hash of the float
+  embeddings; for the audit's summary in place of one.
+  """
   ck = load_checkpoint(config.embed.checkpoint, workdir, parallel.make_mesh())
   return {"embeddings": lambda cfg, wd, spec, name: set_embeddings(cfg, wd, name, ck),
-          "checkpoint_fingerprint": lambda cfg, wd: ck["fingerprint"]}
+          "checkpoint_fingerprint": lambda cfg, wd: ck["fingerprint"],
+          "embedding_fingerprint": lambda cfg, wd, name: store.fingerprint(
+              store_folder(cfg, wd, name))}
 
 
 def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -19,9 +19,25 @@ from deepssim_jax import io
 
 
 def save_bank_arrays(folder: str, name: str, bank: dict) -> str:
-  """Writes a bank's images as <folder>/<name>.npy (atomically) for memory-mapped reading."""
+  """Writes a bank's images as <folder>/<name>.npy (atomically) for memory-mapped reading,
+  only when missing or stale: <name>.npy.record.json holds the fingerprint of the bank it
+  was written from (the bank's `fingerprint`, banks.bank, else a hash of its images), so a
+  rerun (e.g. --mode=evaluate on a finished, possibly read-only, workdir) writes nothing."""
+  from deepssim_jax import banks  # local: keep this module light
   path = os.path.join(folder, f"{name}.npy")
-  io.write_npy(path, np.ascontiguousarray(bank["images"], np.float32))
+  images = bank["images"]
+  fp = bank.get("fingerprint") or io.fingerprint(np.asarray(images, np.float32))
+  record = {"bank": fp, "shape": [int(s) for s in np.shape(images)]}
+  if os.path.isfile(path) and banks.read_record(path) == record:
+    try:
+      on_disk = np.load(path, mmap_mode="r")
+      if list(on_disk.shape) == record["shape"] and on_disk.dtype == np.float32:
+        return path
+    except (OSError, ValueError):
+      pass  # unreadable: written again
+  banks.drop_record(path)
+  io.write_npy(path, np.ascontiguousarray(images, np.float32))
+  banks.write_record(path, record)
   return path
 
 

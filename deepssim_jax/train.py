@@ -366,6 +366,46 @@ def save_config(workdir: str, config) -> None:
     io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
+def _config_changes(old, new, prefix: str) -> list[str]:
+  """'a.b: old -> new' for every leaf that differs between two JSON-like dicts."""
+  out = []
+  for k in sorted(set(old) | set(new), key=str):
+    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_changes(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
+def check_model_unchanged(workdir: str, config) -> None:
+  """Refuses a run whose model settings differ from those of the checkpoints already in
+  `workdir` (config.json's model section; init_from is compared by content in the resume
+  spec), naming what changed, before anything is restored or written.
+
+  Raises:
+    InputError: the workdir has checkpoints and its config.json's model section differs.
+  """
+  path = os.path.join(workdir, "config.json")
+  root = os.path.join(workdir, "checkpoints")
+  has_ckpt = any(os.path.isdir(os.path.join(root, w)) and
+                 any(d.isdigit() for d in os.listdir(os.path.join(root, w)))
+                 for w in ("latest", "best"))
+  if not has_ckpt or not os.path.isfile(path):
+    return
+  from deepssim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    saved = json.load(f).get("model", {})
+  # A field an older config.json lacks had its default then (the model's overrides aside).
+  saved = {**json.loads(config_lib.base_config().model.to_json_best_effort()), **saved}
+  now = json.loads(config.to_json_best_effort()).get("model", {})
+  saved.pop("init_from", None), now.pop("init_from", None)
+  diff = _config_changes(saved, now, "model.")
+  if diff:
+    raise io.InputError(f"{workdir}: its checkpoints are of another model ({'; '.join(diff)})"
+                        f"; use a new workdir, or set these back to the values in {path}")
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -399,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
                         "checkpoint is chosen on them; raise pairs.valid_fraction")
   check_freezing(config)
   os.makedirs(workdir, exist_ok=True)
-  save_config(workdir, config)
+  check_model_unchanged(workdir, config)
   tc = config.train
   ds = pipeline.train_dataset(train_source, global_batch=tc.batch_size,
                               num_epochs=tc.num_epochs, seed=config.seed)
@@ -433,10 +473,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
         state=ocp.args.StandardRestore(abstract_like(state, mesh)),
         data=ocp.args.JsonRestore()))
     if restored["data"]["spec"] != data_spec:
+      old = restored["data"]["spec"]
+      diff = [f"{k}: {old.get(k, '<unset>')!r} -> {data_spec.get(k, '<unset>')!r}"
+              for k in sorted(set(old) | set(data_spec)) if old.get(k) != data_spec.get(k)]
+      latest.close(), best.close()
       raise io.InputError(f"{workdir}: its checkpoint was trained on other data/settings "
-                          f"({restored['data']['spec']} vs {data_spec}); use a new workdir")
+                          f"({'; '.join(diff)}); use a new workdir")
     state, start = restored["state"], restored["data"]["batches_consumed"]
     logging.info("Resumed from %s at step %d", latest.directory, step)
+  save_config(workdir, config)  # only now: a refused run leaves the workdir as it was
   log = MetricsLog(workdir, resume_step=start)
 
   aug = augment.AugmentConfig.from_config(config.aug)

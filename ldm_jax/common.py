@@ -125,8 +125,50 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, mesh,
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json; trainers call it once the run is accepted (after
+  check_config_unchanged and the resume check), so a refused run leaves it as it was."""
   if parallel.is_main_process():
     io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
+def _config_changes(old, new, prefix: str) -> list[str]:
+  out = []
+  for k in sorted(set(old) | set(new), key=str):
+    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_changes(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
+def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
+                           sections: Sequence[str]) -> None:
+  """Refuses, naming what changed, a run whose network `sections` (e.g. model, disc, cond)
+  differ from the config.json of a workdir that already holds checkpoints: their shapes
+  would not restore (orbax would fail with a shape error).
+
+  Raises:
+    InputError: checkpoints exist and a section differs from the saved config.json's.
+  """
+  path = os.path.join(workdir, "config.json")
+  root = os.path.join(workdir, "checkpoints")
+  if not (os.path.isfile(path) and os.path.isdir(root)
+          and any(d.isdigit() for d in os.listdir(root))):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  diff = []
+  for name in sections:
+    old, new = saved.get(name, {}), now.get(name, {})
+    # A field an older config.json lacks is not compared (the overrides are, in full).
+    new = {k: v for k, v in new.items() if k in old or k == "overrides"}
+    diff += _config_changes(old, new, f"{name}.")
+  if diff:
+    raise io.InputError(f"{workdir}: its checkpoints were trained with other network "
+                        f"settings ({'; '.join(diff)}); use a new workdir, or set these back "
+                        f"to the values in {path}")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -14,9 +14,23 @@ batched across records (generate.batch_size, padded, data-parallel over the mesh
 starting noise of sample i of record r depends only on (generate.seed, r, i), so the
 output does not depend on the batch size or device count, and the job is resumable: a
 uid whose N generated files all exist is skipped; an incomplete one is redone.
+
+<out>.record.json (beside the folder, so that the folder holds the layout alone) records
+what the samples were made with (generation_record: seed,
+DDIM steps and eta, the diffusion checkpoint's step and a fingerprint of its weights, the
+first stage, schedule and training records). A rerun with other settings is refused, naming
+what changed, rather than skipping "complete" folders of old samples or overwriting them:
+samples are expensive and may already be audited, and overwriting in place would leave a
+mix of both settings if interrupted. Only num_samples may grow (sample i depends on
+(seed, record, i) alone, so the old samples are those a fresh run would write).
+
+Each record's folder name (its uid) must be a plain, visible folder name: no path
+separator, not '.' or '..', no leading '.', and two keys may not share one (e.g. 'a/b' and
+'a-b'); otherwise the job stops before writing anything, naming the keys.
 """
 
 import functools
+import json
 import os
 from typing import Optional
 
@@ -26,7 +40,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from deepssim_jax import parallel
+from deepssim_jax import io, parallel
 from deepssim_jax.data import write_png
 from ldm_jax import common, train_diffusion
 
@@ -39,6 +53,96 @@ def is_complete(folder: str, num_samples: int) -> bool:
   return (os.path.isfile(os.path.join(folder, "training.png"))
           and all(os.path.isfile(os.path.join(folder, gen_name(i)))
                   for i in range(num_samples)))
+
+
+def record_path(out_dir: str) -> str:
+  """The record of an output folder: <out_dir>.record.json beside it."""
+  return os.path.normpath(os.path.abspath(out_dir)) + ".record.json"
+
+
+def output_folders(keys, uids) -> list[str]:
+  """The folder name of each record, checked: a plain visible name (no '/', '\\' or NUL,
+  not '.' or '..', no leading '.': the layout reader skips hidden folders), unique.
+
+  Raises:
+    InputError: naming the key of a bad name, or both keys of a shared one.
+  """
+  seen = {}
+  for key, uid in zip(keys, uids):
+    uid = str(uid)
+    if (not uid or uid in (".", "..") or uid.startswith(".")
+        or any(c in uid for c in ("/", "\\", "\0"))):
+      raise io.InputError(f"training record {str(key)!r}: its output folder name {uid!r} is "
+                          "not a plain folder name (no path separators, not '.' or '..', no "
+                          "leading '.'); rename the image (key)")
+    if uid in seen:
+      raise io.InputError(f"training records {seen[uid]!r} and {str(key)!r} map to one output "
+                          f"folder {uid!r}; rename one of the images (keys)")
+    seen[uid] = str(key)
+  return [str(u) for u in uids]
+
+
+def params_fingerprint(params) -> str:
+  """A hash of (replicated) weights, read from this process's first copy."""
+  leaves = [np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+            for x in jax.tree.leaves(params)]
+  return io.fingerprint(*leaves)
+
+
+def generation_record(config: ml_collections.ConfigDict, run: dict, step: int,
+                      checkpoint: str) -> dict:
+  """What the samples of a generation are made with (JSON-ready)."""
+  gc, records = config.generate, run["records"]
+  rec = {"version": 1, "seed": int(gc.seed), "num_samples": int(gc.num_samples),
+         "num_inference_steps": int(config.sample.num_inference_steps),
+         "eta": float(config.sample.eta), "checkpoint_step": int(step),
+         "checkpoint": checkpoint, "first_stage": str(run["stage"]["fingerprint"]),
+         "latent_scale": float(run["latents"]["scale"]),
+         "schedule": {k: v for k, v in config.schedule.to_dict().items()},
+         "cond": config.cond.kind,
+         "records": io.fingerprint(records["images"], *records["keys"])}
+  return json.loads(json.dumps(rec, sort_keys=True, default=str))
+
+
+def generation_changes(old: dict, new: dict) -> list[str]:
+  """What differs between the record of existing samples and this run's (num_samples may
+  grow)."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+    if a == b or (k == "num_samples" and isinstance(a, int) and isinstance(b, int)
+                  and b > a):
+      continue
+    out.append(f"{k}: {a!r} -> {b!r}")
+  return out
+
+
+def check_out_dir(out_dir: str, record: dict) -> dict | None:
+  """Refuses an output folder holding samples of other settings (the module docstring);
+  returns the record of the samples already there (None: none)."""
+  path = record_path(out_dir)
+  hint = (f"use another output folder (--config.generate.out_dir=...) or remove {out_dir} "
+          "to generate again")
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    except ValueError:
+      raise io.InputError(f"{path}: unreadable record of the samples in {out_dir}; "
+                          f"{hint}") from None
+    diff = generation_changes(old, record)
+    if diff:
+      raise io.InputError(f"{out_dir}: holds samples generated with other settings "
+                          f"({'; '.join(diff)}); {hint}")
+    return old
+  if os.path.isdir(out_dir):
+    for name in os.listdir(out_dir):
+      folder = os.path.join(out_dir, name)
+      if os.path.isdir(folder) and any(n == "training.png" or n.startswith("gen-")
+                                       for n in os.listdir(folder)):
+        raise io.InputError(f"{out_dir}: holds generated samples ({folder}) but no record "
+                            f"({path}) of the settings they were made with; {hint}")
+  return None
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -70,10 +174,16 @@ def generate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   run = train_diffusion.prepare(config, workdir, mesh)
   records, lat, ctx = run["records"], run["latents"], run["context"]
   latent_shape = lat["mu"].shape[1:]
+  folders = output_folders(records["keys"], records["uids"])
   params, step = train_diffusion.load_unet(workdir, config, run["model"], latent_shape, mesh)
+  record = generation_record(config, run, step, params_fingerprint(params))
+  if check_out_dir(out_dir, record) != record and parallel.is_main_process():
+    # before any sample, so an interrupted run's samples are attributed to their settings
+    io.write_json(record_path(out_dir), record)
+  parallel.sync("generation record written")
   params = parallel.replicate(params, mesh)
   n_samples = gc.num_samples
-  todo = [r for r, uid in enumerate(records["uids"])
+  todo = [r for r, uid in enumerate(folders)
           if not is_complete(os.path.join(out_dir, uid), n_samples)]
   skipped = len(records["uids"]) - len(todo)
   logging.info("Generating %d samples for each of %d records (%d already complete) from step "
@@ -102,10 +212,11 @@ def generate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
       buffer.setdefault(int(rr), {})[int(ii)] = img
       if len(buffer[int(rr)]) == n_samples:
         if parallel.is_main_process():
-          folder = os.path.join(out_dir, records["uids"][rr])
+          folder = os.path.join(out_dir, folders[rr])
           write_png(os.path.join(folder, "training.png"), records["images"][rr])
           for k, g in sorted(buffer[int(rr)].items()):
             write_png(os.path.join(folder, gen_name(k)), g)
-        written.append(records["uids"][rr])
+        written.append(folders[rr])
         del buffer[int(rr)]
-  return {"out_dir": out_dir, "written": written, "skipped": skipped, "step": step}
+  return {"out_dir": out_dir, "written": written, "skipped": skipped, "step": step,
+          "record": record}

@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   tc = config.train
   common.check_batch(tc.batch_size, mesh)
   os.makedirs(workdir, exist_ok=True)
-  common.save_config(workdir, config)
+  common.check_config_unchanged(workdir, config, ("model", "disc"))
   records = input_pipeline.load_records(config, workdir)
   images = records["images"]
   total = common.num_steps(tc, len(images), tc.batch_size)
@@ -205,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   state = parallel.replicate(create_state(config, init_rng), mesh)
   mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
                                               tc.keep_checkpoints)
+  common.save_config(workdir, config)  # only once accepted: a refused run leaves it as it was
   log = MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config)

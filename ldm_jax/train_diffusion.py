@@ -259,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   tc = config.train
   common.check_batch(tc.batch_size, mesh)
   os.makedirs(workdir, exist_ok=True)
-  common.save_config(workdir, config)
+  common.check_config_unchanged(workdir, config, ("model", "cond"))
   run = prepare(config, workdir, mesh)
   records, lat, ctx = run["records"], run["latents"], run["context"]
   n = len(records["keys"])
@@ -282,6 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
                              mesh)
   mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
                                               tc.keep_checkpoints)
+  common.save_config(workdir, config)  # only once accepted: a refused run leaves it as it was
   log = MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config, run["schedule"], total)
