@@ -39,6 +39,7 @@ none / low / high generators of ldm_jax) into compare.csv and a grouped bar plot
 """
 
 import copy
+import functools
 import json
 import math
 import os
@@ -361,7 +362,8 @@ def publish(out_dir: str, files: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------
 # The job.
 
-def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images: Images):
+def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images: Images,
+          embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None):
   spec = _spec(config, name)
   if spec is None:
     raise io.InputError(f"config.data.{name or '<unset>'}: no {role} image set configured")
@@ -377,11 +379,15 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
   pos = match.positions(keys, ids, f"{role} images ({name})")
   shape = tuple(np.shape(src[int(pos[0])]))
   # Data: which images (the set's spec, ids and size); embeddings: what the model made of
-  # them (changes with the checkpoint too). Neither reads every image again.
+  # them. With embedding_fingerprint (the store's: inputs and settings, the checkpoint's
+  # weights) it is the same for any batch size or device count; without it, a hash of the
+  # float embeddings. Neither reads every image again.
+  emb_fp = (embedding_fingerprint(config, workdir, name) if embedding_fingerprint
+            else io.fingerprint(np.ascontiguousarray(emb)))
   return {"name": name, "ids": ids, "emb": emb, "source": src, "rows": pos, "shape": shape,
           "fingerprint": io.fingerprint(json.dumps(spec.to_dict(), sort_keys=True,
                                                    default=str), ids, str(shape)),
-          "emb_fingerprint": io.fingerprint(np.ascontiguousarray(emb))}
+          "emb_fingerprint": emb_fp}
 
 
 def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[str, Any]],
@@ -508,7 +514,8 @@ class _Rows:
 
 def audit_job(config: ml_collections.ConfigDict, workdir: str,
               embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
-              checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None
+              checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None,
+              embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None
               ) -> dict[str, Any]:
   """Audits config.data.<audit.synthetic> against config.data.<audit.training>.
 
@@ -520,6 +527,8 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
       [i] -> (H, W)); default default_images.
     checkpoint_fingerprint: (config, workdir) -> str recorded in summary.json; default
       none recorded ('').
+    embedding_fingerprint: (config, workdir, set name) -> the set's embedding fingerprint
+      (the store's, of inputs and settings); default a hash of the float embeddings.
 
   Returns:
     {"out_dir", "summary"}.
@@ -533,10 +542,11 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
                      "-> (ids, emb); jobs passes the store-backed one")
   images = images or default_images
   ac = config.audit
-  sets = {"training": _load(config, workdir, "training", ac.training, embeddings, images),
-          "synthetic": _load(config, workdir, "synthetic", ac.synthetic, embeddings, images)}
+  load = functools.partial(_load, config, workdir, embeddings=embeddings, images=images,
+                           embedding_fingerprint=embedding_fingerprint)
+  sets = {"training": load("training", ac.training), "synthetic": load("synthetic", ac.synthetic)}
   if ac.heldout and _spec(config, ac.heldout) is not None:
-    sets["heldout"] = _load(config, workdir, "held-out", ac.heldout, embeddings, images)
+    sets["heldout"] = load("held-out", ac.heldout)
   elif config.calibrate.dar.enabled:
     raise io.InputError(
         f"Dar et al. calibration needs a held-out real image set: configure "
@@ -635,7 +645,8 @@ def compare_runs(audits: Mapping[str, str], out_dir: str, dpi: int = 100) -> dic
 
 def compare_job(config: ml_collections.ConfigDict, workdir: str,
                 embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
-                checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None
+                checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None,
+                embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None
                 ) -> dict[str, Any]:
   """Audits each config.data entry of config.compare.synthetic, then compares them.
 
@@ -652,7 +663,8 @@ def compare_job(config: ml_collections.ConfigDict, workdir: str,
     c.audit.synthetic = name
     c.audit.name = name
     c.audit.out_dir = os.path.join(out_root, name)
-    audits[name] = audit_job(c, workdir, embeddings, images, checkpoint_fingerprint)["out_dir"]
+    audits[name] = audit_job(c, workdir, embeddings, images, checkpoint_fingerprint,
+                             embedding_fingerprint)["out_dir"]
   if not parallel.is_main_process():
     return {"audits": audits}
   return compare_runs(audits, out_root, int(config.compare.dpi))

@@ -506,7 +506,8 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The memorization audit (deepssim_jax.audit) on store-backed embeddings."""
   hooks = _audit_hooks(config, workdir)
   out = audit_lib.audit_job(config, workdir, hooks["embeddings"],
-                            checkpoint_fingerprint=hooks["checkpoint_fingerprint"])
+                            checkpoint_fingerprint=hooks["checkpoint_fingerprint"],
+                            embedding_fingerprint=hooks["embedding_fingerprint"])
   if parallel.is_main_process():
     s = out["summary"]
     print(f"audit: {s['n_synthetic']} synthetic images, {100 * s['memorization_rate']:.1f}% "
@@ -519,7 +520,8 @@ def compare_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Audits each of compare.synthetic and tabulates their memorization rates."""
   hooks = _audit_hooks(config, workdir)
   return audit_lib.compare_job(config, workdir, hooks["embeddings"],
-                               checkpoint_fingerprint=hooks["checkpoint_fingerprint"])
+                               checkpoint_fingerprint=hooks["checkpoint_fingerprint"],
+                               embedding_fingerprint=hooks["embedding_fingerprint"])
 
 
 MODES = {"train": train_job, "evaluate": evaluate_job, "embed": embed_job, "match": match_job,

@@ -28,7 +28,9 @@ flags.FLAGS.mark_as_parsed()
 # longest-first rule. Without it xdist orders files by their number of tests and the
 # one-test memorization run (~270 s) starts last.
 SLOW_FIRST = ("test_ldm_memorization.py", "test_ldm_train.py", "test_audit_recall.py",
-              "test_multihost.py", "test_pairs_jobs.py", "test_models.py", "test_train.py")
+              "test_convert.py", "test_multihost.py", "test_train.py", "test_pairs_jobs.py",
+              "test_caches.py", "test_models.py", "test_cli_safety.py",
+              "test_store_integrity.py")
 
 
 def pytest_collection_modifyitems(items):

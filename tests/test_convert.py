@@ -338,7 +338,11 @@ def test_reference_torchscript_drives_evaluate_and_audit(tmp_path):
   run_cli.run("deepssim_jax.main", cfg, work, "--mode=audit",
               f"--config.embed.checkpoint={conv}:best", "--config.calibrate.dar.enabled=False")
   with open(os.path.join(work, "audit", "summary.json")) as f:
-    assert json.load(f)["n_synthetic"] > 0
+    summary = json.load(f)
+  assert summary["n_synthetic"] > 0
+  # The summary records the stores' fingerprints (inputs and settings), not float hashes.
+  assert summary["fingerprints"]["training_embeddings"] == store.fingerprint(
+      os.path.join(work, "stores", "real"))
   spec = importlib.util.spec_from_file_location("tiny", os.path.join(run_cli.ROOT, cfg))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
