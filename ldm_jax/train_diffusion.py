@@ -265,9 +265,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   n = len(records["keys"])
   dup = config.duplication
   counts = input_pipeline.duplication_counts(n, dup.mode, dict(dup.ranges), dup.seed)
-  if parallel.is_main_process():
-    input_pipeline.write_duplication_csv(os.path.join(workdir, "duplication.csv"),
-                                         records["keys"], counts)
   train_list = input_pipeline.expand(counts)
   total = common.num_steps(tc, len(train_list), tc.batch_size)
   spec = {"records": n, "train_list": int(len(train_list)), "seed": config.seed,
@@ -282,7 +279,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
                              mesh)
   mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
                                               tc.keep_checkpoints)
-  common.save_config(workdir, config)  # only once accepted: a refused run leaves it as it was
+  # Only once accepted: a refused run leaves the config and the duplication table as they were.
+  common.save_config(workdir, config)
+  if parallel.is_main_process():
+    input_pipeline.write_duplication_csv(os.path.join(workdir, "duplication.csv"),
+                                         records["keys"], counts)
   log = MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config, run["schedule"], total)

@@ -29,7 +29,7 @@ flags.FLAGS.mark_as_parsed()
 # one-test memorization run (~270 s) starts last.
 SLOW_FIRST = ("test_ldm_memorization.py", "test_ldm_train.py", "test_audit_recall.py",
               "test_convert.py", "test_multihost.py", "test_train.py", "test_pairs_jobs.py",
-              "test_caches.py", "test_models.py", "test_cli_safety.py",
+              "test_caches.py", "test_cli_cases.py", "test_models.py", "test_cli_safety.py",
               "test_store_integrity.py")
 
 
