@@ -280,3 +280,21 @@ def test_frozen_params_stay_fixed_under_multi_transform():
   for path, trainable in mask.items():
     changed = not np.array_equal(flat_old[path], flat_new[path])
     assert changed == trainable, path
+
+
+def test_auto_depthwise_form_is_chosen_by_backend(monkeypatch):
+  """'auto' is the plain grouped convolution on GPU/TPU and the CPU forms on CPU."""
+  assert models.auto_impl(238, "gpu") == models.auto_impl(12, "tpu") == "conv"
+  assert models.auto_impl(238, "cpu") == "shift"
+  assert models.auto_impl(models.AUTO_DENSE_MAX_POSITIONS, "cpu") == "dense"
+  x = jnp.zeros((1, 16, 16, 4))
+  k = jnp.zeros((7, 7, 1, 4))
+
+  def grouped_convs(backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    jaxpr = jax.make_jaxpr(lambda a, b: models.depthwise_conv(a, b, "auto"))(x, k)
+    return [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+            and e.params["feature_group_count"] == 4]
+
+  assert len(grouped_convs("gpu")) == 1
+  assert not grouped_convs("cpu")
