@@ -167,6 +167,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def config_changes(old, new, prefix: str) -> list[str]:
+  """'a.b: old -> new' for every leaf that differs between two JSON-like dicts."""
+  out = []
+  for k in sorted(set(old) | set(new), key=str):
+    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_changes(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
 def require_path(path: str, what: str, hint: str) -> str:
   """Returns `path` if it exists, else stops with what to download and where to put it."""
   if path and os.path.exists(path):

@@ -366,18 +366,6 @@ def save_config(workdir: str, config) -> None:
     io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
-def _config_changes(old, new, prefix: str) -> list[str]:
-  """'a.b: old -> new' for every leaf that differs between two JSON-like dicts."""
-  out = []
-  for k in sorted(set(old) | set(new), key=str):
-    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_changes(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-  return out
-
-
 def check_model_unchanged(workdir: str, config) -> None:
   """Refuses a run whose model settings differ from those of the checkpoints already in
   `workdir` (config.json's model section; init_from is compared by content in the resume
@@ -400,7 +388,7 @@ def check_model_unchanged(workdir: str, config) -> None:
   saved = {**json.loads(config_lib.base_config().model.to_json_best_effort()), **saved}
   now = json.loads(config.to_json_best_effort()).get("model", {})
   saved.pop("init_from", None), now.pop("init_from", None)
-  diff = _config_changes(saved, now, "model.")
+  diff = config_lib.config_changes(saved, now, "model.")
   if diff:
     raise io.InputError(f"{workdir}: its checkpoints are of another model ({'; '.join(diff)})"
                         f"; use a new workdir, or set these back to the values in {path}")

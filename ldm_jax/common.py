@@ -26,7 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepssim_jax import io, parallel, plots
+from deepssim_jax import config_lib, io, parallel, plots
 
 # ----------------------------------------------------------------------------- data order
 
@@ -131,17 +131,6 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
-def _config_changes(old, new, prefix: str) -> list[str]:
-  out = []
-  for k in sorted(set(old) | set(new), key=str):
-    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_changes(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-  return out
-
-
 def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
                            sections: Sequence[str]) -> None:
   """Refuses, naming what changed, a run whose network `sections` (e.g. model, disc, cond)
@@ -164,7 +153,7 @@ def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
     old, new = saved.get(name, {}), now.get(name, {})
     # A field an older config.json lacks is not compared (the overrides are, in full).
     new = {k: v for k, v in new.items() if k in old or k == "overrides"}
-    diff += _config_changes(old, new, f"{name}.")
+    diff += config_lib.config_changes(old, new, f"{name}.")
   if diff:
     raise io.InputError(f"{workdir}: its checkpoints were trained with other network "
                         f"settings ({'; '.join(diff)}); use a new workdir, or set these back "
