@@ -175,17 +175,10 @@ def changes(old: Optional[dict], new: dict) -> list[str]:
   ('files' as 'source files changed'); ['no record ...'] without a stored record."""
   if old is None:
     return ["no record of what it was made from"]
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
-    if a == b:
-      continue
-    if k == "files":
-      out.append("source files changed (names, sizes or modification times)")
-    elif isinstance(a, dict) and isinstance(b, dict):
-      out += [f"{k}.{c}" for c in changes(a, b)]
-    else:
-      out.append(f"{k}: {a!r} -> {b!r}")
+  out = config_lib.config_changes({k: v for k, v in old.items() if k != "files"},
+                                  {k: v for k, v in new.items() if k != "files"}, "")
+  if old.get("files", "<unset>") != new.get("files", "<unset>"):
+    out.append("source files changed (names, sizes or modification times)")
   return out
 
 

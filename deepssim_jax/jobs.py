@@ -53,21 +53,11 @@ def heldout_pairs_record(config: ml_collections.ConfigDict, real_fp: str, synth_
           "synth": synth_fp}
 
 
-def trained_steps(workdir: str) -> list[str]:
-  """The checkpoint step folders of a training workdir (checkpoints/{latest,best}/<step>)."""
-  out = []
-  for which in ("latest", "best"):
-    folder = os.path.join(workdir, "checkpoints", which)
-    if os.path.isdir(folder):
-      out += [os.path.join(folder, d) for d in os.listdir(folder) if d.isdigit()]
-  return sorted(out)
-
-
 def refuse_stale_pair_table(table_path: str, diff: list, workdir: str) -> None:
   """A stale pair table under a trained run is refused (not rebuilt): it is the training
   data of the run's checkpoints, and resuming, evaluating or auditing them against another
   table would mix two runs in one workdir."""
-  if not diff or diff == ["not built yet"] or not trained_steps(workdir):
+  if not diff or diff == ["not built yet"] or not train.checkpoint_steps(workdir):
     return
   raise io.InputError(
       f"{table_path}: the pair table of this workdir does not match the config "
@@ -301,7 +291,6 @@ def set_embeddings(config: ml_collections.ConfigDict, workdir: str, name: str,
   if not r["complete"]:
     raise io.InputError(f"{r['folder']}: store incomplete after embedding ({r['n']} images)")
   return store.load_store(r["folder"], source_ids=r["ids"])
-
 
 
 def match_job(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -217,7 +217,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
     mask = trainable_mask(state.params, num_frozen_stages, freeze)
     grads = jax.tree.map(lambda g, trainable: g if trainable else jnp.zeros_like(g), grads,
                          mask)
-  new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=updates.get("batch_stats", state.batch_stats))
   metrics = {"loss": loss, "mae": mae, "grad_norm": optax.tree.norm(grads),
              "learning_rate": learning_rate(optim, state.step, total_steps)}
   return new_state, metrics
@@ -366,6 +367,16 @@ def save_config(workdir: str, config) -> None:
     io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
+def checkpoint_steps(workdir: str) -> list[str]:
+  """The checkpoint step folders of a training workdir (checkpoints/{latest,best}/<step>)."""
+  out = []
+  for which in ("latest", "best"):
+    folder = os.path.join(workdir, "checkpoints", which)
+    if os.path.isdir(folder):
+      out += [os.path.join(folder, d) for d in os.listdir(folder) if d.isdigit()]
+  return sorted(out)
+
+
 def check_model_unchanged(workdir: str, config) -> None:
   """Refuses a run whose model settings differ from those of the checkpoints already in
   `workdir` (config.json's model section; init_from is compared by content in the resume
@@ -375,11 +386,7 @@ def check_model_unchanged(workdir: str, config) -> None:
     InputError: the workdir has checkpoints and its config.json's model section differs.
   """
   path = os.path.join(workdir, "config.json")
-  root = os.path.join(workdir, "checkpoints")
-  has_ckpt = any(os.path.isdir(os.path.join(root, w)) and
-                 any(d.isdigit() for d in os.listdir(os.path.join(root, w)))
-                 for w in ("latest", "best"))
-  if not has_ckpt or not os.path.isfile(path):
+  if not checkpoint_steps(workdir) or not os.path.isfile(path):
     return
   from deepssim_jax import config_lib  # pylint: disable=g-import-not-at-top
   with open(path) as f:

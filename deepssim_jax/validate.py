@@ -203,7 +203,6 @@ _LDM_INT_MIN = (
 )
 
 _LDM_TRAINING_MODES = ("autoencoder", "diffusion")
-_LDM_FIRST_STAGES = ("kl", "identity")  # ldm_jax.train_diffusion.FIRST_STAGES
 
 
 def check_ldm(config, mode: Optional[str] = None, num_devices: int = 1) -> None:
@@ -229,8 +228,10 @@ def check_ldm(config, mode: Optional[str] = None, num_devices: int = 1) -> None:
   if _is_int(t) and _is_int(n) and 1 <= t < n:
     c.fail("sample.num_inference_steps", f"must be <= config.schedule.num_steps ({t})", n)
   kind = c.value("autoencoder.kind")
-  if kind is not _MISSING and kind not in _LDM_FIRST_STAGES:
-    c.fail("autoencoder.kind", f"must be one of {list(_LDM_FIRST_STAGES)}", kind)
+  if kind is not _MISSING:
+    from ldm_jax.train_diffusion import FIRST_STAGES  # pylint: disable=g-import-not-at-top
+    if kind not in FIRST_STAGES:
+      c.fail("autoencoder.kind", f"must be one of {list(FIRST_STAGES)}", kind)
   dup, ranges = c.value("duplication.mode"), c.value("duplication.ranges")
   if dup is not _MISSING and ranges is not _MISSING and dup not in ranges:
     c.fail("duplication.mode", f"must be one of {sorted(ranges)}", dup)

@@ -291,8 +291,9 @@ def locked(workdir: str, mode: str, clean: bool = True) -> Iterator[Optional[Wor
     OSError: the workdir cannot be created or written (process 0).
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from deepssim_jax import parallel  # pylint: disable=g-import-not-at-top
   lock, err = None, None
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     lock = WorkdirLock(workdir, mode)
     try:
       lock.acquire()

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from deepssim_jax import io, parallel
+from deepssim_jax import config_lib, io, parallel
 from deepssim_jax.data import write_png
 from ldm_jax import common, train_diffusion
 
@@ -107,14 +107,11 @@ def generation_record(config: ml_collections.ConfigDict, run: dict, step: int,
 def generation_changes(old: dict, new: dict) -> list[str]:
   """What differs between the record of existing samples and this run's (num_samples may
   grow)."""
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
-    if a == b or (k == "num_samples" and isinstance(a, int) and isinstance(b, int)
-                  and b > a):
-      continue
-    out.append(f"{k}: {a!r} -> {b!r}")
-  return out
+  a, b = old.get("num_samples"), new.get("num_samples")
+  grows = isinstance(a, int) and isinstance(b, int) and b > a
+  skip = {"num_samples"} if grows else set()
+  return config_lib.config_changes({k: v for k, v in old.items() if k not in skip},
+                                   {k: v for k, v in new.items() if k not in skip}, "")
 
 
 def check_out_dir(out_dir: str, record: dict) -> dict | None:
