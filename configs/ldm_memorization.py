@@ -22,6 +22,7 @@ def get_config():
   c.data.image_size = (16, 16)
   c.data.demo.update(dict(slices_per_head=1, num_copies=1, num_neighbours=1, num_other=1,
                           heldout_per_head=0))
+  c.data.intensity = "zscore"     # pixel-space diffusion wants unit-variance data
   c.autoencoder.kind = "identity"
   c.latent.scale_factor = 1.0
   c.model.name = "DiffusionModelUNet_tiny"

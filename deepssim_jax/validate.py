@@ -86,6 +86,11 @@ class _Checker:
       interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
       self.fail(key, f"must be in {interval}", v)
 
+  def one_of(self, key: str, choices) -> None:
+    v = self.value(key)
+    if v is not _MISSING and v not in choices:
+      self.fail(key, f"must be one of {list(choices)}", v)
+
   def num_min(self, key: str, minimum: float, strict: bool = False) -> None:
     v = self.value(key)
     if v is _MISSING:
@@ -235,6 +240,18 @@ def check_ldm(config, mode: Optional[str] = None, num_devices: int = 1) -> None:
   dup, ranges = c.value("duplication.mode"), c.value("duplication.ranges")
   if dup is not _MISSING and ranges is not _MISSING and dup not in ranges:
     c.fail("duplication.mode", f"must be one of {sorted(ranges)}", dup)
+  from ldm_jax import common, diffusion, input_pipeline  # pylint: disable=g-import-not-at-top
+  from ldm_jax.train_diffusion import CONDITIONS  # pylint: disable=g-import-not-at-top
+  c.one_of("data.intensity", input_pipeline.INTENSITIES)
+  c.one_of("latent.pad_mode", diffusion.PAD_MODES)
+  c.one_of("cond.kind", CONDITIONS)
+  c.one_of("autoencoder.checkpoint", common.CHECKPOINTS)
+  c.one_of("generate.checkpoint", common.CHECKPOINTS)
+  c.num_range("data.valid_fraction", 0.0, 1.0, hi_open=True)
+  c.num_range("train.ema_decay", 0.0, 1.0, hi_open=True)
+  if c.value("cond.kind") == "text" and not c.value("data.text_csv"):
+    c.fail("data.text_csv", "must name a CSV (key,caption_emb_path) when config.cond.kind is "
+           "'text'", c.value("data.text_csv"))
   if mode in _LDM_TRAINING_MODES:
     c.multiple_of_devices("train.batch_size", num_devices)
   c.raise_if_any()

@@ -6,9 +6,11 @@
   checkpoint; each process feeds its own slice of every global batch (`local_rows`).
 * Checkpoints: one orbax CheckpointManager per run (`<workdir>/checkpoints`) holding the
   whole training state (one pytree) and a JSON item with the step and a data fingerprint;
-  `restore_latest` restores onto the current mesh (any device count).
+  `restore_latest` restores onto the current mesh (any device count). Runs with a
+  validation split also keep the weights of their best validation loss in `<workdir>/best`
+  (`best_manager`, one step, orbax's best_fn), which `restore_weights(..., "best")` reads.
 * The training loop (`train_loop`): steps, progress, metrics rows with images/s, loss
-  plots, sample grids and checkpoints on the configured schedules.
+  plots, sample grids, the validation loss and checkpoints on the configured schedules.
 * Plots: loss curves from metrics rows and image grids, PNG, written atomically with
   matplotlib's object API (no pyplot, no global backend).
 """
@@ -91,11 +93,84 @@ def abstract_like(tree: Any, mesh) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _options(name: str, **kw) -> ocp.CheckpointManagerOptions:
+  # Two managers saving the same step from background threads need distinct barrier names
+  # across processes (orbax's 'async_write_complete.<step>' would otherwise collide).
+  return ocp.CheckpointManagerOptions(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+      **kw)
+
+
 def checkpoint_manager(workdir: str, keep: int, create: bool = True) -> ocp.CheckpointManager:
   root = os.path.abspath(os.path.join(workdir, "checkpoints"))
   return ocp.CheckpointManager(root, item_names=("state", "data"),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                                    create=create))
+                               options=_options("latest", max_to_keep=keep, create=create))
+
+
+def best_manager(workdir: str, create: bool = True) -> ocp.CheckpointManager:
+  """The weights of the lowest validation loss (`<workdir>/best`, items weights + data)."""
+  root = os.path.abspath(os.path.join(workdir, "best"))
+  return ocp.CheckpointManager(root, item_names=("weights", "data"), options=_options(
+      "best", max_to_keep=1, create=create, best_fn=lambda m: m["valid_loss"],
+      best_mode="min"))
+
+
+CHECKPOINTS = ("latest", "best")
+
+
+def restore_weights(workdir: str, which: str, latest_target: Any, weights_of: Callable,
+                    mesh, what: str) -> tuple[Any, dict]:
+  """(weights, data) of a run: `weights_of(state)` of its latest checkpoint, or the weights
+  of its best validation loss (data: step, valid_loss).
+
+  Args:
+    workdir: the run.
+    which: "latest" or "best".
+    latest_target: the abstract training state (restore target of the latest checkpoint).
+    weights_of: state -> the weights a user of the run needs (e.g. the UNet's params).
+    mesh: restore onto this mesh.
+    what: the run's kind for messages ("autoencoder", "diffusion").
+
+  Raises:
+    InputError: no such checkpoint.
+  """
+  if which not in CHECKPOINTS:
+    raise ValueError(f"checkpoint {which!r}: expected one of {CHECKPOINTS}")
+  if which == "latest":
+    mngr = checkpoint_manager(workdir, keep=1, create=False)
+    restored = restore_latest(mngr, latest_target, mesh)
+    mngr.close()
+    if restored is None:
+      raise io.InputError(f"{workdir}: no {what} checkpoint; train it first (--mode={what})")
+    return weights_of(restored[0]), restored[1]
+  root = os.path.join(workdir, "best")
+  if not os.path.isdir(root):
+    raise io.InputError(f"{root}: no best-validation {what} weights (the run has no "
+                        "validation split: set data.valid_fraction > 0 when training, or use "
+                        "the latest checkpoint)")
+  mngr = best_manager(workdir, create=False)
+  step = mngr.best_step()
+  if step is None:
+    mngr.close()
+    raise io.InputError(f"{root}: no best-validation {what} weights yet")
+  target = abstract_like(jax.eval_shape(lambda: weights_of(latest_target)), mesh)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      weights=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  mngr.close()
+  logging.info("Restored the best-validation %s weights of %s (step %d)", what, workdir, step)
+  return restored["weights"], restored["data"]
+
+
+def has_checkpoints(workdir: str) -> bool:
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
+
+
+def params_fingerprint(params) -> str:
+  """A hash of (replicated) weights, read from this process's first copy."""
+  leaves = [np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+            for x in jax.tree.leaves(params)]
+  return io.fingerprint(*leaves)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: dict) -> None:
@@ -141,9 +216,7 @@ def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
     InputError: checkpoints exist and a section differs from the saved config.json's.
   """
   path = os.path.join(workdir, "config.json")
-  root = os.path.join(workdir, "checkpoints")
-  if not (os.path.isfile(path) and os.path.isdir(root)
-          and any(d.isdigit() for d in os.listdir(root))):
+  if not (os.path.isfile(path) and has_checkpoints(workdir)):
     return
   with open(path) as f:
     saved = json.load(f)
@@ -233,15 +306,19 @@ def mean_rows(fetched: Sequence[dict]) -> dict:
 def train_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict]], *, start: int,
                total: int, train: ml_collections.ConfigDict, log, mngr: ocp.CheckpointManager,
                spec: dict, workdir: str, desc: str, plot_keys: Sequence[str],
-               on_sample: Callable[[Any, int], None], stop_after: Optional[int] = None
-               ) -> tuple[Any, int, dict]:
+               on_sample: Callable[[Any, int], None], stop_after: Optional[int] = None,
+               valid: Optional[dict] = None) -> tuple[Any, int, dict]:
   """Runs `state, metrics = step_fn(state, step)` for step = start .. total - 1.
 
   Every train.log_every_steps (and at the end) the mean of the pending metrics, with the
   images/s since the last row, goes to `log` (a MetricsLog) and loss.png (process 0);
   `on_sample(state, step)` runs every train.sample_every_steps (0: never) and at the end;
-  the state is checkpointed with `spec` every train.checkpoint_every_steps and at the end.
-  Stops early after `stop_after` steps (tests of resumption). Closes the checkpoint manager.
+  with `valid` = dict(fn: state -> validation loss, every: steps, weights: state -> the
+  weights to keep, mngr: best_manager) the validation loss is logged (valid_loss) every
+  `every` steps and at the end, and the weights saved to the best manager, which keeps
+  the lowest; the state is checkpointed with `spec` every train.checkpoint_every_steps
+  and at the end. Stops early after `stop_after` steps (tests of resumption). Closes the
+  checkpoint managers.
 
   Returns:
     (state, the step reached, the last metrics row).
@@ -249,6 +326,7 @@ def train_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict]], *, s
   bar = tqdm(total=total, initial=start, desc=desc, unit="step",
              disable=not parallel.is_main_process())
   pending, t0, n0, row = [], time.perf_counter(), start, {}
+  keys = tuple(plot_keys) + (() if valid is None else ("valid_loss",))
   step = start
   while step < total:
     state, metrics = step_fn(state, step)
@@ -264,14 +342,33 @@ def train_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict]], *, s
       log.write(step, row)
       bar.set_postfix({plot_keys[0]: f"{row[plot_keys[0]]:.4f}"})
       if parallel.is_main_process():
-        plot_losses(os.path.join(workdir, "loss.png"), log.rows, plot_keys, desc)
+        plot_losses(os.path.join(workdir, "loss.png"), log.rows, keys, desc)
     if train.sample_every_steps and (step % train.sample_every_steps == 0 or step == total):
       on_sample(state, step)
+    if valid is not None and (step % valid["every"] == 0 or step == total):
+      v = float(valid["fn"](state))
+      log.write(step, {"valid_loss": v})
+      if parallel.is_main_process():
+        plot_losses(os.path.join(workdir, "loss.png"), log.rows, keys, desc)
+      logging.info("%s: step %d, validation loss %.5f", desc, step, v)
+      if step not in valid["mngr"].all_steps():  # a resumed run may reach it again
+        valid["mngr"].save(step, args=ocp.args.Composite(
+            weights=ocp.args.StandardSave(valid["weights"](state)),
+            data=ocp.args.JsonSave({"step": step, "valid_loss": v, "spec": spec})),
+            metrics={"valid_loss": v})
     if step % train.checkpoint_every_steps == 0 or step == total:
       save(mngr, step, state, {"step": step, "spec": spec})
     if stop_after is not None and step - start >= stop_after:
       break
   bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
+  for m in (mngr, None if valid is None else valid["mngr"]):
+    if m is not None:
+      m.wait_until_finished()
+      m.close()
   return state, step, row
+
+
+def valid_every(train: ml_collections.ConfigDict, num_items: int, global_batch: int) -> int:
+  """Steps between validations: train.valid_every_steps, or with 0 one epoch (the
+  reference validates after every epoch)."""
+  return int(train.get("valid_every_steps", 0)) or max(1, -(-num_items // global_batch))

@@ -1,5 +1,16 @@
 """Base configs of the latent diffusion model, with the reference's settings as defaults.
 
+The reference's semantics (brAIn-science/DeepSSIM scripts/ldm_*.py) are the defaults, each
+a field with our alternative kept as an option: images min-max scaled to [0, 1]
+(data.intensity, or "zscore" as DeepSSIM reads them), posterior-mean latents
+(latent.sample), latent scale factor 1 (latent.scale_factor, 0: 1 / std), symmetric
+padding to 3 x 36 x 28 (latent.pad_mode, or "end"), the autoencoder's 16 images per
+micro-step and 2 micro-steps per update (the reference's script loads batches of
+--batch_size 16 and accumulates 16 / --max_batch_size 8 = 2 of them: 32 images per
+update). Validation (data.valid_fraction: the reference reads a split column) and the
+best checkpoints, EMA weights (train.ema_decay) and bfloat16 compute
+(train.mixed_precision; the reference uses torch autocast) are switches.
+
 configs/ldm_*.py call `autoencoder_config()` or `diffusion_config()` and override a few
 fields (STYLE: every number lives in a config). Sections: data, model (+ disc, loss) or
 autoencoder, latent, model, cond, schedule, duplication, sample, generate; optim; train.
@@ -24,6 +35,9 @@ def data_config(kind: str = "demo", root: str = "", **kw) -> ml_collections.Conf
   c.num_threads = 4               # image reading threads when building the cache
   c.max_images = 0                # >0: keep only the first that many images
   c.covariates_csv = ""           # key,age,sex,sequence,csf,wm,gm (see input_pipeline)
+  c.text_csv = ""                 # key,caption_emb_path (.npz, array "data"): cond.kind text
+  c.intensity = "minmax"          # minmax: [0, 1] per image (reference) | zscore
+  c.valid_fraction = 0.0          # >0: subjects held out for the validation loss + best
   return c
 
 
@@ -56,8 +70,8 @@ def autoencoder_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8          # images per (micro-)step, global
-  c.train.effective_batch_size = 16  # per update (gradient accumulation)
+  c.train.batch_size = 16         # images per (micro-)step, global (reference: 16)
+  c.train.effective_batch_size = 32  # per update: the reference accumulates 2 batches of 16
   c.train.num_steps = 0           # 0: from num_epochs
   c.train.num_epochs = 100
   c.train.log_every_steps = 50
@@ -65,6 +79,8 @@ def autoencoder_config() -> ml_collections.ConfigDict:
   c.train.sample_every_steps = 1000
   c.train.keep_checkpoints = 2
   c.train.num_grid_images = 8
+  c.train.valid_every_steps = 0   # with data.valid_fraction > 0; 0: every epoch
+  c.train.mixed_precision = False  # bfloat16 compute (the reference: torch autocast)
   return c
 
 
@@ -79,16 +95,18 @@ def diffusion_config() -> ml_collections.ConfigDict:
   c.autoencoder = ml_collections.ConfigDict()
   c.autoencoder.kind = "kl"       # kl (a trained run) | identity (pixel space)
   c.autoencoder.workdir = "workdirs/ldm_autoencoder"
+  c.autoencoder.checkpoint = "latest"  # latest | best (its best validation loss)
 
   c.latent = ml_collections.ConfigDict()
   c.latent.pad_multiple = 4       # 34 x 28 -> 36 x 28
-  c.latent.scale_factor = 0.0     # 0: 1 / std of the cached latents (MONAI tutorials)
-  c.latent.sample = True          # z = mu + sigma eps each step (encode_stage_2_inputs)
+  c.latent.pad_mode = "symmetric"  # symmetric (MONAI DivisiblePad, reference) | end
+  c.latent.scale_factor = 1.0     # reference: 1; 0: 1 / std of the cached latents (MONAI)
+  c.latent.sample = False         # False: posterior mean (reference); True: mu + sigma eps
 
   c.model = ml_collections.ConfigDict({"name": "DiffusionModelUNet_ref",
                                        "overrides": ml_collections.ConfigDict()})
   c.cond = ml_collections.ConfigDict()
-  c.cond.kind = "none"            # none | covariates
+  c.cond.kind = "none"            # none | covariates | text (data.text_csv)
   c.cond.sequences = ("T1", "T2", "PD")  # sequence names -> 0, 1, 2
   # context = (covariate - offset) / scale, columns age, sex, sequence, csf, wm, gm
   c.cond.offset = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -124,6 +142,9 @@ def diffusion_config() -> ml_collections.ConfigDict:
   c.train.sample_every_steps = 5000  # 0: no sample grids
   c.train.keep_checkpoints = 2
   c.train.num_grid_samples = 8
+  c.train.valid_every_steps = 0   # with data.valid_fraction > 0; 0: every epoch
+  c.train.ema_decay = 0.0         # >0: EMA of the UNet weights (used to sample; reference: 0)
+  c.train.mixed_precision = False  # bfloat16 compute (the reference: torch autocast)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_inference_steps = 50
@@ -135,4 +156,5 @@ def diffusion_config() -> ml_collections.ConfigDict:
   c.generate.batch_size = 64      # global, across records
   c.generate.seed = 0
   c.generate.out_dir = ""         # default <workdir>/generated
+  c.generate.checkpoint = "latest"  # latest | best (lowest validation loss)
   return c

@@ -19,6 +19,8 @@ Choices where MONAI and the literature differ (all documented on the functions):
   alpha-bar recomputed as their cumulative product), not MONAI's variant whose alpha-bar
   starts at exactly 1 and disagrees with its own betas.
 - DDIM's last step uses alpha-bar_prev = 1 (MONAI's default set_alpha_to_one=True).
+- DDIM's timesteps default to MONAI Generative 0.2.x's (980, 960, ..., 0: the reference's);
+  MONAI 1.6 spaces them as round(linspace(999, 0, n)) (`spacing="linspace"`).
 
 Latents of 34 x 28 do not divide by the UNet's 2^(levels - 1) = 4: `pad_to_multiple` zero-pads
 H and W at the end (34 x 28 -> 36 x 28, as the reference does) and `crop_to` undoes it.
@@ -189,6 +191,25 @@ def ddpm_loss(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, rng
   t_rng, noise_rng = jax.random.split(rng)
   t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
   noise = jax.random.normal(noise_rng, x0.shape, jnp.float32).astype(x0.dtype)
+  return ddpm_loss_from(apply_fn, params, schedule, x0, noise, t, context)
+
+
+def ddpm_loss_from(apply_fn: ApplyFn, params: Any, schedule: Schedule, x0: Array, noise: Array,
+                   t: Array, context: Optional[Array] = None) -> Array:
+  """ddpm_loss for given noise and timesteps (MONAI's DiffusionInferer + F.mse_loss).
+
+  Args:
+    apply_fn: apply_fn(params, x_t, t, context) -> predicted noise, x_t's shape.
+    params: the model's variables, passed through to apply_fn.
+    schedule: the Schedule.
+    x0: clean samples (B, ...).
+    noise: the noise added to x0, x0's shape and dtype.
+    t: integer timesteps (B,).
+    context: optional conditioning, passed through to apply_fn.
+
+  Returns:
+    The scalar float32 mean squared error between the predicted and the true noise.
+  """
   pred = apply_fn(params, q_sample(schedule, x0, t, noise), t, context)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise.astype(jnp.float32)))
 
@@ -240,26 +261,40 @@ def ddpm_step(schedule: Schedule, model_output: Array, t: Array, x_t: Array,
 
 
 def ddim_timesteps(num_train_steps: int = 1000, num_inference_steps: int = 50,
-                   steps_offset: int = 0) -> np.ndarray:
+                   steps_offset: int = 0, spacing: str = "leading") -> np.ndarray:
   """DDIM's descending timesteps (MONAI's DDIMScheduler.set_timesteps).
 
+  spacing "leading" (MONAI Generative 0.2.x, the reference's, and MONAI up to 1.5):
   step_ratio = T // n; timesteps = arange(n)[::-1] * step_ratio + steps_offset
   (T = 1000, n = 50: 980, 960, ..., 0).
+  spacing "linspace" (MONAI 1.6, Project-MONAI/MONAI#8623):
+  round(linspace(T - 1 - steps_offset, 0, n)) + steps_offset (999, 979, 958, ..., 0).
+  Either way MONAI's step goes from t to t - T // n (not to the next timestep).
 
   Args:
     num_train_steps: T.
     num_inference_steps: n, at most T.
-    steps_offset: added to every timestep; must be below step_ratio.
+    steps_offset: added to every timestep; must be below step_ratio ("leading") or T
+      ("linspace").
+    spacing: "leading" or "linspace".
 
   Returns:
     int32 numpy array (n,), descending.
 
   Raises:
-    ValueError: for n outside [1, T] or steps_offset >= step_ratio.
+    ValueError: for n outside [1, T], an out-of-range steps_offset or an unknown spacing.
   """
   if not 1 <= num_inference_steps <= num_train_steps:
     raise ValueError(f"ddim_timesteps: num_inference_steps must be in [1, {num_train_steps}] "
                      f"(the training steps), got {num_inference_steps}")
+  if spacing == "linspace":
+    if not 0 <= steps_offset < num_train_steps:
+      raise ValueError(f"ddim_timesteps: steps_offset must be in [0, {num_train_steps}), got "
+                       f"{steps_offset}")
+    ts = np.round(np.linspace(num_train_steps - 1 - steps_offset, 0, num_inference_steps))
+    return (ts + steps_offset).astype(np.int32)
+  if spacing != "leading":
+    raise ValueError(f"ddim_timesteps: spacing must be 'leading' or 'linspace', got {spacing!r}")
   ratio = num_train_steps // num_inference_steps
   if not 0 <= steps_offset < ratio:
     raise ValueError(f"ddim_timesteps: steps_offset must be in [0, {ratio}) "
@@ -314,15 +349,15 @@ def ddim_step(schedule: Schedule, model_output: Array, t: Array, prev_t: Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "shape", "num_inference_steps", "eta",
-                                             "final_alpha_cumprod"))
+                                             "final_alpha_cumprod", "spacing"))
 def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, shape: Sequence[int],
                 rng: Array, num_inference_steps: int = 50, eta: float = 0.0,
                 context: Optional[Array] = None, final_alpha_cumprod: float = 1.0,
-                x_T: Optional[Array] = None) -> Array:
+                x_T: Optional[Array] = None, spacing: str = "leading") -> Array:
   """Samples with DDIM from x_T ~ N(0, I): the whole chain is one compiled `lax.scan`.
 
-  Timesteps are ddim_timesteps(T, num_inference_steps); each step goes from t to
-  t - T // num_inference_steps (MONAI's sampler; the reference: 50 steps, eta 0). apply_fn
+  Timesteps are ddim_timesteps(T, num_inference_steps, spacing=spacing); each step goes from
+  t to t - T // num_inference_steps (MONAI's sampler; the reference: 50 steps, eta 0). apply_fn
   is a static argument: pass the same function object each call (e.g. `model.apply`) so the
   program compiles once.
 
@@ -337,13 +372,15 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, shape: Seque
     context: optional conditioning, passed through to apply_fn.
     final_alpha_cumprod: alpha-bar before step 0 (see ddim_step).
     x_T: optional starting noise of the given shape (default: drawn from rng).
+    spacing: "leading" (the reference's MONAI Generative 0.2.x timesteps) or "linspace"
+      (MONAI 1.6's); see ddim_timesteps.
 
   Returns:
     Samples (float32) of the given shape.
   """
   shape = tuple(shape)
   num_train = schedule.num_steps
-  ts = jnp.asarray(ddim_timesteps(num_train, num_inference_steps))
+  ts = jnp.asarray(ddim_timesteps(num_train, num_inference_steps, spacing=spacing))
   ratio = num_train // num_inference_steps
   init_rng, steps_rng = jax.random.split(rng)
   if x_T is None:
@@ -364,20 +401,35 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, schedule: Schedule, shape: Seque
   return x0
 
 
-def pad_to_multiple(x: Array, multiple: int = 4) -> Tuple[Array, Tuple[int, int]]:
-  """Zero-pads H and W (axes -3, -2 of (..., H, W, C)) at the end up to a multiple.
+PAD_MODES = ("end", "symmetric")
 
-  The reference's 34 x 28 latents become 36 x 28 for a UNet with 3 levels.
+
+def _pad_before(extra: int, mode: str) -> int:
+  """Rows (columns) padded before the data out of `extra`: 0 at the end, extra // 2
+  symmetric (MONAI's SpatialPad: the odd one goes after)."""
+  if mode not in PAD_MODES:
+    raise ValueError(f"latent padding {mode!r}: expected one of {PAD_MODES}")
+  return extra // 2 if mode == "symmetric" else 0
+
+
+def pad_to_multiple(x: Array, multiple: int = 4, mode: str = "end"
+                    ) -> Tuple[Array, Tuple[int, int]]:
+  """Zero-pads H and W (axes -3, -2 of (..., H, W, C)) up to a multiple.
+
+  The reference's 34 x 28 latents become 36 x 28 for a UNet with 3 levels; the reference
+  pads with MONAI's DivisiblePad(k=4), whose default is symmetric (one row above, one below).
 
   Args:
     x: (..., H, W, C) array (numpy or JAX).
     multiple: H and W are rounded up to a multiple of this.
+    mode: "end" (all padding after the data) or "symmetric" (extra // 2 before, the rest
+      after, as MONAI's DivisiblePad / SpatialPad method="symmetric").
 
   Returns:
     (padded, (H, W)): the padded array and the original spatial size for crop_to.
 
   Raises:
-    ValueError: for multiple < 1 or an input of rank < 3.
+    ValueError: for multiple < 1, an unknown mode or an input of rank < 3.
   """
   if int(multiple) != multiple or multiple < 1:
     raise ValueError(f"pad_to_multiple: multiple must be a positive integer, got {multiple}")
@@ -385,25 +437,31 @@ def pad_to_multiple(x: Array, multiple: int = 4) -> Tuple[Array, Tuple[int, int]
     raise ValueError(f"pad_to_multiple: expects (..., H, W, C), got shape {x.shape}")
   h, w = x.shape[-3], x.shape[-2]
   pad = [(0, 0)] * x.ndim
-  pad[-3] = (0, -h % multiple)
-  pad[-2] = (0, -w % multiple)
+  for axis, size in ((-3, h), (-2, w)):
+    extra = -size % multiple
+    before = _pad_before(extra, mode)
+    pad[axis] = (before, extra - before)
   return jnp.pad(x, pad), (h, w)
 
 
-def crop_to(x: Array, hw: Tuple[int, int]) -> Array:
-  """Crops (..., H, W, C) back to its first hw = (h, w) rows and columns (undoes padding).
+def crop_to(x: Array, hw: Tuple[int, int], mode: str = "end") -> Array:
+  """Crops (..., H, W, C) back to hw = (h, w) (undoes pad_to_multiple with the same mode).
 
   Args:
     x: (..., H, W, C) array.
     hw: the target (h, w), at most (H, W).
+    mode: the padding mode ("end": the first h rows and w columns; "symmetric": the
+      centre, as MONAI's DivisiblePad.inverse).
 
   Returns:
-    x[..., :h, :w, :].
+    The cropped array.
 
   Raises:
-    ValueError: if hw exceeds x's spatial size.
+    ValueError: if hw exceeds x's spatial size, or for an unknown mode.
   """
   h, w = hw
   if h > x.shape[-3] or w > x.shape[-2]:
     raise ValueError(f"crop_to: cannot crop shape {x.shape} to (h, w) = {tuple(hw)}")
-  return x[..., :h, :w, :]
+  top = _pad_before(x.shape[-3] - h, mode)
+  left = _pad_before(x.shape[-2] - w, mode)
+  return x[..., top:top + h, left:left + w, :]

@@ -82,22 +82,19 @@ def output_folders(keys, uids) -> list[str]:
   return [str(u) for u in uids]
 
 
-def params_fingerprint(params) -> str:
-  """A hash of (replicated) weights, read from this process's first copy."""
-  leaves = [np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-            for x in jax.tree.leaves(params)]
-  return io.fingerprint(*leaves)
-
-
 def generation_record(config: ml_collections.ConfigDict, run: dict, step: int,
-                      checkpoint: str) -> dict:
-  """What the samples of a generation are made with (JSON-ready)."""
+                      checkpoint: str, which: str = "latest") -> dict:
+  """What the samples of a generation are made with (JSON-ready): `checkpoint` is the
+  weights' fingerprint, `which` the checkpoint they came from (latest or best)."""
   gc, records = config.generate, run["records"]
   rec = {"version": 1, "seed": int(gc.seed), "num_samples": int(gc.num_samples),
          "num_inference_steps": int(config.sample.num_inference_steps),
          "eta": float(config.sample.eta), "checkpoint_step": int(step),
-         "checkpoint": checkpoint, "first_stage": str(run["stage"]["fingerprint"]),
+         "checkpoint": checkpoint, "checkpoint_kind": which,
+         "ema": train_diffusion.uses_ema(config),
+         "first_stage": str(run["stage"]["fingerprint"]),
          "latent_scale": float(run["latents"]["scale"]),
+         "latent_pad_mode": config.latent.get("pad_mode", "end"),
          "schedule": {k: v for k, v in config.schedule.to_dict().items()},
          "cond": config.cond.kind,
          "records": io.fingerprint(records["images"], *records["keys"])}
@@ -172,8 +169,9 @@ def generate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   records, lat, ctx = run["records"], run["latents"], run["context"]
   latent_shape = lat["mu"].shape[1:]
   folders = output_folders(records["keys"], records["uids"])
-  params, step = train_diffusion.load_unet(workdir, config, run["model"], latent_shape, mesh)
-  record = generation_record(config, run, step, params_fingerprint(params))
+  which = gc.get("checkpoint", "latest")
+  params, step = train_diffusion.load_unet(workdir, config, run, mesh, which)
+  record = generation_record(config, run, step, common.params_fingerprint(params), which)
   if check_out_dir(out_dir, record) != record and parallel.is_main_process():
     # before any sample, so an interrupted run's samples are attributed to their settings
     io.write_json(record_path(out_dir), record)

@@ -19,6 +19,7 @@ and, for conditioned models, six covariates: age, sex, sequence, CSF, WM and GM 
 """
 
 import os
+import zipfile
 import zlib
 from typing import Mapping, Sequence
 
@@ -37,22 +38,132 @@ def uid_of(key: str) -> str:
   return str(key).replace("/", "-")
 
 
-def load_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The unique training images of a run: dict(keys, uids, images (N, H, W) float32, meta).
+INTENSITIES = ("zscore", "minmax")
+SPLITS = ("train", "valid")
+
+
+def scale_intensity(images: np.ndarray, mode: str) -> np.ndarray:
+  """The images as the networks see them (data.intensity).
+
+  "zscore": as read (deepssim_jax's banks z-score every slice); "minmax": each image scaled
+  to [0, 1], as the reference's MONAI ScaleIntensityd(minv=0, maxv=1). A z-score is an
+  increasing affine map, so min-max scaling the z-scored slice gives the min-max scaling of
+  the raw one.
+  """
+  if mode not in INTENSITIES:
+    raise ValueError(f"data.intensity {mode!r}: expected one of {INTENSITIES}")
+  images = np.asarray(images, np.float32)
+  if mode == "zscore":
+    return images
+  lo = images.min(axis=(1, 2), keepdims=True)
+  hi = images.max(axis=(1, 2), keepdims=True)
+  return (images - lo) / np.maximum(hi - lo, np.finfo(np.float32).tiny)
+
+
+def subject_of(key: str) -> str:
+  """The subject (volume) of a record key: the part before the first "/"."""
+  return str(key).split("/", 1)[0]
+
+
+def valid_subjects(keys: Sequence[str], fraction: float, seed: int) -> set[str]:
+  """The subjects held out for validation: ceil(fraction * subjects) of them, chosen by a
+  seeded CRC32 order of their names (stable when records are added or reordered), at
+  least one subject left for training. Splitting by subject keeps slices of one head on one
+  side (neighbouring slices are near copies)."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"data.valid_fraction {fraction}: expected 0 <= fraction < 1")
+  subjects = sorted({subject_of(k) for k in keys})
+  n = min(int(np.ceil(fraction * len(subjects))), len(subjects) - 1)
+  order = sorted(subjects, key=lambda s: (zlib.crc32(f"{seed}:{s}".encode()), s))
+  return set(order[:max(n, 0)])
+
+
+def load_records(config: ml_collections.ConfigDict, workdir: str, split: str = "train"
+                 ) -> dict:
+  """The unique images of a run's split: dict(keys, uids, images (N, H, W) float32, meta).
 
   Read once (through deepssim_jax.banks) and cached as <workdir>/training.npz.
-  config.data.max_images > 0 keeps the first that many (tests, quick runs).
+  config.data.max_images > 0 keeps the first that many (tests, quick runs);
+  config.data.valid_fraction holds out whole subjects for validation (valid_subjects;
+  split "valid"); config.data.intensity scales the images (scale_intensity).
+
+  Raises:
+    InputError: the split is empty.
   """
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r}: expected one of {SPLITS}")
   os.makedirs(workdir, exist_ok=True)
   b = banks.bank(config.data.train, config, workdir, "training",
                  num_threads=config.data.get("num_threads", 0))
   n = config.data.get("max_images", 0) or len(b["keys"])
   keys = [str(k) for k in b["keys"][:n]]
-  if not keys:
-    raise io.InputError(f"{workdir}: no training images")
-  return {"keys": keys, "uids": [uid_of(k) for k in keys],
-          "images": np.asarray(b["images"][:n], np.float32),
-          "meta": {k: np.asarray(v)[:n] for k, v in b.get("meta", {}).items()}}
+  held = valid_subjects(keys, config.data.get("valid_fraction", 0.0), config.seed)
+  rows = [i for i, k in enumerate(keys) if (subject_of(k) in held) == (split == "valid")]
+  if not rows:
+    raise io.InputError(f"{workdir}: no {'training' if split == 'train' else 'validation'} "
+                        "images" + ("" if split == "train" else
+                                    " (set config.data.valid_fraction > 0)"))
+  keys = [keys[i] for i in rows]
+  images = scale_intensity(np.asarray(b["images"][:n], np.float32)[rows],
+                           config.data.get("intensity", "zscore"))
+  return {"keys": keys, "uids": [uid_of(k) for k in keys], "images": images,
+          "meta": {k: np.asarray(v)[:n][rows] for k, v in b.get("meta", {}).items()}}
+
+
+def has_valid(config: ml_collections.ConfigDict) -> bool:
+  return config.data.get("valid_fraction", 0.0) > 0
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _read_npz_data(f: str, key: str) -> np.ndarray:
+  """The flattened array "data" of the .npz `f` (record `key`, for the messages)."""
+  try:
+    z = np.load(f, allow_pickle=False)
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise io.InputError(f"{f}: cannot read the caption embedding of {key!r} ({e})") from None
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise io.InputError(f"{f}: not an .npz archive; the caption embedding of {key!r} must be "
+                        "an .npz with an array 'data'")
+  with z:
+    if "data" not in z.files:
+      raise io.InputError(f"{f}: no array 'data' (has {sorted(z.files)}); the caption "
+                          f"embedding of {key!r} must be stored under 'data'")
+    return np.asarray(z["data"], np.float32).reshape(-1)
+
+
+def read_text_embeddings(path: str, keys: Sequence[str]) -> np.ndarray:
+  """The caption embedding of each record, as the reference's text conditioning reads it.
+
+  Args:
+    path: a CSV with columns key and caption_emb_path (an .npz per record, relative paths
+      from the CSV's folder) whose array "data" is the embedding (e.g. PubMedBERT's 512
+      values); it is flattened into one context token, as the reference's
+      `x.view(1, -1)`.
+    keys: the record keys.
+
+  Returns:
+    (N, 1, D) float32 contexts.
+
+  Raises:
+    InputError: a missing row, file or "data" array, unequal sizes or non-finite values.
+  """
+  table = io.read_csv(path, required=("key", "caption_emb_path"))
+  index = {k: i for i, k in enumerate(table["key"])}
+  root = os.path.dirname(os.path.abspath(path))
+  out = []
+  for key in keys:
+    if key not in index:
+      raise io.InputError(f"{path}: no row for training image {key!r} (column key)")
+    f = os.path.join(root, table["caption_emb_path"][index[key]])
+    emb = _read_npz_data(f, key)
+    if out and emb.size != out[0].size:
+      raise io.InputError(f"{f}: {emb.size} values, the first embedding has {out[0].size}")
+    if not np.all(np.isfinite(emb)):
+      raise io.InputError(f"{f}: non-finite values in the caption embedding of {key!r}")
+    out.append(emb)
+  return np.stack(out)[:, None, :]
 
 
 # ----------------------------------------------------------------------------- covariates
@@ -133,7 +244,7 @@ def read_covariates(path: str, keys: Sequence[str],
 
 def covariates(config: ml_collections.ConfigDict, records: dict, workdir: str) -> np.ndarray:
   """The records' (N, 6) raw covariates: from config.data.covariates_csv, or synthetic ones
-  for the demo data (written to <workdir>/covariates.csv first)."""
+  for the demo data (also written to <workdir>/covariates.csv, for the reader)."""
   path = config.data.get("covariates_csv", "")
   if not path:
     if config.data.train.kind != "demo":
@@ -141,14 +252,13 @@ def covariates(config: ml_collections.ConfigDict, records: dict, workdir: str) -
           "conditioning 'covariates' needs config.data.covariates_csv: a CSV with columns "
           f"key,{','.join(COVARIATES)} (one row per training slice key; tissue fractions "
           "from a segmentation such as FSL FAST or SynthSeg)")
+    # A pure function of the records: computed for any split, written once for the reader.
+    cov = synthetic_covariates(records["keys"], records["images"], config.seed)
     path = os.path.join(workdir, "covariates.csv")
     if parallel.is_main_process() and not os.path.exists(path):
-      cov = synthetic_covariates(records["keys"], records["images"], config.seed)
       write_covariates_csv(path, records["keys"], cov)
       logging.info("Wrote synthetic demo covariates to %s", path)
-    if not os.path.exists(path):  # other processes compute the same values
-      cov = synthetic_covariates(records["keys"], records["images"], config.seed)
-      return np.stack([cov[c] for c in COVARIATES], 1).astype(np.float32)
+    return np.stack([cov[c] for c in COVARIATES], 1).astype(np.float32)
   return read_covariates(path, records["keys"], tuple(config.cond.sequences))
 
 

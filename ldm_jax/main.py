@@ -2,7 +2,8 @@
 
 Modes: autoencoder (train the KL autoencoder + GAN), diffusion (train the UNet on the frozen
 autoencoder's latents), generate (write <uid>/training.png, <uid>/gen-<i>.png for every
-training record of a diffusion run). Without --mode, the config's `mode` field decides.
+training record of a diffusion run), nearest (each generated sample's most similar training
+slice by SSIM, ldm_jax/nearest.py). Without --mode, the config's `mode` field decides.
 
 As deepssim_jax.main: the config is checked before any work (deepssim_jax.validate), every
 mode runs holding the workdir's lock after the temporaries of killed jobs are removed
@@ -16,11 +17,12 @@ from ml_collections import config_flags
 
 from deepssim_jax import cli, parallel, validate, workdir as workdir_lib
 from deepssim_jax import config_lib as deepssim_config
-from ldm_jax import generate, train_autoencoder, train_diffusion
+from ldm_jax import generate, nearest, train_autoencoder, train_diffusion
 
 MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
          "diffusion": train_diffusion.train,
-         "generate": generate.generate}
+         "generate": generate.generate,
+         "nearest": nearest.nearest}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Outputs and checkpoints (default: "

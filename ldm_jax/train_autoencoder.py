@@ -18,9 +18,19 @@ discriminator's BatchNorm statistics are over the global batch). The state (both
 both optimisers, the accumulators) is one pytree checkpointed by orbax; a killed run resumes
 from its last checkpoint and sees the same batches it would have seen.
 
-Outputs in the workdir: config.json, checkpoints/, training.npz (the image cache),
-metrics.csv (+ TensorBoard events), loss.png and samples/recon-<step>.png (originals above
-their reconstructions).
+With a validation split (data.valid_fraction > 0: whole subjects held out) the
+validation loss, l1 L1 + perceptual_weight P + kl_weight KL of the deterministic
+reconstruction decode(z_mu) (no adversarial term: it measures the discriminator as much
+as the autoencoder), is computed every train.valid_every_steps (0: every epoch) and the
+autoencoder weights of the lowest are kept in <workdir>/best; diffusion runs encode with
+them when autoencoder.checkpoint = "best". (The reference's script builds a validation
+loader but never uses it, and keeps every epoch's weights.) train.mixed_precision computes
+both networks in bfloat16 (weights, optimisers and losses stay float32; the reference uses
+torch autocast).
+
+Outputs in the workdir: config.json, checkpoints/, best/ (with a validation split),
+training.npz (the image cache), metrics.csv (+ TensorBoard events), loss.png and
+samples/recon-<step>.png (originals above their reconstructions).
 """
 
 import functools
@@ -51,12 +61,18 @@ class DiscState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def make_autoencoder(model: ml_collections.ConfigDict):
-  return AUTOENCODERS[model.name](**common.tuples(model.get("overrides", {})))
+def _dtype(mixed_precision: bool) -> dict:
+  return {"dtype": jnp.bfloat16} if mixed_precision else {}
 
 
-def make_discriminator(disc: ml_collections.ConfigDict):
-  return DISCRIMINATORS[disc.name](**common.tuples(disc.get("overrides", {})))
+def make_autoencoder(model: ml_collections.ConfigDict, mixed_precision: bool = False):
+  return AUTOENCODERS[model.name](**common.tuples(model.get("overrides", {})),
+                                  **_dtype(mixed_precision))
+
+
+def make_discriminator(disc: ml_collections.ConfigDict, mixed_precision: bool = False):
+  return DISCRIMINATORS[disc.name](**common.tuples(disc.get("overrides", {})),
+                                   **_dtype(mixed_precision))
 
 
 def accumulation_steps(train: ml_collections.ConfigDict) -> int:
@@ -74,7 +90,8 @@ def make_optimizer(lr: float, optim: ml_collections.ConfigDict, every_k: int):
 
 def create_state(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   """{"g": TrainState of the autoencoder, "d": DiscState of the discriminator}."""
-  ae, disc = make_autoencoder(config.model), make_discriminator(config.disc)
+  mp = bool(config.train.get("mixed_precision", False))
+  ae, disc = make_autoencoder(config.model, mp), make_discriminator(config.disc, mp)
   x = jnp.zeros((1, *config.data.image_size, 1), jnp.float32)
   k_ae, k_d = jax.random.split(rng)
   g_params = jax.jit(ae.init)(k_ae, x)["params"]
@@ -100,6 +117,23 @@ def kl_loss(z_mu: jax.Array, z_sigma: jax.Array) -> jax.Array:
   return jnp.mean(kl)
 
 
+def recon_terms(recon: jax.Array, z_mu: jax.Array, z_sigma: jax.Array, x: jax.Array,
+                perceptual_fn) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(L1, perceptual, KL) of a reconstruction of x."""
+  return jnp.mean(jnp.abs(recon - x)), perceptual_fn(recon, x), kl_loss(z_mu, z_sigma)
+
+
+def valid_losses(params: Any, images: jax.Array, *, apply_fn, loss: ml_collections.ConfigDict,
+                 perceptual_fn) -> jax.Array:
+  """Per-image validation loss (module docstring) of (B, H, W, 1) images -> (B,)."""
+  def one(x):
+    recon, z_mu, z_sigma = (a.astype(jnp.float32) for a in apply_fn({"params": params},
+                                                                     x[None]))
+    l1, p, kl = recon_terms(recon, z_mu, z_sigma, x[None], perceptual_fn)
+    return loss.l1_weight * l1 + loss.perceptual_weight * p + loss.kl_weight * kl
+  return jax.vmap(one)(images)
+
+
 def train_step(state: dict, batch: dict, rng: jax.Array, *, loss: ml_collections.ConfigDict,
                perceptual_fn, learning_rate: float) -> tuple[dict, dict]:
   """One generator and one discriminator (micro-)step on a batch {"image": (B, H, W, 1)}."""
@@ -111,13 +145,12 @@ def train_step(state: dict, batch: dict, rng: jax.Array, *, loss: ml_collections
   def disc_logits(params, stats, images):
     outs, upd = d.apply_fn({"params": params, "batch_stats": stats}, images, train=True,
                            mutable=["batch_stats"])
-    return outs[-1], upd["batch_stats"]
+    return outs[-1].astype(jnp.float32), upd["batch_stats"]
 
   def g_loss_fn(params):
-    recon, z_mu, z_sigma = g.apply_fn({"params": params}, x, rng)
-    l1 = jnp.mean(jnp.abs(recon - x))
-    p = perceptual_fn(recon, x)
-    kl = kl_loss(z_mu, z_sigma)
+    recon, z_mu, z_sigma = (a.astype(jnp.float32) for a in g.apply_fn({"params": params}, x,
+                                                                       rng))
+    l1, p, kl = recon_terms(recon, z_mu, z_sigma, x, perceptual_fn)
     logits, stats = disc_logits(d.params, d.batch_stats, recon)
     adv = jnp.mean(jnp.square(logits - 1.0))
     total = (loss.l1_weight * l1 + loss.perceptual_weight * p + loss.kl_weight * kl
@@ -160,21 +193,42 @@ def make_train_step(config: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------- restore
 
 
-def load_autoencoder(workdir: str, mesh=None):
-  """(model, params, config) of a trained autoencoder run (its latest checkpoint)."""
+def load_autoencoder(workdir: str, mesh=None, which: str = "latest"):
+  """(model, params, config, data) of a trained autoencoder run: its latest checkpoint or
+  (which="best") the weights of its best validation loss; data holds the step. The model
+  computes in float32 whatever the run trained with."""
   config = common.load_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   target = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
-  mngr = common.checkpoint_manager(workdir, keep=1, create=False)
-  restored = common.restore_latest(mngr, target, mesh)
-  mngr.close()
-  if restored is None:
-    raise io.InputError(f"{workdir}: no autoencoder checkpoint; train it first "
-                        "(--mode=autoencoder)")
-  return make_autoencoder(config.model), restored[0]["g"].params, config
+  params, data = common.restore_weights(workdir, which, target, lambda s: s["g"].params, mesh,
+                                        "autoencoder")
+  return make_autoencoder(config.model), params, config, data
 
 
 # ----------------------------------------------------------------------------- loop
+
+
+def make_valid_fn(config: ml_collections.ConfigDict, images: np.ndarray, mesh):
+  """state -> the mean validation loss (valid_losses) of `images` (N, H, W)."""
+  pfn = perceptual.make(config.loss.perceptual, **dict(config.loss.get("perceptual_kwargs", {})))
+  b = config.train.batch_size
+  local = common.local_rows(b)
+  n = len(images)
+
+  @jax.jit
+  def fn(state, x):
+    g = state["g"]
+    return valid_losses(g.params, x, apply_fn=g.apply_fn, loss=config.loss, perceptual_fn=pfn)
+
+  def valid_fn(state) -> float:
+    total = 0.0
+    for i in range(0, n, b):
+      x = parallel.pad_to(images[i:i + b, ..., None], b)[local]
+      losses = common.to_host(fn(state, parallel.shard_batch(x, mesh)))
+      total += float(np.sum(losses[:min(b, n - i)]))
+    return total / n
+
+  return valid_fn
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
@@ -197,6 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   common.check_config_unchanged(workdir, config, ("model", "disc"))
   records = input_pipeline.load_records(config, workdir)
   images = records["images"]
+  valid_images = (input_pipeline.load_records(config, workdir, "valid")["images"]
+                  if input_pipeline.has_valid(config) else None)
   total = common.num_steps(tc, len(images), tc.batch_size)
   spec = {"images": len(images), "seed": config.seed, "batch": tc.batch_size,
           "fingerprint": io.fingerprint(images, *records["keys"])}
@@ -228,10 +284,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     return step_fn(state, parallel.shard_batch({"image": images[idx][..., None]}, mesh),
                    step_rng)
 
+  valid = None
+  if valid_images is not None:
+    valid = {"fn": make_valid_fn(config, valid_images, mesh), "weights": lambda s: s["g"].params,
+             "every": common.valid_every(tc, len(images), tc.batch_size),
+             "mngr": common.best_manager(workdir)}
   state, step, row = common.train_loop(
       state, one_step, start=start, total=total, train=tc, log=log, mngr=mngr, spec=spec,
       workdir=workdir, desc="autoencoder", on_sample=save_grid, stop_after=stop_after,
-      plot_keys=("l1", "loss_g", "perceptual", "adv_g", "loss_d"))
+      plot_keys=("l1", "loss_g", "perceptual", "adv_g", "loss_d"), valid=valid)
   log.close()
   logging.info("Autoencoder: step %d of %d in %s", step, total, workdir)
   return {"step": step, "state": state, "metrics": row}

@@ -131,20 +131,19 @@ def test_covariates_synthetic_csv_roundtrip(tmp_path, images):
 
 def test_perceptual_terms(tmp_path):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 16, 16, 1)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 32, 32, 1)), jnp.float32)
   y = x + 0.3 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-  path = str(tmp_path / "net.npz")
-  np.savez(path, conv0_w=rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
-           conv0_b=np.zeros(4, np.float32),
-           conv1_w=rng.normal(size=(3, 3, 4, 8)).astype(np.float32), conv1_stride=2)
-  for name, kw in (("ssim", {}), ("features", {"weights": path})):
+  path = str(tmp_path / "lpips_squeeze.npz")  # random trunk (parity: test_perceptual.py)
+  net = perceptual.LPIPSSqueeze()
+  perceptual.save_weights(path, jax.jit(net.init)(jax.random.key(0), x, x)["params"])
+  for name, kw in (("ssim", {}), ("lpips_squeeze", {"weights": path})):
     fn = jax.jit(perceptual.make(name, **kw))
     assert abs(float(fn(x, x))) < 1e-5
     assert float(fn(y, x)) > 1e-3
     g = jax.grad(lambda a: fn(a, x))(y)
     assert np.all(np.isfinite(np.asarray(g)))
   with pytest.raises(io.InputError, match="not found"):
-    perceptual.make("features", weights=str(tmp_path / "missing.npz"))
+    perceptual.make("lpips_squeeze", weights=str(tmp_path / "missing.npz"))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -235,7 +234,8 @@ def test_autoencoder_run_resumes_after_interruption(tmp_path):
   steps = io.read_csv(os.path.join(wd, "metrics.csv"))["step"]
   assert steps == ["2", "4"]
   # the trained autoencoder loads for the diffusion stage
-  model, params, cfg = train_autoencoder.load_autoencoder(wd, one_device())
+  model, params, cfg, data = train_autoencoder.load_autoencoder(wd, one_device())
+  assert data["step"] == 4 and cfg.model.name == "AutoencoderKL_tiny"
   z_mu, _ = model.apply({"params": params}, jnp.zeros((1, *SIZE, 1)), method="encode")
   assert z_mu.shape == (1, SIZE[0] // 4, SIZE[1] // 4, 3)
 
