@@ -37,6 +37,7 @@ discriminator or unet.
 """
 
 import json
+import os
 import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 from flax import traverse_util
 
 from deepssim_jax import io
@@ -544,6 +546,113 @@ def make_model(kind: str, name: Optional[str] = None, overrides: Optional[dict] 
   return registry[name](**kw)
 
 
+# ----------------------------------------------------------------------------- runs
+
+
+def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str] = None,
+               proj_attn: str = "identity") -> str:
+  """Writes an ldm_jax run workdir holding a MONAI file's weights, for the other modes.
+
+  config.mode decides what `path` is: "autoencoder" (an AutoencoderKL state dict, e.g. the
+  reference's autoencoder-ep-<k>.pth; `discriminator` optionally its
+  discriminator-ep-<k>.pth, else a freshly initialised one) or "diffusion" (a
+  DiffusionModelUNet state dict, e.g. unet-ep-<k>.pth; with train.ema_decay > 0 the EMA
+  starts as these weights). The workdir gets config.json, a checkpoint at step 0 (latest;
+  there is no best) and converted_from.json (file, sha256, kind). Diffusion runs encode with
+  an imported autoencoder (autoencoder.workdir, autoencoder.checkpoint "latest") and
+  --mode=generate samples an imported UNet (generate.checkpoint "latest"); training from it
+  starts a new run (its data fingerprint differs) and is refused in this workdir.
+
+  Raises:
+    InputError: the workdir already holds checkpoints, the file does not fit the config's
+      network (naming the keys), or its conditioning differs from config.cond.
+  """
+  # pylint: disable=g-import-not-at-top
+  from ldm_jax import common, train_autoencoder, train_diffusion
+  if common.has_checkpoints(workdir):
+    raise io.InputError(f"{workdir}: already holds checkpoints; choose a new folder")
+  state_dict = load_state_dict(path)
+  key = jax.random.key(config.seed)
+  mode = config.get("mode", "")
+  if mode == "autoencoder":
+    state = train_autoencoder.create_state(config, key)
+    ae = load("autoencoder", state_dict, train_autoencoder.make_autoencoder(config.model),
+              source=path, proj_attn=proj_attn)
+    state["g"] = state["g"].replace(params=ae["params"])
+    if discriminator:
+      d = load("discriminator", discriminator,
+               train_autoencoder.make_discriminator(config.disc), proj_attn=proj_attn)
+      state["d"] = state["d"].replace(params=d["params"], batch_stats=d["batch_stats"])
+    kinds = {"autoencoder": path, **({"discriminator": discriminator} if discriminator else {})}
+  elif mode == "diffusion":
+    found = infer_overrides("unet", state_dict)
+    want = config.cond.kind != "none"
+    if found["with_conditioning"] != want:
+      raise io.InputError(f"{path}: a {'conditioned' if found['with_conditioning'] else 'unconditioned'}"
+                          f" UNet, but config.cond.kind is {config.cond.kind!r}")
+    dim = found["cross_attention_dim"]
+    model = train_diffusion.make_unet(config, found["in_channels"], dim)
+    variables = load("unet", state_dict, model, source=path, proj_attn=proj_attn)
+    side = 2 ** (len(model.channels) - 1)
+    state = train_diffusion.create_state(config, model, (side, side, found["in_channels"]),
+                                         key, cross_attention_dim=dim)
+    state = state.replace(params=variables["params"],
+                          ema_params=variables["params"] if state.ema_params is not None
+                          else None)
+    kinds = {"unet": path}
+  else:
+    raise io.InputError(f"config.mode {mode!r}: import needs an 'autoencoder' or 'diffusion' "
+                        "config (e.g. configs/ldm_ixi_autoencoder.py)")
+  os.makedirs(workdir, exist_ok=True)
+  mngr = common.checkpoint_manager(workdir, keep=1)
+  common.save(mngr, 0, state, {"step": 0, "spec": {"imported": {
+      k: deepssim_convert.file_sha256(v) for k, v in kinds.items()}}})
+  mngr.wait_until_finished()
+  mngr.close()
+  common.save_config(workdir, config)
+  io.write_json(os.path.join(workdir, "converted_from.json"), {
+      k: {"file": os.path.abspath(v), "sha256": deepssim_convert.file_sha256(v)}
+      for k, v in kinds.items()} | {"proj_attn": proj_attn})
+  return workdir
+
+
+def export_run(workdir: str, which: str = "latest") -> Dict[str, StateDict]:
+  """MONAI state dicts (torch tensors) of a run's networks: {"autoencoder",
+  "discriminator"} of an autoencoder run (the discriminator only from "latest"), {"unet"}
+  of a diffusion run (its EMA weights when it keeps them), from its latest or best
+  checkpoint. Restored without a target, so no training data is needed."""
+  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+  from ldm_jax import common
+  config = common.load_config(workdir)
+  mode = config.get("mode", "")
+  if mode not in ("autoencoder", "diffusion"):
+    raise io.InputError(f"{workdir}: config.json has mode {mode!r}; not an ldm_jax run")
+  if which == "best":
+    if not os.path.isdir(os.path.join(workdir, "best")):
+      raise io.InputError(f"{workdir}: no best-validation weights (trained without a "
+                          "validation split); export the latest checkpoint")
+    mngr = common.best_manager(workdir, create=False)
+    step, item = mngr.best_step(), "weights"
+  else:
+    mngr = common.checkpoint_manager(workdir, keep=1, create=False)
+    step, item = mngr.latest_step(), "state"
+  if step is None:
+    mngr.close()
+    raise io.InputError(f"{workdir}: no {which} checkpoint")
+  tree = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+  mngr.close()
+  ema = float(config.get("train", {}).get("ema_decay", 0.0)) > 0
+  if mode == "diffusion":
+    return {"unet": to_monai("unet", tree if which == "best" else
+                             tree["ema_params" if ema else "params"])}
+  if which == "best":
+    return {"autoencoder": to_monai("autoencoder", tree)}
+  return {"autoencoder": to_monai("autoencoder", tree["g"]["params"]),
+          "discriminator": to_monai("discriminator", {"params": tree["d"]["params"],
+                                                      "batch_stats": tree["d"]["batch_stats"]})}
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -571,7 +680,7 @@ def save_state_dict(path: str, state_dict: StateDict) -> None:
 
 def _define_flags() -> None:
   # Only when run as a script (absl refuses a flag defined twice).
-  flags.DEFINE_enum("kind", None, list(KINDS), "Network.")
+  flags.DEFINE_enum("kind", None, list(KINDS), "Network (file to file).")
   flags.DEFINE_string("from", None, "MONAI state dict (.pth/.pt, old or new names) or our .npz.")
   flags.DEFINE_string("to", None, "Write our variables here (.npz).")
   flags.DEFINE_string("to_monai", None, "Write a MONAI (>= 1.4 names) state dict here (.pth).")
@@ -582,6 +691,16 @@ def _define_flags() -> None:
   flags.DEFINE_enum("proj_attn", "identity", list(PROJ_ATTN), "Old (MONAI Generative) files: "
                     "load the unused proj_attn as an identity out_proj (0.2.x) or copy it "
                     "(0.1.0's UNet applied it).")
+  config_flags.DEFINE_config_file("config", None, "With --from and --workdir: an ldm_jax "
+                                  "config whose mode (autoencoder or diffusion) and network "
+                                  "the file is imported as.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "With --config and --from: the run folder to create; "
+                      "with --to_monai_dir: the run to export.")
+  flags.DEFINE_string("discriminator", None, "With an autoencoder import: its "
+                      "PatchDiscriminator state dict.")
+  flags.DEFINE_string("to_monai_dir", None, "Export a run's networks as MONAI state dicts "
+                      "(autoencoder.pth [+ discriminator.pth] or unet.pth) into this folder.")
+  flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "With --to_monai_dir: which.")
 
 
 def main(argv):
@@ -589,13 +708,26 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   src = f["from"].value
-  if not f.kind or not src or not (f.to or f.to_monai):
-    raise app.UsageError("--kind, --from and --to and/or --to_monai are required")
   try:
-    overrides = json.loads(f.overrides)
-  except json.JSONDecodeError as e:
-    raise app.UsageError(f"--overrides is not JSON ({e})") from None
-  try:
+    if f.to_monai_dir:
+      if not f.workdir:
+        raise app.UsageError("--to_monai_dir needs --workdir (the run to export)")
+      os.makedirs(f.to_monai_dir, exist_ok=True)
+      for name, sd in export_run(f.workdir, f.checkpoint).items():
+        save_state_dict(os.path.join(f.to_monai_dir, f"{name}.pth"), sd)
+      return
+    if f.config is not None:
+      if not src or not f.workdir:
+        raise app.UsageError("--config needs --from (the MONAI file) and --workdir")
+      import_run(f.config, f.workdir, src, f.discriminator, f.proj_attn)
+      return
+    if not f.kind or not src or not (f.to or f.to_monai):
+      raise app.UsageError("--kind, --from and --to and/or --to_monai are required (or "
+                           "--config, --from, --workdir; or --workdir, --to_monai_dir)")
+    try:
+      overrides = json.loads(f.overrides)
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f"--overrides is not JSON ({e})") from None
     if src.endswith(".npz"):
       variables = load_npz(src)
       to_monai(f.kind, variables, as_torch=False)  # checks every module maps

@@ -451,3 +451,47 @@ def test_ddim_sampling_loop_equals_monai(spacing):
                               num_inference_steps=50, eta=0.0, context=jnp.asarray(context),
                               x_T=_nhwc(x_T), spacing=spacing)
   _compare(_nchw(got), z.numpy(), f"ddim 50 steps ({spacing})")
+
+
+def test_reference_files_import_into_runs_that_generate_and_export_back(tmp_path):
+  """A user with the reference's autoencoder / discriminator / unet files: imported as
+  ldm_jax run workdirs (tiny widths, 32 x 32 slices), generated from, exported back
+  exactly; an import over a run or with the wrong conditioning is refused."""
+  from ldm_jax import generate, train_autoencoder, train_diffusion  # pylint: disable=g-import-not-at-top
+  from test_ldm_train import ae_config, dm_config, one_device  # pylint: disable=g-import-not-at-top
+  ae_cfg = ae_config()
+  ae_model = train_autoencoder.make_autoencoder(ae_cfg.model)
+  disc_model = train_autoencoder.make_discriminator(ae_cfg.disc)
+  files = {}
+  for name, kind, model, seed in (("autoencoder", "autoencoder", ae_model, 11),
+                                  ("discriminator", "discriminator", disc_model, 12)):
+    net = _monai(type(convert.monai_network(kind, model)), seed,
+                 **convert.monai_kwargs(kind, model))
+    files[name] = str(tmp_path / f"{name}-ep-7.pth")
+    torch.save(net.state_dict(), files[name])
+  dm_cfg = dm_config(cond="covariates")
+  dm_cfg.data.image_size = ae_cfg.data.image_size
+  dm_cfg.autoencoder.kind = "kl"
+  dm_cfg.autoencoder.workdir = str(tmp_path / "ae")
+  dm_cfg.generate.num_samples = 1
+  unet_model = train_diffusion.make_unet(dm_cfg, 3, 6)
+  unet_net = _monai(nets.DiffusionModelUNet, 13, **convert.monai_kwargs("unet", unet_model))
+  files["unet"] = str(tmp_path / "unet-ep-7.pth")
+  torch.save(unet_net.state_dict(), files["unet"])
+
+  convert.import_run(ae_cfg, str(tmp_path / "ae"), files["autoencoder"],
+                     files["discriminator"])
+  convert.import_run(dm_cfg, str(tmp_path / "dm"), files["unet"])
+  _, params, _, data = train_autoencoder.load_autoencoder(str(tmp_path / "ae"), one_device())
+  assert data["step"] == 0
+  _assert_same_state(convert.to_monai("autoencoder", params), torch.load(files["autoencoder"]))
+  res = generate.generate(dm_cfg, str(tmp_path / "dm"), out_dir=str(tmp_path / "gen"))
+  assert len(res["written"]) == 8 and res["step"] == 0
+  for name, sd in {**convert.export_run(str(tmp_path / "ae")),
+                   **convert.export_run(str(tmp_path / "dm"))}.items():
+    _assert_same_state(sd, torch.load(files[name]))
+  with pytest.raises(io.InputError, match="already holds checkpoints"):
+    convert.import_run(dm_cfg, str(tmp_path / "dm"), files["unet"])
+  dm_cfg.cond.kind = "none"
+  with pytest.raises(io.InputError, match="conditioned UNet, but config.cond.kind is 'none'"):
+    convert.import_run(dm_cfg, str(tmp_path / "dm2"), files["unet"])
