@@ -55,7 +55,7 @@ def autoencoder_config() -> ml_collections.ConfigDict:
                                       "overrides": ml_collections.ConfigDict()})
   c.loss = ml_collections.ConfigDict()
   c.loss.l1_weight = 1.0
-  c.loss.perceptual = "ssim"      # ssim | features (needs perceptual_kwargs.weights) | none
+  c.loss.perceptual = "ssim"      # ssim | lpips_squeeze (perceptual_kwargs.weights) | none
   c.loss.perceptual_kwargs = ml_collections.ConfigDict({"weights": ""})  # .npz (perceptual.py)
   c.loss.perceptual_weight = 0.1
   c.loss.kl_weight = 1e-6

@@ -5,8 +5,9 @@ Generator loss (SPEC section 4):
   + adv_weight (D(x_rec) - 1)^2,
 discriminator loss adv_weight (D(x_rec)^2 + (D(x) - 1)^2) / 2 (least squares, last output
 of the PatchDiscriminator). KL is MONAI's: 0.5 sum(mu^2 + sigma^2 - log sigma^2 - 1) over
-latent elements, averaged over the batch. P is pluggable (ldm_jax/perceptual.py; default a
-structural SSIM term, the reference's LPIPS-squeeze weights cannot be fetched). The
+latent elements, averaged over the batch. P is pluggable (ldm_jax/perceptual.py): the
+reference's LPIPS-squeeze ("lpips_squeeze", with SqueezeNet's ImageNet weights the user
+brings, converted by `python -m ldm_jax.perceptual`), else a structural SSIM term. The
 adversarial terms are off for the first loss.adv_warmup_steps steps (SPEC: none; MONAI's
 tutorials use a few epochs).
 

@@ -27,10 +27,11 @@ flags.FLAGS.mark_as_parsed()
 # this order) starts them at once and the many quick files fill in around them: the
 # longest-first rule. Without it xdist orders files by their number of tests and the
 # one-test memorization run (~270 s) starts last.
-SLOW_FIRST = ("test_ldm_memorization.py", "test_ldm_train.py", "test_audit_recall.py",
+SLOW_FIRST = ("test_ldm_memorization.py", "test_ldm_train.py", "test_ldm_semantics.py",
+              "test_audit_recall.py", "test_ldm_parity.py",
               "test_convert.py", "test_multihost.py", "test_train.py", "test_pairs_jobs.py",
               "test_caches.py", "test_cli_cases.py", "test_models.py", "test_cli_safety.py",
-              "test_store_integrity.py")
+              "test_store_integrity.py", "test_perceptual.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -353,6 +353,23 @@ def test_ldm_config_checks():
                "config.train.effective_batch_size must be a multiple of"):
     assert part in msg
   assert "\n" not in msg
+  dm = load_config("configs/ldm_demo_diffusion.py")
+  dm.data.intensity = "percentile"
+  dm.data.valid_fraction = 1.0
+  dm.latent.pad_mode = "centre"
+  dm.cond.kind = "text"
+  dm.autoencoder.checkpoint = "first"
+  dm.train.ema_decay = 1.5
+  with pytest.raises(validate.ConfigError) as e:
+    validate.check_ldm(dm, "diffusion")
+  msg = str(e.value)
+  for part in ("config.data.intensity must be one of ['zscore', 'minmax'], got 'percentile'",
+               "config.data.valid_fraction must be in [0, 1), got 1.0",
+               "config.latent.pad_mode must be one of ['end', 'symmetric'], got 'centre'",
+               "config.data.text_csv must name a CSV",
+               "config.autoencoder.checkpoint must be one of ['latest', 'best'], got 'first'",
+               "config.train.ema_decay must be in [0, 1), got 1.5"):
+    assert part in msg
 
 
 # ----------------------------------------------------------------------------- ldm_jax.main
