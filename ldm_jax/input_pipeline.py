@@ -1,8 +1,11 @@
 """Training records of the latent diffusion model: images, covariates and duplication.
 
 A record is one unique training image: key (e.g. "IXI002-Guys-0828-T1/z070"), uid (the key
-with "/" replaced by "-", its folder name in the generation layout), the z-scored image
-and, for conditioned models, six covariates: age, sex, sequence, CSF, WM and GM fractions.
+with "/" replaced by "-", its folder name in the generation layout), the image (scaled by
+data.intensity: min-max to [0, 1] as the reference, or z-scored) and, for conditioned
+models, six covariates (age, sex, sequence, CSF, WM and GM fractions) or a caption
+embedding (`read_text_embeddings`). data.valid_fraction holds out whole subjects as the
+validation split (`valid_subjects`).
 
 * Images come from deepssim_jax.banks (IXI/any NIfTI volumes, PNG layouts, or the embedded
   demo set), cached in the workdir as an .npz, so every job of a run reads the same records.
