@@ -8,8 +8,9 @@ while the devices compute), and the forward-only rate of the same model on image
 in memory, measured in the same run. The machine is shared, so every rate is also given
 as a fraction of the dense float32 matmul rate timed just before it (FLOPs of the model as
 XLA counts them for the plain grouped-conv formulation). The reference embeds with a
-ConvNeXt-B forward at 14.9 img/s, ~69% of the matmul peak on this machine
-(/work/shared/BENCH.md, batch 32, reading excluded): the last column compares fractions.
+ConvNeXt-B forward at 14.9 img/s, ~69% of the matmul peak on this machine (torch eager,
+2 threads, batch 32, reading excluded, as measured for this project earlier): the last
+column compares fractions.
 
 Usage:
   python bench/bench_embed_job.py                          # convnext_base, 192 images

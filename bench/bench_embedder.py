@@ -3,7 +3,7 @@
 The figure is the achieved FLOP rate of the jitted model as a fraction of this machine's
 dense float32 matmul rate (a jnp 2048^2 matmul, measured interleaved with every repetition,
 since the machine is shared). The anchor is the PyTorch reference's fraction on the same
-machine (/work/shared/BENCH.md): ConvNeXt-B eval forward, 3x136x112, batch 32: 14.9 img/s x
+machine (torch eager, 2 threads, measured for this project earlier): ConvNeXt-B eval forward, 3x136x112, batch 32: 14.9 img/s x
 8.78 GFLOP/img = 131 GFLOP/s, ~69% of the 189-197 GFLOP/s matmul peak; train step of 32
 pairs (both branches, AdamW): 8.6 s with the reference's name-matching freeze, 12.5 s with
 only stem + first stage frozen.
@@ -44,7 +44,7 @@ from flax import traverse_util  # noqa: E402
 
 from deepssim_jax import models  # noqa: E402
 
-# /work/shared/BENCH.md, PyTorch reference (torch eager, 2 threads) on this machine.
+# The PyTorch reference (torch eager, 2 threads) measured earlier on this kind of machine.
 REF_PEAK_GFLOPS = 193.0           # midpoint of the 189-197 GFLOP/s numpy matmul peak
 REF_FORWARD_FRACTION = 0.69       # ConvNeXt-B eval, batch 32: 14.9 img/s x 8.78 GFLOP/img
 REF_TRAIN_SECONDS = {"ref": 8.6, "1": 12.5}   # per step of 32 pairs, by freezing

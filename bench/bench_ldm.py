@@ -8,8 +8,8 @@ DiffusionModelUNet_ref (183,981,059 parameters, unconditioned) on a batch of 8 l
 For each: the median time over the repetitions, the FLOPs XLA counts for the compiled
 program (cost_analysis), the achieved FLOP/s and its fraction of this machine's float32
 matmul FLOP/s, measured in the same run (a jnp 2048 x 2048 matmul timed between the
-repetitions, median), and the ratio to MONAI's time in /work/shared/BENCH.md (torch eager,
-2 threads, same machine: 11.2 s per train step, 147 s for DDIM). The machine is shared:
+repetitions, median), and the ratio to MONAI's time measured earlier on this kind of
+machine (torch eager, 2 threads: 11.2 s per train step, 147 s for DDIM). The machine is shared:
 quote the ratios, not the absolute seconds.
 
 Usage:

@@ -4,7 +4,7 @@ The figure is `deepssim_jax.ssim.ssim_all_pairs` on an N x N set of z-scored 136
 slices (default 256 x 256 = 65,536 pairs), in pairs per second. The anchor, measured in the
 same run, is the reference's way: scikit-image's structural_similarity(a, b,
 data_range=a.max() - a.min()) in a Python loop over in-memory float64 z-scored pairs of the
-same images. Following /work/shared/BENCH.md, scikit-image runs at its fastest: in its own
+same images. scikit-image runs at its fastest: in its own
 process started with MALLOC_MMAP_THRESHOLD_=4000000 MALLOC_TRIM_THRESHOLD_=100000000 (glibc
 reads them at start-up); it is also run with the default malloc, for context. The machine is
 shared, so the repetitions of the figure and of the anchors are interleaved (the anchor
