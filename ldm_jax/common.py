@@ -368,6 +368,20 @@ def train_loop(state: Any, step_fn: Callable[[Any, int], tuple[Any, dict]], *, s
   return state, step, row
 
 
+def batched_mean(fn: Callable, rows_to_batch: Callable[[np.ndarray], Any], n: int,
+                 global_batch: int, mesh) -> float:
+  """The mean over n items of fn(batch) -> per-item values (B,), in global batches of
+  rows 0 .. n-1 (the last padded by repeating its final row; padded values are dropped),
+  each process feeding its own slice of every batch (rows_to_batch: rows -> its batch)."""
+  local = local_rows(global_batch)
+  total = 0.0
+  for i in range(0, n, global_batch):
+    rows = parallel.pad_to(np.arange(i, min(i + global_batch, n)), global_batch)[local]
+    values = to_host(fn(parallel.shard_batch(rows_to_batch(rows), mesh)))
+    total += float(np.sum(values[:min(global_batch, n - i)]))
+  return total / n
+
+
 def valid_every(train: ml_collections.ConfigDict, num_items: int, global_batch: int) -> int:
   """Steps between validations: train.valid_every_steps, or with 0 one epoch (the
   reference validates after every epoch)."""

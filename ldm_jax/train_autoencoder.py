@@ -212,9 +212,6 @@ def load_autoencoder(workdir: str, mesh=None, which: str = "latest"):
 def make_valid_fn(config: ml_collections.ConfigDict, images: np.ndarray, mesh):
   """state -> the mean validation loss (valid_losses) of `images` (N, H, W)."""
   pfn = perceptual.make(config.loss.perceptual, **dict(config.loss.get("perceptual_kwargs", {})))
-  b = config.train.batch_size
-  local = common.local_rows(b)
-  n = len(images)
 
   @jax.jit
   def fn(state, x):
@@ -222,12 +219,9 @@ def make_valid_fn(config: ml_collections.ConfigDict, images: np.ndarray, mesh):
     return valid_losses(g.params, x, apply_fn=g.apply_fn, loss=config.loss, perceptual_fn=pfn)
 
   def valid_fn(state) -> float:
-    total = 0.0
-    for i in range(0, n, b):
-      x = parallel.pad_to(images[i:i + b, ..., None], b)[local]
-      losses = common.to_host(fn(state, parallel.shard_batch(x, mesh)))
-      total += float(np.sum(losses[:min(b, n - i)]))
-    return total / n
+    return common.batched_mean(functools.partial(fn, state),
+                               lambda rows: images[rows, ..., None], len(images),
+                               config.train.batch_size, mesh)
 
   return valid_fn
 

@@ -77,13 +77,13 @@ def kl_stage(config: ml_collections.ConfigDict, mesh) -> dict:
   which = config.autoencoder.get("checkpoint", "latest")
   model, params, ae_config, data = train_autoencoder.load_autoencoder(
       config.autoencoder.workdir, mesh, which)
-  for field, name in (("image_size", "images of size"), ("intensity", "intensity scaling")):
-    theirs = ae_config.data.get(field, "zscore" if field == "intensity" else None)
-    ours = config.data.get(field, "zscore" if field == "intensity" else None)
-    if (tuple(theirs) if field == "image_size" else theirs) != (
-        tuple(ours) if field == "image_size" else ours):
-      raise io.InputError(f"{config.autoencoder.workdir}: the autoencoder was trained on "
-                          f"{name} {theirs!r}, this run has data.{field} = {ours!r}")
+  seen = lambda c: {"image_size": tuple(c.data.image_size),
+                    "intensity": c.data.get("intensity", "zscore")}  # older runs: z-scored
+  theirs, ours = seen(ae_config), seen(config)
+  for field in ours:
+    if theirs[field] != ours[field]:
+      raise io.InputError(f"{config.autoencoder.workdir}: the autoencoder was trained with "
+                          f"data.{field} = {theirs[field]!r}, this run has {ours[field]!r}")
   encode = lambda x: model.apply({"params": params}, x, method="encode")
   decode = lambda z: model.apply({"params": params}, z, method="decode")
   return {"encode": encode, "decode": decode, "channels": model.latent_channels,
@@ -177,14 +177,6 @@ def latents(config: ml_collections.ConfigDict, workdir: str, records: dict, stag
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def context_dim(config: ml_collections.ConfigDict, context: Optional[np.ndarray]
-                ) -> Optional[int]:
-  """The cross-attention context width (None without conditioning)."""
-  if config.cond.kind not in CONDITIONS:
-    raise ValueError(f"cond.kind {config.cond.kind!r}: expected one of {CONDITIONS}")
-  return None if context is None else int(context.shape[-1])
 
 
 def make_unet(config: ml_collections.ConfigDict, latent_channels: int,
@@ -355,7 +347,7 @@ def prepare(config, workdir: str, mesh) -> dict:
   stage = first_stage(config, mesh)
   lat = latents(config, workdir, records, stage, mesh, valid)
   ctx = contexts(config, records, workdir)
-  dim = context_dim(config, ctx)
+  dim = None if ctx is None else int(ctx.shape[-1])  # the cross-attention width
   model = make_unet(config, stage["channels"], dim)
   return {"records": records, "valid": valid, "stage": stage, "latents": lat, "model": model,
           "apply": make_apply(model), "schedule": make_schedule(config), "context": ctx,
@@ -386,20 +378,17 @@ def make_valid_fn(config: ml_collections.ConfigDict, run: dict, mesh) -> Callabl
                                     run["schedule"].num_steps))
   fn = jax.jit(functools.partial(valid_losses, apply_fn=run["apply"],
                                  schedule=run["schedule"]))
-  b = config.train.batch_size
-  local = common.local_rows(b)
   get = weights_of(config)
 
+  def batch(rows):
+    out = {"mu": mu[rows], "noise": noise[rows], "t": t[rows]}
+    if ctx is not None:
+      out["context"] = ctx[rows]
+    return out
+
   def valid_fn(state) -> float:
-    total = 0.0
-    for i in range(0, n, b):
-      rows = parallel.pad_to(np.arange(i, min(i + b, n)), b)[local]
-      batch = {"mu": mu[rows], "noise": noise[rows], "t": t[rows]}
-      if ctx is not None:
-        batch["context"] = ctx[rows]
-      losses = common.to_host(fn(get(state), parallel.shard_batch(batch, mesh)))
-      total += float(np.sum(losses[:min(b, n - i)]))
-    return total / n
+    return common.batched_mean(functools.partial(fn, get(state)), batch, n,
+                               config.train.batch_size, mesh)
 
   return valid_fn
 
