@@ -18,7 +18,9 @@ et al.) and writes one output folder:
                 calibration summaries, fingerprints of the checkpoint, data and settings;
                 with known answers (audit.truth: a CSV, or the demo's labels), the
                 precision / recall of every decision rule ("validation").
-  report.html   deepssim_jax.report: summary, histogram, gallery of the closest pairs.
+  report.html   deepssim_jax.report: summary, histogram, gallery of the closest pairs
+                (with the checkpoint's explanation maps of each pair when the job is
+                given the model and explain.in_report is on: deepssim_jax.explain).
 
 Nothing is written until every number and the whole report are computed; the three files
 are then written into a fresh temporary folder beside the output folder, which replaces the
@@ -53,17 +55,21 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from deepssim_jax import calibrate, embed, evaluate, io, match, parallel, plots, report
+from deepssim_jax import (calibrate, embed, evaluate, explain, io, match, parallel, plots,
+                          report)
 
 Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
 Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
+# (config, workdir) -> (DeepSSIM module, variables): the checkpoint's model, for the maps.
+Model = Callable[[ml_collections.ConfigDict, str], tuple[Any, Any]]
 
 FILES = ("audit.csv", "summary.json", "report.html")
 CLASS_NAMES = evaluate.CLASS_NAMES  # 0 different, 1 duplicate, 2 similar
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The sections an audit needs beyond the base config: audit, calibrate, report, compare.
+  """The sections an audit needs beyond the base config: audit, calibrate, report, explain,
+  compare.
 
   Use: `c = config_lib.base_config(); c.update(audit.default_config())`, then set
   c.data.real / c.data.synth (and c.data.heldout for Dar et al.).
@@ -88,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.audit.subject_regex = r"^(.*)/[^/]*$"
   c.calibrate = calibrate.default_config()
   c.report = report.default_config()
+  c.explain = explain.default_config()  # explanation maps of the report's gallery pairs
   c.compare = ml_collections.ConfigDict()
   c.compare.synthetic = ()         # config.data entries, one audit each (e.g. dup_none, ...)
   c.compare.out_dir = ""           # default <workdir>/compare
@@ -392,7 +399,9 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
 
 def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[str, Any]],
                   checkpoint_fingerprint: str = "",
-                  truth: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
+                  truth: Optional[Mapping[str, np.ndarray]] = None,
+                  explainer: Optional[Callable[[np.ndarray, np.ndarray], Mapping]] = None
+                  ) -> dict[str, Any]:
   """Everything an audit writes, computed in memory (no file is touched).
 
   Args:
@@ -403,6 +412,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
     checkpoint_fingerprint: recorded in the summary.
     truth: known answers in synthetic-id order (read_truth / load_truth), or None; with
       them the summary gets "validation" (validate) and the report its table.
+    explainer: (synthetic images, training images) of the gallery pairs -> {score: (maps,
+      maps)} (make_explainer), or None: no explanation maps in the report.
 
   Returns:
     {"files": {file name: text or a writer (see publish)}, "summary": dict, "classes",
@@ -478,7 +489,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       notes=[f"{summary['n_synthetic']} synthetic images audited against "
              f"{n_train} training images; classes under the paper's thresholds "
              f"(score <= {t_low:g} Different, > {t_high:g} Duplicate, else Similar). "
-             "The difference image is |synthetic - training| of the z-scored images."])
+             "The difference image is |synthetic - training| of the z-scored images."],
+      explainer=explainer)
   files = {"audit.csv": write_audit_csv,
            "summary.json": json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n",
            "report.html": html_text}
@@ -499,6 +511,17 @@ def _clean(x):
   return x
 
 
+def make_explainer(config: ml_collections.ConfigDict, workdir: str,
+                   model: Optional[Model]) -> Optional[Callable]:
+  """The report's explanation-map function (explain.explain_pairs with the checkpoint's
+  model and config.explain), or None when explain.in_report is off or no model is given."""
+  cfg = config.get("explain")
+  if model is None or cfg is None or not cfg.in_report or not tuple(cfg.scores):
+    return None
+  module, variables = model(config, workdir)
+  return functools.partial(explain.explain_pairs, module, variables, cfg=cfg)
+
+
 class _Rows:
   """source[rows[i]] on demand (len and integer indexing only)."""
 
@@ -515,8 +538,8 @@ class _Rows:
 def audit_job(config: ml_collections.ConfigDict, workdir: str,
               embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
               checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None,
-              embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None
-              ) -> dict[str, Any]:
+              embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None,
+              model: Optional[Model] = None) -> dict[str, Any]:
   """Audits config.data.<audit.synthetic> against config.data.<audit.training>.
 
   Args:
@@ -529,6 +552,9 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
       none recorded ('').
     embedding_fingerprint: (config, workdir, set name) -> the set's embedding fingerprint
       (the store's, of inputs and settings); default a hash of the float embeddings.
+    model: (config, workdir) -> (DeepSSIM module, variables) of the checkpoint that made
+      the embeddings; with it (and explain.in_report) the report shows each gallery pair's
+      explanation maps. Default none: no maps.
 
   Returns:
     {"out_dir", "summary"}.
@@ -554,7 +580,7 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
         "calibrate.dar.enabled = False")
   ck = checkpoint_fingerprint(config, workdir) if checkpoint_fingerprint else ""
   truth = load_truth(config, workdir, sets["synthetic"]["ids"])
-  out = compute_audit(config, sets, ck, truth)
+  out = compute_audit(config, sets, ck, truth, make_explainer(config, workdir, model))
   out_dir = ac.out_dir or os.path.join(workdir, "audit")
   if parallel.is_main_process():  # every process computed the same audit; one writes it
     out_dir = publish(out_dir, out["files"])
@@ -646,8 +672,8 @@ def compare_runs(audits: Mapping[str, str], out_dir: str, dpi: int = 100) -> dic
 def compare_job(config: ml_collections.ConfigDict, workdir: str,
                 embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
                 checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None,
-                embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None
-                ) -> dict[str, Any]:
+                embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None,
+                model: Optional[Model] = None) -> dict[str, Any]:
   """Audits each config.data entry of config.compare.synthetic, then compares them.
 
   Each audit goes to <compare.out_dir or workdir/compare>/<name>/; compare.csv and
@@ -664,7 +690,7 @@ def compare_job(config: ml_collections.ConfigDict, workdir: str,
     c.audit.name = name
     c.audit.out_dir = os.path.join(out_root, name)
     audits[name] = audit_job(c, workdir, embeddings, images, checkpoint_fingerprint,
-                             embedding_fingerprint)["out_dir"]
+                             embedding_fingerprint, model)["out_dir"]
   if not parallel.is_main_process():
     return {"audits": audits}
   return compare_runs(audits, out_root, int(config.compare.dpi))

@@ -28,6 +28,10 @@ class AugmentConfig:
   gamma_min: float = 0.5
   gamma_max: float = 1.5
   renormalize: bool = True  # z-score again after the transforms (the network's input)
+  # Contrast randomization (ours): with p_contrast, both images of a pair pass through one
+  # random intensity map before anything else, and the target becomes their SSIM after it.
+  p_contrast: float = 0.0
+  contrast_knots: int = 6
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -66,6 +70,48 @@ def augment_image(key: jax.Array, x: jax.Array, cfg: AugmentConfig) -> jax.Array
   if cfg.renormalize:
     x = zscore(x)
   return x
+
+
+def intensity_map(u: jax.Array, ys: jax.Array) -> jax.Array:
+  """A piecewise-linear intensity map of [0, 1] through (i / (K - 1), ys[i]), i < K."""
+  xs = jnp.linspace(0.0, 1.0, ys.shape[-1])
+  return jnp.interp(u, xs, ys)
+
+
+def random_map_values(key: jax.Array, knots: int) -> jax.Array:
+  """Knot values of a random, generally non-monotone intensity map: 0 stays 0 (air is dark
+  in every MRI sequence), the others are uniform in [0, 1] and scaled so the largest is 1
+  (the remapped image keeps the full range)."""
+  ys = jax.random.uniform(key, (knots,), minval=0.0, maxval=1.0).at[0].set(0.0)
+  return ys / jnp.maximum(jnp.max(ys), 1e-3)
+
+
+def remap(x: jax.Array, ys: jax.Array) -> jax.Array:
+  """An image (any range) through intensity_map on its min-max scaled values, z-scored."""
+  lo, hi = jnp.min(x), jnp.max(x)
+  return zscore(intensity_map((x - lo) / jnp.maximum(hi - lo, 1e-6), ys))
+
+
+def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+                   cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Contrast randomization of a batch of pairs (B, H, W): with probability p_contrast a
+  pair is drawn one random intensity map (random_map_values), applied to both images, and
+  its target is replaced by the SSIM of the remapped pair (ssim.ssim_pairs), so the target
+  stays the true SSIM of what the network sees. Other pairs are returned unchanged.
+
+  Pairs share a map because a training pair is two images of one contrast; the network
+  learns SSIM on contrasts it never saw. The stored target must be the plain SSIM of the
+  pair (pairs.align False): an aligned target is not recomputed.
+  """
+  n = a.shape[0]
+  k_on, k_map = jax.random.split(key)
+  on = jax.random.uniform(k_on, (n,)) < cfg.p_contrast
+  ys = jax.vmap(lambda k: random_map_values(k, cfg.contrast_knots))(
+      jax.random.split(k_map, n))
+  ra, rb = jax.vmap(remap)(a, ys), jax.vmap(remap)(b, ys)
+  new_target = ssim_lib.ssim_pairs(ra, rb)
+  pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
+  return pick(ra, a), pick(rb, b), pick(new_target, target)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.pairs = ml_collections.ConfigDict()
   c.pairs.num_pairs = 100_000     # the released table has roughly 10^5 pairs
   c.pairs.matched_fraction = 0.25  # share of (source, synthetic) pairs where sources are known
+  # Pairs within one set (no synthetic set): this share pairs an image with itself, a copy
+  # with target 1 once augmentation flips/rotates/gamma-changes each branch (ours).
+  c.pairs.self_fraction = 0.0
   c.pairs.valid_fraction = 0.1    # share of synthetic images whose pairs validate
   c.pairs.batch_size = 1024       # SSIM pairs per device batch
   c.pairs.align = False           # SPEC's phi: identity (reference code) or rigid alignment
@@ -123,6 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.gamma_min = 0.5
   c.aug.gamma_max = 1.5
   c.aug.renormalize = True        # z-score again after augmenting (ours; reference: False)
+  # Contrast randomization (ours): with p_contrast a pair's two images pass through one
+  # random piecewise-linear intensity map with contrast_knots knots, and the target is
+  # recomputed as their SSIM after it (augment.contrast_pairs; needs pairs.align False).
+  c.aug.p_contrast = 0.0
+  c.aug.contrast_knots = 6
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -42,6 +42,8 @@ def pair_record(config: ml_collections.ConfigDict, real_fp: str, synth_fp: str) 
                align_flips=bool(pc.align_flips))
   if pc.balance_bins:
     rec["pool_factor"] = float(pc.pool_factor)
+  if pc.get("self_fraction", 0.0) and not config.data.synth.kind:
+    rec["self_fraction"] = float(pc.self_fraction)
   return rec
 
 
@@ -135,7 +137,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
           matched_fraction=pc.matched_fraction, valid_fraction=pc.valid_fraction,
           batch_size=pc.batch_size, align=pc.align, align_angles=tuple(pc.align_angles),
           align_flips=pc.align_flips, balance_bins=pc.balance_bins,
-          pool_factor=pc.pool_factor)
+          pool_factor=pc.pool_factor,
+          self_fraction=0.0 if has_synth else pc.get("self_fraction", 0.0))
       if parallel.is_main_process():
         banks.drop_record(table_path)
         pairs_lib.write_pairs(table_path, table)
@@ -476,7 +479,8 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
 
 
 def _audit_hooks(config, workdir: str) -> dict:
-  """The audit's embedding and fingerprint functions, with the checkpoint restored once.
+  """The audit's embedding and fingerprint functions and its model (for the report's
+  explanation maps), with the checkpoint restored once.
 
   "embeddings" finishes (or writes, or checks) the set's store and reads it only if its
   rows are exactly the set's ids (set_embeddings). "embedding_fingerprint" (cfg, wd, name)
@@ -488,7 +492,8 @@ def _audit_hooks(config, workdir: str) -> dict:
   return {"embeddings": lambda cfg, wd, spec, name: set_embeddings(cfg, wd, name, ck),
           "checkpoint_fingerprint": lambda cfg, wd: ck["fingerprint"],
           "embedding_fingerprint": lambda cfg, wd, name: store.fingerprint(
-              store_folder(cfg, wd, name))}
+              store_folder(cfg, wd, name)),
+          "model": lambda cfg, wd: (ck["model"], ck["variables"])}
 
 
 def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -496,7 +501,8 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   hooks = _audit_hooks(config, workdir)
   out = audit_lib.audit_job(config, workdir, hooks["embeddings"],
                             checkpoint_fingerprint=hooks["checkpoint_fingerprint"],
-                            embedding_fingerprint=hooks["embedding_fingerprint"])
+                            embedding_fingerprint=hooks["embedding_fingerprint"],
+                            model=hooks["model"])
   if parallel.is_main_process():
     s = out["summary"]
     print(f"audit: {s['n_synthetic']} synthetic images, {100 * s['memorization_rate']:.1f}% "
@@ -510,7 +516,8 @@ def compare_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   hooks = _audit_hooks(config, workdir)
   return audit_lib.compare_job(config, workdir, hooks["embeddings"],
                                checkpoint_fingerprint=hooks["checkpoint_fingerprint"],
-                               embedding_fingerprint=hooks["embedding_fingerprint"])
+                               embedding_fingerprint=hooks["embedding_fingerprint"],
+                               model=hooks["model"])
 
 
 MODES = {"train": train_job, "evaluate": evaluate_job, "embed": embed_job, "match": match_job,

@@ -187,11 +187,26 @@ def compute_ssim(real_images: np.ndarray, synth_images: np.ndarray, real_idx: np
   return out
 
 
+def _add_self_pairs(ia, ib, is_valid, s, n: int, n_self: int, valid_fraction: float,
+                    seed: int):
+  """Appends n_self (i, i) rows with target 1, images in a seeded cyclic order; an image
+  keeps the split its other pairs have (the split is by image), else a seeded draw."""
+  rng = np.random.default_rng(seed + 7)
+  valid = rng.random(n) < valid_fraction
+  valid[ib] = False
+  valid[ib[is_valid]] = True
+  idx = np.resize(rng.permutation(n), n_self)
+  order = rng.permutation(len(ia) + n_self)
+  cat = lambda a, b: np.concatenate([a, b])[order]  # noqa: E731
+  return (cat(ia, idx), cat(ib, idx), cat(is_valid, valid[idx]),
+          cat(s, np.ones(n_self, np.float32)))
+
+
 def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed: int,
                      matched_fraction: float, valid_fraction: float, batch_size: int,
                      align: bool, align_angles: tuple, align_flips: bool,
                      balance_bins: int = 0, pool_factor: float = 4.0,
-                     mesh=None) -> PairTable:
+                     self_fraction: float = 0.0, mesh=None) -> PairTable:
   """Samples pairs between two image banks and computes their SSIM targets.
 
   Banks are dicts with `keys` (N,) and z-scored `images` (N, H, W); the synthetic bank may
@@ -200,7 +215,15 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   balance_bins > 0 (ours, not the reference's uniform sampling): targets are computed for a
   pool of pool_factor x num_pairs sampled pairs, and num_pairs of them are kept so that the
   targets spread as evenly as the pool allows over balance_bins bins of [0, 1]
-  (`balance_targets`). Uniform pairs of a real data set are almost all unrelated images
+  (`balance_targets`).
+
+  self_fraction > 0 (pairs within one set, real_bank is synth_bank): that share of the rows
+  pairs an image with itself (target 1), every image in turn (rows repeat when there are
+  more such rows than images; added after sampling and balancing). Training augments each
+  branch independently, so these become the flipped / rotated / contrast-changed copies a
+  Duplicate stands for.
+
+  Uniform pairs of a real data set are almost all unrelated images
   (SSIM 0.1-0.4); the memorization decision lives at 0.6-1, where a uniform table has few
   pairs to learn from.
   """
@@ -210,6 +233,10 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   if real_bank["images"].shape[1:] != synth_bank["images"].shape[1:]:
     raise io.InputError(f"image sizes differ: real {real_bank['images'].shape[1:]} vs "
                         f"synthetic {synth_bank['images'].shape[1:]}")
+  if self_fraction > 0 and synth_bank is not real_bank:
+    raise ValueError("self_fraction applies to pairs within one set (no synthetic set)")
+  n_self = int(round(self_fraction * num_pairs))
+  num_pairs -= n_self
   source_index = None
   src = synth_bank.get("meta", {}).get("source_key")
   if src is not None:
@@ -226,6 +253,9 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
     ia, ib, is_valid, s = ia[keep], ib[keep], is_valid[keep], s[keep]
     logging.info("Balanced pairs: %d of a pool of %d; targets per bin %s", len(keep), pool,
                  np.histogram(np.clip(s, 0, 1), balance_bins, (0, 1))[0].tolist())
+  if n_self:
+    ia, ib, is_valid, s = _add_self_pairs(ia, ib, is_valid, s, len(real_bank["keys"]),
+                                          n_self, valid_fraction, seed)
   split = np.where(is_valid, "valid", "train")
   return PairTable(np.asarray(real_bank["keys"])[ia], np.asarray(synth_bank["keys"])[ib], s,
                    split)

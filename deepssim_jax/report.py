@@ -13,6 +13,11 @@ of a copy do not hide it), upscaled by an integer factor with nearest-neighbour 
 The difference image is |synthetic - training| in z units, mapped linearly from 0 (black)
 to `diff_vmax` (white); a flipped or rotated copy shows a large difference there even
 with a high DeepSSIM score, which is the point of DeepSSIM.
+
+With explanation maps (deepssim_jax.explain, computed by the caller with the audit's
+model), each pair also shows, per explained score, both images with their multi-scale
+LayerCAM map laid over them: the colormap `overlay_colormap` of the map (0 dark blue,
+1 dark red for turbo) blended with weight `overlay_alpha` over the grey image.
 """
 
 import base64
@@ -25,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -50,7 +55,7 @@ img.hist{max-width:100%;border:1px solid #ddd}
 figure.pair{margin:0;border:1px solid #ccc;border-radius:6px;padding:8px;background:#fafafa}
 figure.pair .imgs{display:flex;gap:6px}
 figure.pair .cell{text-align:center;font-size:.75em;color:#555}
-img.gallery{display:block;image-rendering:pixelated;background:#000}
+img.gallery,img.overlay{display:block;image-rendering:pixelated;background:#000}
 figcaption{font-size:.85em;margin-top:6px;line-height:1.35}
 .c1{color:#b00020;font-weight:600}.c2{color:#a15c00}.c0{color:#1a5e20}
 .note{color:#555;font-size:.85em}
@@ -69,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.hist_width_in = 6.4
   c.hist_height_in = 3.6
   c.hist_dpi = 100
+  c.overlay_alpha = 0.6     # weight of the colour map over the grey image (reference: 0.6)
+  c.overlay_colormap = "turbo"  # matplotlib colormap of explanation maps (reference: turbo)
   return c
 
 
@@ -122,6 +129,38 @@ def pair_pngs(synth: np.ndarray, train: np.ndarray, scale: int = 2,
           "diff": png_bytes(upscale(to_uint8(diff, 0.0, diff_vmax), scale))}
 
 
+def overlay_rgb(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6,
+                colormap: str = "turbo") -> np.ndarray:
+  """An explanation map laid over its image: uint8 (H, W, 3).
+
+  Args:
+    image: (H, W) image, shown min-max scaled to grey.
+    heat: (H, W) map in [0, 1] (clipped), coloured with the matplotlib colormap.
+    alpha: weight of the colour (1 - alpha of the grey image).
+    colormap: a matplotlib colormap name.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top  (slow import, only needed here)
+  heat = np.asarray(heat, np.float64)
+  if heat.shape != np.shape(image):
+    raise ValueError(f"map of shape {heat.shape} for an image of shape {np.shape(image)}")
+  if not np.all(np.isfinite(heat)):
+    raise ValueError("explanation map contains NaN or infinity")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+  grey = to_uint8(image).astype(np.float64)[..., None] / 255.0
+  colour = matplotlib.colormaps[colormap](np.clip(heat, 0.0, 1.0))[..., :3]
+  rgb = alpha * colour + (1.0 - alpha) * grey
+  return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def overlay_pngs(synth: np.ndarray, train: np.ndarray, synth_map: np.ndarray,
+                 train_map: np.ndarray, scale: int = 2, alpha: float = 0.6,
+                 colormap: str = "turbo") -> dict[str, bytes]:
+  """PNGs of a pair's two images with their explanation maps laid over (overlay_rgb)."""
+  return {"synth": png_bytes(upscale(overlay_rgb(synth, synth_map, alpha, colormap), scale)),
+          "train": png_bytes(upscale(overlay_rgb(train, train_map, alpha, colormap), scale))}
+
+
 def histogram_png(scores: np.ndarray, lines: Mapping[str, float], bins: int = 50,
                   size: Sequence[float] = (6.4, 3.6), dpi: int = 100,
                   title: str = "") -> bytes:
@@ -173,6 +212,16 @@ def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
 def _pct(v) -> str:
   return "-" if v is None else f"{100 * float(v):.1f}%"
 
+
+# Captions of the explanation maps (deepssim_jax.explain's scores).
+MAP_NAMES = {"similarity": "what makes them match", "dissimilarity": "where they differ"}
+MAP_NOTE = ("Explanation maps ({name}): multi-scale LayerCAM of the DeepSSIM score "
+            "(as DeepSSIM++ explains it), averaged over the ConvNeXt stages and scaled to "
+            "[0, 1] per image; the high end of the colour map (red in turbo) marks the "
+            "regions that most {what}. An exact copy (cosine 1) has a flat map: the "
+            "cosine's gradient vanishes at its maximum.")
+MAP_NOTE_WHAT = {"similarity": "raise the two images' similarity",
+                 "dissimilarity": "lower the two images' similarity"}
 
 RULE_NAMES = {"paper": "paper thresholds (Duplicate)", "dar": "Dar et al.",
               "mi": "Memorization Index", "carlini": "Carlini et al."}
@@ -235,8 +284,9 @@ def render_html(summary: Mapping[str, Any], hist_png: bytes,
       memorization_rate also appear as headline figures.
     hist_png: the histogram PNG.
     gallery: pairs in display order, each a dict with synth_id, train_id, score, label
-      (0/1/2, the paper class), synth_png, train_png, diff_png (PNG bytes) and optional
-      extra {name: value} (calibrated values shown under the pair).
+      (0/1/2, the paper class), synth_png, train_png, diff_png (PNG bytes), optional
+      extra {name: value} (calibrated values shown under the pair) and optional overlays
+      {score name: {"synth": PNG, "train": PNG}} (explanation maps, one row per score).
     title: page title.
     notes: free-text paragraphs shown under the title.
   """
@@ -266,9 +316,17 @@ def render_html(summary: Mapping[str, Any], hist_png: bytes,
         for what, key, idk in (("synthetic", "synth_png", "synth_id"),
                                ("training", "train_png", "train_id"),
                                ("|difference|", "diff_png", "synth_id")))
+    rows = "".join(
+        f'<div class="imgs" data-map="{esc(score)}">' + "".join(
+            f'<div class="cell"><img class="overlay" alt="{esc(what)} {esc(str(g[idk]))} '
+            f'{esc(score)} map" src="{data_uri(pngs[side])}">{esc(what)}: '
+            f'{esc(MAP_NAMES.get(score, score))}</div>'
+            for what, side, idk in (("synthetic", "synth", "synth_id"),
+                                    ("training", "train", "train_id"))) + '</div>'
+        for score, pngs in dict(g.get("overlays", {})).items())
     parts.append(
         f'<figure class="pair" data-rank="{rank}" data-score="{float(g["score"])!r}">'
-        f'<div class="imgs">{cells}</div><figcaption>#{rank} '
+        f'<div class="imgs">{cells}</div>{rows}<figcaption>#{rank} '
         f'<span class="c{label}">{esc(CLASS_NAMES.get(label, str(label)))}</span> '
         f'score {esc(_fmt(float(g["score"])))}<br>synthetic: {esc(str(g["synth_id"]))}'
         f'<br>training: {esc(str(g["train_id"]))}{extra}</figcaption></figure>')
@@ -288,7 +346,10 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
                  synth_images: np.ndarray, train_images: np.ndarray,
                  lines: Mapping[str, float], cfg: ml_collections.ConfigDict,
                  extra: Optional[Mapping[str, np.ndarray]] = None,
-                 notes: Sequence[str] = ()) -> str:
+                 notes: Sequence[str] = (),
+                 explainer: Optional[Callable[[np.ndarray, np.ndarray],
+                                              Mapping[str, Sequence[np.ndarray]]]] = None
+                 ) -> str:
   """Renders the report of an audit (nothing is written).
 
   Args:
@@ -303,20 +364,41 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
     cfg: the `report` config section.
     extra: per-image columns shown in the gallery captions (e.g. mi, oni).
     notes: paragraphs under the title.
+    explainer: (synthetic (m, H, W), training (m, H, W)) of the gallery pairs -> {score
+      name: (synthetic maps, training maps)} in [0, 1] (explain.explain_pairs with the
+      audit's model); each score's maps are laid over the pair's images (overlay_pngs),
+      one row per score. None: no maps.
   """
   s = np.asarray(scores, np.float64).reshape(-1)
   n = len(s)
   if not (len(labels) == len(synth_ids) == len(train_ids) == len(synth_images)
           == len(train_images) == n):
     raise ValueError("scores, labels, ids and images must have one row per synthetic image")
+  order = gallery_order(s, int(cfg.gallery_size))
+  synth = [np.asarray(synth_images[i]) for i in order]  # each gallery row read once
+  train = [np.asarray(train_images[i]) for i in order]
+  maps = {}
+  if explainer is not None and len(order):
+    for a, b in zip(synth, train):
+      if a.shape != b.shape:  # before stacking, as pair_pngs would say
+        raise io.InputError(f"mismatched image sizes: synthetic {a.shape} vs training "
+                            f"{b.shape}")
+    maps = dict(explainer(np.stack(synth), np.stack(train)))
+  scale = int(cfg.gallery_scale)
   gallery = []
-  for i in gallery_order(s, int(cfg.gallery_size)):
-    pngs = pair_pngs(synth_images[i], train_images[i], int(cfg.gallery_scale),
-                     float(cfg.diff_vmax))
+  for j, i in enumerate(order):
+    pngs = pair_pngs(synth[j], train[j], scale, float(cfg.diff_vmax))
+    overlays = {score: overlay_pngs(synth[j], train[j], m_synth[j], m_train[j], scale,
+                                    float(cfg.overlay_alpha), str(cfg.overlay_colormap))
+                for score, (m_synth, m_train) in maps.items()}
     gallery.append({"synth_id": synth_ids[i], "train_id": train_ids[i], "score": s[i],
                     "label": int(labels[i]), "synth_png": pngs["synth"],
                     "train_png": pngs["train"], "diff_png": pngs["diff"],
+                    "overlays": overlays,
                     "extra": {k: np.asarray(v)[i] for k, v in dict(extra or {}).items()}})
+  notes = list(notes) + [MAP_NOTE.format(name=MAP_NAMES.get(score, score),
+                                         what=MAP_NOTE_WHAT.get(score, score))
+                         for score in maps]
   hist = histogram_png(s, lines, int(cfg.hist_bins), (cfg.hist_width_in, cfg.hist_height_in),
                        int(cfg.hist_dpi))
   return render_html(summary, hist, gallery, str(cfg.title), notes)

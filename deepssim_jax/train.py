@@ -198,18 +198,24 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
                freeze: str = "stages", branches: str = "joint") -> tuple[TrainState, dict]:
   """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b)).
 
+  With aug.p_contrast > 0, a share of the pairs first goes through a random intensity map
+  shared by both images, with the target recomputed (augment.contrast_pairs).
+
   Gradients of the frozen stages are replaced by zeros before anything reads them, so XLA
   drops their computation (and the backward pass below the first trainable layer) and
   the gradient all-reduce carries trainable parameters only; grad_norm is theirs.
   """
   rng = jax.random.fold_in(rng, state.step)
   k_a, k_b, k_drop = jax.random.split(rng, 3)
-  a = augment.augment_batch(k_a, batch["image_a"], aug)
-  b = augment.augment_batch(k_b, batch["image_b"], aug)
+  a, b, target = batch["image_a"], batch["image_b"], batch["ssim"]
+  if aug.p_contrast > 0:  # its own key: runs without it draw what they always drew
+    a, b, target = augment.contrast_pairs(jax.random.fold_in(rng, 7), a, b, target, aug)
+  a = augment.augment_batch(k_a, a, aug)
+  b = augment.augment_batch(k_b, b, aug)
 
   def loss_fn(params):
     cos, updates = _cosines(state, params, a, b, train=True, rng=k_drop, branches=branches)
-    err = cos - batch["ssim"]
+    err = cos - target
     return jnp.mean(err ** 2), (updates, jnp.mean(jnp.abs(err)))
 
   (loss, (updates, mae)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -132,6 +132,7 @@ class _Checker:
 _DEEPSSIM_INT_MIN = (
     ("data.num_threads", 0),
     ("pairs.num_pairs", 1), ("pairs.batch_size", 1), ("pairs.balance_bins", 0),
+    ("aug.contrast_knots", 2),
     ("train.batch_size", 1), ("train.eval_batch_size", 1), ("train.num_epochs", 1),
     ("train.log_every_steps", 1),
     ("train.eval_every_steps", 0),        # 0: once per epoch
@@ -151,11 +152,13 @@ _DEEPSSIM_INT_MIN = (
 _DEEPSSIM_RANGES = (
     ("data.test_fraction", 0.0, 1.0, True),
     ("pairs.matched_fraction", 0.0, 1.0, False),
+    ("pairs.self_fraction", 0.0, 1.0, False),
     ("pairs.valid_fraction", 0.0, 1.0, True),
     ("eval.fit_fraction", 0.0, 1.0, True),
     ("eval.misaligned.p", 0.0, 1.0, False),
     ("aug.p_flip0", 0.0, 1.0, False), ("aug.p_flip1", 0.0, 1.0, False),
     ("aug.p_rotate", 0.0, 1.0, False), ("aug.p_gamma", 0.0, 1.0, False),
+    ("aug.p_contrast", 0.0, 1.0, False),
     ("calibrate.dar.percentile", 0.0, 100.0, False),
 )
 
@@ -182,6 +185,10 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   lo, hi = c.value("aug.gamma_min"), c.value("aug.gamma_max")
   if _is_num(lo) and _is_num(hi) and hi < lo:
     c.fail("aug.gamma_max", f"must be >= config.aug.gamma_min ({lo:g})", hi)
+  p_contrast = c.value("aug.p_contrast")
+  if _is_num(p_contrast) and p_contrast > 0 and c.value("pairs.align"):
+    c.fail("aug.p_contrast", "contrast randomization recomputes plain SSIM targets, so it "
+           "needs config.pairs.align=False (aligned targets are not recomputed)", p_contrast)
   c.num_min("eval.carlini_alpha", 0.0, strict=True)
   c.thresholds("eval.thresholds")
   c.thresholds("audit.thresholds")

@@ -16,11 +16,17 @@ SIZE = (40, 32)
 
 
 @pytest.fixture(scope="module")
-def model_fn():
+def tiny_model():
   model = models.make_model("convnext_atto", hidden_dim=16, embed_dim=8, depthwise_impl="conv",
                             depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
   v = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), np.zeros((1, *SIZE), np.float32))
+  return model, v
+
+
+@pytest.fixture(scope="module")
+def model_fn(tiny_model):
+  model, v = tiny_model
   fn = embed.make_embed_fn(model)
 
   def embeddings(config, workdir, spec, name):
@@ -96,6 +102,49 @@ def test_audit_writes_csv_summary_and_report(model_fn, tmp_path):
   gallery = [a for a in p.imgs if a.get("class") == "gallery"]
   assert len(gallery) == 15
   assert _decode(gallery[0]["src"]).size == (SIZE[1] * 2, SIZE[0] * 2)
+
+
+def test_report_shows_explanation_maps_of_the_checkpoint_model(model_fn, tiny_model, tmp_path):
+  """With the model (as jobs passes it), every gallery pair gets its two images with their
+  explanation maps laid over, one row per explain.scores; explain.in_report off: none."""
+  c = _config(tmp_path)
+  c.report.gallery_size = 3
+  c.explain.scores = ("similarity", "dissimilarity")
+  asked = []
+
+  def model(config, workdir):
+    asked.append(workdir)
+    return tiny_model
+
+  folder = audit.audit_job(c, str(tmp_path / "work"), model_fn, checkpoint_fingerprint=_ck,
+                           model=model)["out_dir"]
+  assert asked == [str(tmp_path / "work")]
+  assert sorted(os.listdir(folder)) == sorted(audit.FILES)
+  with open(os.path.join(folder, "report.html"), encoding="utf-8") as f:
+    text = f.read()
+  p = _parse(text)
+  overlays = [a for a in p.imgs if a.get("class") == "overlay"]
+  assert len(overlays) == 3 * 2 * 2  # pairs x scores x (synthetic, training)
+  assert len([a for a in p.imgs if a.get("class") == "gallery"]) == 3 * 3
+  for a in overlays:
+    im = _decode(a["src"])
+    assert im.mode == "RGB" and im.size == (SIZE[1] * 2, SIZE[0] * 2)
+  assert "LayerCAM" in text
+  # The maps are those of explain for the shown pairs (here: the most similar pair's).
+  table = io.read_csv(os.path.join(folder, "audit.csv"), ["synth_id", "train_id_1", "score_1"])
+  top = int(np.argmax(io.float_column("audit.csv", table, "score_1")))
+  assert overlays[0]["alt"] == f"synthetic {table['synth_id'][top]} similarity map"
+  assert overlays[1]["alt"] == f"training {table['train_id_1'][top]} similarity map"
+
+  c.explain.in_report = False
+  c.audit.out_dir = str(tmp_path / "audit_off")
+  folder = audit.audit_job(c, str(tmp_path / "work"), model_fn, checkpoint_fingerprint=_ck,
+                           model=model)["out_dir"]
+  assert len(asked) == 1  # the model is not even loaded
+  with open(os.path.join(folder, "report.html"), encoding="utf-8") as f:
+    p = _parse(f.read())
+  assert not [a for a in p.imgs if a.get("class") == "overlay"]
+  assert len([a for a in p.imgs if a.get("class") == "gallery"]) == 3 * 3
 
 
 def test_rerun_reproduces_csv_byte_for_byte(model_fn, tmp_path):

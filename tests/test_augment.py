@@ -78,3 +78,36 @@ def test_reproducible_from_seed_and_independent_per_image():
   # Renormalised: still z-scored.
   np.testing.assert_allclose(a.mean((1, 2)), 0, atol=1e-4)
   np.testing.assert_allclose(a.std((1, 2)), 1, atol=1e-3)
+
+
+def test_contrast_pairs_recompute_the_target_on_the_remapped_pair():
+  """p_contrast 1: both images go through one map (0 stays 0, max knot 1), come out
+  z-scored, and the target is scikit-image's SSIM of the remapped pair; p 0: untouched."""
+  from skimage.metrics import structural_similarity
+  a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
+  target = jnp.full((4,), 0.123)
+  on = dataclasses.replace(OFF, p_contrast=1.0, contrast_knots=5)
+  key = jax.random.key(3)
+  ra, rb, t = augment.contrast_pairs(key, a, b, target, on)
+  ys = jax.vmap(lambda k: augment.random_map_values(k, 5))(
+      jax.random.split(jax.random.split(key)[1], 4))
+  for i in range(4):
+    y = np.asarray(ys[i])
+    assert y[0] == 0 and abs(y.max() - 1) < 1e-6 and len(np.unique(y)) == 5
+    for x, r in ((a[i], ra[i]), (b[i], rb[i])):
+      x = np.asarray(x, np.float64)
+      u = (x - x.min()) / np.ptp(x)
+      m = np.interp(u, np.linspace(0, 1, 5), y)  # independent: numpy's interp
+      np.testing.assert_allclose(np.asarray(r), (m - m.mean()) / m.std(), atol=2e-4)
+    za, zb = np.asarray(ra[i], np.float64), np.asarray(rb[i], np.float64)
+    want = structural_similarity(za, zb, data_range=za.max() - za.min())
+    assert abs(float(t[i]) - want) < 1e-4, (float(t[i]), want)
+  off = dataclasses.replace(OFF, p_contrast=0.0)
+  ra, rb, t = augment.contrast_pairs(key, a, b, target, off)
+  np.testing.assert_array_equal(np.asarray(ra), np.asarray(a))
+  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+  # Half the pairs remapped at p 0.5 (64 pairs: 20-44 of them, a 4-sigma band).
+  big_a, big_b = _images(64, 12, 12, seed=4), _images(64, 12, 12, seed=5)
+  half = dataclasses.replace(OFF, p_contrast=0.5)
+  _, _, t = augment.contrast_pairs(key, big_a, big_b, jnp.full((64,), 5.0), half)
+  assert 20 <= int(np.sum(np.asarray(t) != 5.0)) <= 44

@@ -75,6 +75,31 @@ def test_pair_table_ssim_equals_scikit_image(tmp_path):
   assert set(back.split) <= {"train", "valid"}
 
 
+def test_self_fraction_pairs_images_with_themselves_within_one_set():
+  """Within one set, self_fraction of the pairs are (i, i) with target 1 (scikit-image's
+  SSIM of an image with itself); between two sets the option is refused."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 24, 20)).astype(np.float32)
+  x = (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)
+  bank = {"keys": np.array([f"k{i}" for i in range(12)]), "images": x}
+  kw = dict(num_pairs=60, seed=0, matched_fraction=0.25, valid_fraction=0.1, batch_size=16,
+            align=False, align_angles=(), align_flips=False)
+  t = pairs.build_pair_table(bank, bank, self_fraction=0.5, **kw)
+  same = t.real_key == t.synth_key
+  assert int(same.sum()) >= 30  # 30 rows cycle over the 12 images, plus chance hits
+  np.testing.assert_allclose(t.ssim[same], 1.0, atol=1e-5)
+  j = int(np.flatnonzero(~same)[0])
+  ia, ib = (int(k[1:]) for k in (t.real_key[j], t.synth_key[j]))
+  want = structural_similarity(x[ia].astype(np.float64), x[ib].astype(np.float64),
+                               data_range=float(np.ptp(x[ia])))
+  assert abs(t.ssim[j] - want) < 1e-5
+  base = pairs.build_pair_table(bank, bank, **kw)
+  assert int((base.real_key == base.synth_key).sum()) < 15  # uniform: 1 in 12
+  other = {"keys": bank["keys"], "images": x.copy()}
+  with pytest.raises(ValueError, match="within one set"):
+    pairs.build_pair_table(bank, other, self_fraction=0.5, **kw)
+
+
 @pytest.mark.parametrize("text,message", [
     ("real_key,synth_key,split\nA,B,train\n", "missing column.*ssim"),
     ("real_key,synth_key,ssim,split\nA,B,0.5,test\n", "split 'test'"),

@@ -77,13 +77,13 @@ def _inputs(n=10, seed=0):
   return summary, scores, labels, synth_ids, train_ids, synth, train
 
 
-def _build(gallery_size=4, scale=2, **kw):
+def _build(gallery_size=4, scale=2, explainer=None, **kw):
   summary, scores, labels, sids, tids, synth, train = _inputs(**kw)
   cfg = report.default_config()
   cfg.gallery_size, cfg.gallery_scale = gallery_size, scale
   text = report.build_report(summary, scores, labels, sids, tids, synth, train,
                              {"t_low": 0.6, "t_high": 0.85, "dar": 0.9}, cfg,
-                             extra={"mi": scores * 10})
+                             extra={"mi": scores * 10}, explainer=explainer)
   return text, scores, sids
 
 
@@ -97,6 +97,7 @@ def test_report_parses_and_embeds_gallery_pngs(tmp_path):
     im = _decode(a["src"])
     im.load()
     assert im.format == "PNG" and im.size == (W * 2, H * 2) and im.mode == "L"
+  assert not [a for a in p.imgs if a.get("class") == "overlay"]  # no maps without a model
   hist = [a for a in p.imgs if a.get("class") == "hist"]
   assert len(hist) == 1
   assert _decode(hist[0]["src"]).size == (640, 360)
@@ -106,6 +107,69 @@ def test_report_parses_and_embeds_gallery_pngs(tmp_path):
   out = report.write_report(str(tmp_path / "report.html"), text)
   assert open(out, encoding="utf-8").read() == text
   assert os.listdir(tmp_path) == ["report.html"]  # no temporary file left
+
+
+def _ramp_maps(a, b):
+  """A stand-in explainer: each image's map is its own min-max scaled intensity."""
+  scale = lambda x: (x - x.min(axis=(1, 2), keepdims=True)) / np.ptp(  # noqa: E731
+      x, axis=(1, 2), keepdims=True)
+  return {"similarity": (scale(a), scale(b)), "dissimilarity": (1 - scale(a), 1 - scale(b))}
+
+
+def test_gallery_shows_explanation_maps_as_overlays():
+  summary, scores, labels, sids, tids, synth, train = _inputs()
+  cfg = report.default_config()
+  cfg.gallery_size = 3
+  calls = []
+
+  def explainer(a, b):
+    calls.append((a, b))
+    return _ramp_maps(a, b)
+
+  text = report.build_report(summary, scores, labels, sids, tids, synth, train,
+                             {"t_low": 0.6}, cfg, explainer=explainer)
+  p = _parse(text)
+  order = np.argsort(-scores)[:3]
+  assert len(calls) == 1  # one call with the gallery rows, most suspicious first
+  np.testing.assert_array_equal(calls[0][0], synth[order])
+  np.testing.assert_array_equal(calls[0][1], train[order])
+  overlays = [a for a in p.imgs if a.get("class") == "overlay"]
+  assert len(overlays) == 3 * 2 * 2  # pairs x scores x (synthetic, training)
+  assert len([a for a in p.imgs if a.get("class") == "gallery"]) == 3 * 3  # unchanged
+  assert overlays[0]["alt"] == f"synthetic {sids[order[0]]} similarity map"
+  assert overlays[3]["alt"] == f"training {tids[order[0]]} dissimilarity map"
+  for a in overlays:
+    im = _decode(a["src"])
+    im.load()
+    assert im.format == "PNG" and im.mode == "RGB" and im.size == (W * 2, H * 2)
+  assert text.count('data-map="similarity"') == 3 and "what makes them match" in text
+  assert "LayerCAM" in text
+  # The brightest pixel of the synthetic image (map 1) gets turbo's top colour (dark red)
+  # at alpha 0.6 over white.
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  rgb = np.asarray(_decode(overlays[0]["src"]))[::2, ::2].astype(float)
+  top = np.unravel_index(np.argmax(synth[order[0]]), (H, W))
+  want = 255 * (0.6 * np.asarray(matplotlib.colormaps["turbo"](1.0)[:3]) + 0.4)
+  np.testing.assert_allclose(rgb[top], want, atol=1)
+  assert rgb[top][0] > rgb[top][2] + 60
+
+
+def test_overlay_rgb_blends_colormap_over_grey():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  img = np.arange(12, dtype=np.float32).reshape(3, 4)
+  heat = np.linspace(0, 1, 12).reshape(3, 4)
+  grey = report.overlay_rgb(img, heat, alpha=0.0)
+  np.testing.assert_array_equal(grey, np.repeat(report.to_uint8(img)[..., None], 3, -1))
+  full = report.overlay_rgb(img, heat, alpha=1.0, colormap="viridis")
+  want = np.round(matplotlib.colormaps["viridis"](heat)[..., :3] * 255)
+  np.testing.assert_allclose(full, want, atol=1)
+  half = report.overlay_rgb(img, heat, alpha=0.5).astype(float)
+  np.testing.assert_allclose(half, 0.5 * report.overlay_rgb(img, heat, 1.0)
+                             + 0.5 * grey, atol=1)
+  with pytest.raises(ValueError, match="shape"):
+    report.overlay_rgb(img, heat[:, :3])
+  with pytest.raises(ValueError, match="NaN"):
+    report.overlay_rgb(img, np.full((3, 4), np.nan))
 
 
 def test_gallery_is_most_suspicious_first():
@@ -174,7 +238,8 @@ def test_renders_in_headless_chromium(tmp_path):
     print(reason)
     pytest.skip(reason)
   n_pairs = 6
-  text, _, _ = _build(gallery_size=n_pairs)
+  # With explanation maps of two scores: 4 RGB overlays per pair besides its 3 images.
+  text, _, _ = _build(gallery_size=n_pairs, explainer=lambda a, b: _ramp_maps(a, b))
   page = report.write_report(str(tmp_path / "report.html"), text)
   # The report as is: no console message at all (it has no script; a failed resource
   # load or a CSP/security complaint would show here), and a screenshot that is not blank.
@@ -185,11 +250,11 @@ def test_renders_in_headless_chromium(tmp_path):
   stats = report.screenshot_stats(out["screenshot"])
   assert (stats["width"], stats["height"]) == (1200, 1600)
   assert stats["std"] > 20 and stats["non_white"] > 0.02, stats
-  # A probing copy: every image (histogram + 3 per pair) was decoded and laid out.
+  # A probing copy: every image (histogram + 3 + 4 per pair) was decoded and laid out.
   out = report.render_headless(page, str(tmp_path / "probe.png"), window=(1200, 1600),
                                chromium=chromium, probe=True)
   assert out["returncode"] == 0, out["stderr"][-2000:]
-  assert len(out["console"]) == 1 and (f"deepssim-probe images={3 * n_pairs + 1} broken=0"
+  assert len(out["console"]) == 1 and (f"deepssim-probe images={7 * n_pairs + 1} broken=0"
                                        in out["console"][0]), out["console"]
   # Negative control: a corrupted image is caught by the probe.
   start = text.index('class="gallery"')

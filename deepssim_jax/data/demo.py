@@ -121,15 +121,16 @@ def _head_path(data_dir: str, head: str) -> str:
   return path
 
 
-def _bank(keys, imgs, meta) -> dict:
+def _bank(keys, imgs, meta, size) -> dict:
   return {"keys": np.asarray(keys, dtype=str),
-          "images": np.stack(imgs).astype(np.float32),
+          "images": (np.stack(imgs).astype(np.float32) if imgs
+                     else np.zeros((0, *size), np.float32)),
           "meta": images.meta_columns(meta, len(keys))}
 
 
 def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
               train_heads: Sequence[tuple[str, float, float]] = TRAIN_HEADS,
-              other_head: tuple[str, float, float] = OTHER_HEAD,
+              other_head: tuple[str, float, float] | None = OTHER_HEAD,
               slices_per_head: int = 12, num_copies: int = 24, num_neighbours: int = 24,
               num_other: int = 8, neighbour_mm: Sequence[float] = (2.0, 4.0),
               heldout_per_head: int = 4, p_flip: float = 0.5, p_rotate: float = 0.5,
@@ -144,8 +145,10 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
       order of the synthetic set.
     train_heads: (head, band lo, band hi) of each training head; the volume is
       <data_dir>/<head>-T1.nii.gz.
-    other_head: (head, band lo, band hi) of the head never seen in training.
-    slices_per_head: training slices per head, evenly spaced in its band.
+    other_head: (head, band lo, band hi) of the head never seen in training (None or
+      num_other 0: no other-head images).
+    slices_per_head: training slices per head, evenly spaced in its band; 0: every slice of
+      the band.
     num_copies: augmented copies of training slices (distinct sources while possible).
     num_neighbours: neighbouring slices: distinct slices while the volumes have enough,
       then augmented repeats of them (augment, same settings as copies).
@@ -172,7 +175,7 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
   for head, lo, hi in train_heads:
     path = _head_path(data_dir, head)
     vol, zooms = volumes.load_canonical(path)
-    ks = volumes.band_slices(vol.shape[2], (lo, hi), slices_per_head)
+    ks = volumes.band_slices(vol.shape[2], (lo, hi), slices_per_head or None)
     if len(ks) < slices_per_head:
       raise ValueError(f"{path}: band ({lo}, {hi}) holds {len(ks)} slices, fewer than "
                        f"slices_per_head={slices_per_head}")
@@ -182,7 +185,7 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
       train_imgs.append(volumes.slice_image(vol, zooms, k, size, spacing_mm, path))
       train_meta["subject"].append(head)
       train_meta["slice"].append(k)
-  training = _bank(train_keys, train_imgs, train_meta)
+  training = _bank(train_keys, train_imgs, train_meta, size)
 
   # Neighbour candidates: every non-training slice whose distance to the nearest training
   # slice of its head is within neighbour_mm; the source is that nearest slice.
@@ -218,15 +221,16 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
     if repeat:
       x, info = augment(x, rng, *aug)
     synth.append((x, "neighbour", volumes.slice_key(head, k_src), info, head, k, dist))
-  head, lo, hi = other_head
-  path = _head_path(data_dir, head)
-  vol, zooms = volumes.load_canonical(path)
-  ks = volumes.band_slices(vol.shape[2], (lo, hi), num_other)
-  for i, repeat in _draw(len(ks), num_other, rng, f"{head} slices", shuffle=False):
-    x, info = volumes.slice_image(vol, zooms, ks[i], size, spacing_mm, path), no_aug
-    if repeat:
-      x, info = augment(x, rng, *aug)
-    synth.append((x, "other", "", info, head, ks[i], float("nan")))
+  if other_head is not None and num_other > 0:
+    head, lo, hi = other_head
+    path = _head_path(data_dir, head)
+    vol, zooms = volumes.load_canonical(path)
+    ks = volumes.band_slices(vol.shape[2], (lo, hi), num_other)
+    for i, repeat in _draw(len(ks), num_other, rng, f"{head} slices", shuffle=False):
+      x, info = volumes.slice_image(vol, zooms, ks[i], size, spacing_mm, path), no_aug
+      if repeat:
+        x, info = augment(x, rng, *aug)
+      synth.append((x, "other", "", info, head, ks[i], float("nan")))
   order = rng.permutation(len(synth))
   synth = [synth[i] for i in order]
   synthetic = _bank(
@@ -236,7 +240,7 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
        "augment": [s[3]["augment"] for s in synth],
        "angle": [s[3]["angle"] for s in synth], "gamma": [s[3]["gamma"] for s in synth],
        "subject": [s[4] for s in synth], "slice": [s[5] for s in synth],
-       "offset_mm": [s[6] for s in synth]})
+       "offset_mm": [s[6] for s in synth]}, size)
 
   heldout = None
   if heldout_per_head > 0:
@@ -263,7 +267,7 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
         meta["slice"].append(k)
         meta["nearest_key"].append(volumes.slice_key(head, ks[j]))
         meta["offset_mm"].append(float(abs(ks[j] - k) * zooms[2]))
-    heldout = _bank(keys, imgs, meta)
+    heldout = _bank(keys, imgs, meta, size)
   return {"training": training, "synthetic": synthetic, "heldout": heldout}
 
 
@@ -319,3 +323,50 @@ def write_demo_layout(root: str, **kwargs) -> dict:
   io.write_csv(labels, ("real_key", "synth_key", "label", "kind", "demo_key"), rows)
   return {"root": root, "labels": labels, "num_training": len(tkeys),
           "num_generated": len(rows), "sets": sets}
+
+
+def write_demo_folders(root: str, **kwargs) -> dict:
+  """Writes the demo's training and synthetic sets as two flat PNG folders, the input of
+  `python -m deepssim_jax.score --train=<root>/training --synth=<root>/synthetic`, and the
+  known answers <root>/truth.csv (synth_id, memorized 0/1, source_id: the audit's truth
+  format, deepssim_jax.audit.read_truth). File names are the keys ('colin27/z090' ->
+  colin27-z090.png, synth-0007.png); images are 8-bit PNGs (write_png).
+
+  Raises:
+    InputError: root exists and is not empty.
+  """
+  root = os.fspath(root)
+  if os.path.isdir(root) and os.listdir(root):
+    raise io.InputError(f"{root}: demo folders destination must be empty or absent")
+  sets = demo_sets(**kwargs)
+  training, synthetic = sets["training"], sets["synthetic"]
+  for key, x in zip(training["keys"], training["images"]):
+    images.write_png(os.path.join(root, "training", layout_uid(str(key)) + ".png"), x)
+  for key, x in zip(synthetic["keys"], synthetic["images"]):
+    images.write_png(os.path.join(root, "synthetic", f"{key}.png"), x)
+  meta = synthetic["meta"]
+  truth = os.path.join(root, "truth.csv")
+  io.write_csv(truth, ("synth_id", "memorized", "source_id"),
+               [(str(k), int(int(lab) == LABELS["copy"]),
+                 layout_uid(str(s)) if int(lab) == LABELS["copy"] else "")
+                for k, lab, s in zip(synthetic["keys"], meta["label"], meta["source_key"])])
+  return {"root": root, "truth": truth, "num_training": len(training["keys"]),
+          "num_synthetic": len(synthetic["keys"])}
+
+
+def main(argv):
+  """`python -m deepssim_jax.data.demo --out=DIR`: the demo as PNG folders (above)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  out = flags.FLAGS.out
+  r = write_demo_folders(out, slices_per_head=24, num_copies=96, num_neighbours=64,
+                         num_other=32, heldout_per_head=0)
+  print(f"wrote {r['num_training']} training and {r['num_synthetic']} synthetic PNGs to "
+        f"{out}/training and {out}/synthetic, known answers in {r['truth']}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("out", "demo_pngs", "Folder to write (absent or empty).")
+  app.run(main)

@@ -1,0 +1,250 @@
+"""Benchmark: does a DeepSSIM trained on some heads generalize to a head (and contrasts) it
+never saw? Leave-one-head-out over the five vendored brain MRI volumes.
+
+For each held-out head H and each lever (a training recipe), the built-in model's config
+(configs/builtin.py) is trained on the other four heads only, then scored on labelled pairs
+made from H alone, at the paper's fixed thresholds (score <= 0.60 Different, > 0.85
+Duplicate, else Similar):
+
+* Duplicate: a slice of H and a copy of it: flipped (each axis p 0.5), rotated by up to
+  10 degrees (p 0.5), gamma-changed (gamma in [0.5, 1.5], p 0.5), plus mild Gaussian noise
+  (sigma 0.05 of the z-scored image);
+* Similar: two slices of H 2 to 4 mm apart (a head whose slice spacing exceeds 4 mm, such
+  as radiomics1 at 6.5 mm, uses adjacent slices);
+* Different: two slices of H at least 20 mm apart, and a slice of H with a slice of
+  another head.
+
+Each pair set is also scored after an intensity remap that mimics other MRI contrasts: a
+fixed piecewise-linear map of the min-max scaled T1 intensities applied to every image
+(both images of a pair, before the copy is made), "T2-like" (CSF bright, grey above white
+matter, background dark) and "PD-like" (flatter, grey slightly above white). Plain SSIM on
+the same pairs is printed as a row too.
+
+Levers (rows): recipe (configs/builtin.py as is), no_contrast (without contrast
+randomization), unbalanced (uniform pair targets), gem (the DeepSSIM++ GeM head), wide
+(1.5x the widths, one more block), long (twice the epochs). Each (lever, head) trains once into
+<workdir>/<lever>/<head> and is resumed or reused on a rerun; results.json there caches its
+scores.
+
+Usage:
+  python bench/bench_generalization.py                                   # recipe, 5 heads
+  python bench/bench_generalization.py --levers=recipe,no_contrast --heads=colin27,radiomics1
+  python bench/bench_generalization.py --table_only   # reprint from the cached results
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+LEVERS = {
+    "recipe": {},
+    "no_contrast": {"aug.p_contrast": 0.0},
+    "unbalanced": {"pairs.balance_bins": 0},
+    "gem": {"model.head": "gem"},
+    "wide": {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
+                                     hidden_dim=256, embed_dim=128)},
+    "long": {"train.num_epochs": None},  # twice the recipe's
+}
+# Fixed intensity maps of min-max scaled T1 intensities (knots x -> y), our approximation of
+# how tissues rank in other sequences: background ~0, CSF ~0.2-0.3, grey ~0.5, white ~0.7.
+CONTRASTS = {
+    "T1": None,
+    "T2-like": ((0.0, 0.1, 0.3, 0.5, 0.7, 1.0), (0.0, 0.1, 1.0, 0.6, 0.35, 0.3)),
+    "PD-like": ((0.0, 0.1, 0.3, 0.5, 0.7, 1.0), (0.0, 0.1, 0.75, 0.9, 0.7, 0.6)),
+}
+PAIRS_PER_CLASS = 40
+SIMILAR_MM = (2.0, 4.0)
+DIFFERENT_MM = 20.0
+NOISE_SIGMA = 0.05
+MAX_ANGLE = 0.1745  # 10 degrees
+
+
+def builtin_config():
+  spec = importlib.util.spec_from_file_location("builtin_cfg",
+                                                os.path.join(ROOT, "configs", "builtin.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod, mod.get_config()
+
+
+def lever_config(lever: str, held_out: str):
+  mod, c = builtin_config()
+  heads = tuple(h for h in mod.ALL_HEADS if h[0] != held_out)
+  c.data.demo.train_heads = heads
+  for key, value in LEVERS[lever].items():
+    section, field = key.split(".")
+    if key == "train.num_epochs":
+      value = 2 * c.train.num_epochs
+    c[section][field] = value
+  return c
+
+
+def remap(image: np.ndarray, contrast: str) -> np.ndarray:
+  if CONTRASTS[contrast] is None:
+    return image
+  xs, ys = CONTRASTS[contrast]
+  u = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
+  y = np.interp(u, xs, ys)
+  return ((y - y.mean()) / y.std()).astype(np.float32)
+
+
+def head_slices(head: str, band, size=(136, 112)):
+  """(slice indices, z-scored images, slice spacing mm) of a head's band."""
+  from deepssim_jax.data import demo, volumes
+  path = os.path.join(demo.MRI_DIR, f"{head}-T1.nii.gz")
+  vol, zooms = volumes.load_canonical(path)
+  ks = volumes.band_slices(vol.shape[2], band)
+  imgs = np.stack([volumes.slice_image(vol, zooms, k, size, None, path) for k in ks])
+  return np.asarray(ks), imgs, float(zooms[2])
+
+
+def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
+  """(images (N, H, W), pairs (P, 2) rows of images, labels (P,)) for a held-out head under a
+  contrast (module docstring)."""
+  from deepssim_jax.data import demo
+  mod, _ = builtin_config()
+  bands = {h: (lo, hi) for h, lo, hi in mod.ALL_HEADS}
+  rng = np.random.default_rng(seed)
+  ks, imgs, mm = head_slices(held_out, bands[held_out])
+  imgs = np.stack([remap(x, contrast) for x in imgs])
+  n = len(ks)
+  images = list(imgs)
+  pairs, labels = [], []
+  # Duplicates: PAIRS_PER_CLASS copies (distinct slices while the head has enough).
+  for i in rng.choice(n, PAIRS_PER_CLASS, replace=n < PAIRS_PER_CLASS):
+    x, _ = demo.augment(imgs[i], rng, p_flip=0.5, p_rotate=0.5, max_angle=MAX_ANGLE,
+                        p_gamma=0.5)
+    x = x + rng.normal(0.0, NOISE_SIGMA, x.shape).astype(np.float32)
+    images.append(((x - x.mean()) / x.std()).astype(np.float32))
+    pairs.append((int(i), len(images) - 1))
+    labels.append(1)
+  dist = np.abs(ks[:, None] - ks[None, :]) * mm
+  lo, hi = SIMILAR_MM if mm <= SIMILAR_MM[1] else (mm, mm)
+  near = np.argwhere(np.triu((dist >= lo - 1e-6) & (dist <= hi + 1e-6), 1))
+  far = np.argwhere(np.triu(dist >= DIFFERENT_MM, 1))
+  for rows, label, count in ((near, 2, PAIRS_PER_CLASS), (far, 0, PAIRS_PER_CLASS // 2)):
+    for r in rng.choice(len(rows), min(len(rows), count), replace=False):
+      pairs.append((int(rows[r][0]), int(rows[r][1])))
+      labels.append(label)
+  others = {h: np.stack([remap(x, contrast) for x in head_slices(h, bands[h])[1]])
+            for h in bands if h != held_out}
+  names = sorted(others)
+  for j in range(PAIRS_PER_CLASS // 2):
+    o = others[names[j % len(names)]]
+    images.append(o[rng.integers(len(o))])
+    pairs.append((int(rng.integers(n)), len(images) - 1))
+    labels.append(0)
+  return np.stack(images), np.asarray(pairs), np.asarray(labels)
+
+
+def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
+  """Trains (or reuses) the fold and scores every contrast's pairs: cached in results.json."""
+  import jax
+  from deepssim_jax import api, jobs, validate
+  from deepssim_jax import ssim as ssim_lib
+  from deepssim_jax import evaluate
+  out = os.path.join(workdir, lever, held_out)
+  cache = os.path.join(out, "results.json")
+  if os.path.isfile(cache):
+    with open(cache) as f:
+      return json.load(f)
+  config = lever_config(lever, held_out)
+  validate.check_deepssim(config, "train", jax.device_count())
+  t0 = time.perf_counter()
+  jobs.train_job(config, out)
+  train_s = time.perf_counter() - t0
+  model = api.load(f"{out}:best")
+  res = {"lever": lever, "held_out": held_out, "train_s": train_s, "step": model.step,
+         "contrasts": {}}
+  for contrast in CONTRASTS:
+    imgs, pairs, labels = labelled_pairs(held_out, contrast)
+    emb = model.embed(imgs)
+    s = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
+    ssim = np.asarray(ssim_lib.ssim_indexed(imgs, imgs, pairs[:, 0], pairs[:, 1]))
+    res["contrasts"][contrast] = {
+        "deepssim": evaluate.evaluate_scores(labels, s),
+        "ssim": evaluate.evaluate_scores(labels, ssim),
+        "scores": s.tolist(), "ssim_scores": ssim.tolist(), "labels": labels.tolist()}
+  from deepssim_jax import io
+  io.write_json(cache, res)
+  return res
+
+
+def table(results: list) -> str:
+  """Markdown: per lever and contrast, macro F1 per held-out head and the mean, and the
+  per-class recalls averaged over heads; plain SSIM once per contrast."""
+  heads = sorted({r["held_out"] for r in results})
+  lines = ["| lever | contrast | " + " | ".join(heads) + " | mean macro F1 | "
+           "R Duplicate | R Similar | R Different |",
+           "|---|---|" + "---|" * (len(heads) + 4)]
+  rows = {}
+  for r in results:
+    for contrast, c in r["contrasts"].items():
+      rows.setdefault((r["lever"], contrast), {})[r["held_out"]] = c["deepssim"]
+      rows.setdefault(("plain SSIM", contrast), {})[r["held_out"]] = c["ssim"]
+  order = list(LEVERS) + ["plain SSIM"]
+  for (lever, contrast), by_head in sorted(
+      rows.items(), key=lambda kv: (order.index(kv[0][0]), list(CONTRASTS).index(kv[0][1]))):
+    f1 = [by_head[h]["macro_f1"] if h in by_head else None for h in heads]
+    have = [v for v in f1 if v is not None]
+    rec = {name: np.mean([by_head[h]["per_class"][name]["recall"] for h in by_head])
+           for name in ("duplicate", "similar", "different")}
+    lines.append(f"| {lever} | {contrast} | " + " | ".join(
+        "-" if v is None else f"{v:.3f}" for v in f1) +
+        f" | {np.mean(have):.3f} (n={len(have)}) | {rec['duplicate']:.2f} | "
+        f"{rec['similar']:.2f} | {rec['different']:.2f} |")
+  return "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--levers", default="recipe")
+  p.add_argument("--heads", default="all")
+  p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "generalization"))
+  p.add_argument("--out", default="", help="also write the markdown table here")
+  p.add_argument("--table_only", action="store_true")
+  args = p.parse_args()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from absl import flags, logging
+  flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.WARNING)
+  mod, _ = builtin_config()
+  heads = ([h for h, _, _ in mod.ALL_HEADS] if args.heads == "all"
+           else args.heads.split(","))
+  levers = args.levers.split(",")
+  for lever in levers:
+    if lever not in LEVERS:
+      raise SystemExit(f"unknown lever {lever!r}; choose from {sorted(LEVERS)}")
+  results = []
+  for lever in levers:
+    for head in heads:
+      cache = os.path.join(args.workdir, lever, head, "results.json")
+      if args.table_only:
+        if os.path.isfile(cache):
+          with open(cache) as f:
+            results.append(json.load(f))
+        continue
+      t0 = time.perf_counter()
+      r = fold_scores(lever, head, args.workdir)
+      results.append(r)
+      c = r["contrasts"]
+      print(f"{lever:12s} held out {head:11s}: macro F1 " + ", ".join(
+          f"{k} {v['deepssim']['macro_f1']:.3f} (SSIM {v['ssim']['macro_f1']:.3f})"
+          for k, v in c.items()) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+  md = table(results)
+  print(md)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(md + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,44 @@
+"""The built-in DeepSSIM model shipped in deepssim_jax/pretrained/ (`deepssim_jax.load("builtin")`).
+
+Trained on every vendored real brain MRI volume (five T1 heads, all axial slices of each
+head's central band): pairs within that one set, a share of them an image with itself
+(augmentation makes it a flipped / rotated / gamma-changed copy with target 1), the rest
+balanced over the SSIM range, and contrast randomization (a random intensity map shared
+by both images of a pair, target recomputed) so that the metric carries over to other
+sequences. bench/bench_generalization.py trains the same recipe leaving one head out and
+measures it on that head (see deepssim_jax/pretrained/MODEL_CARD.md).
+
+    python -m deepssim_jax.main --config=configs/builtin.py --workdir=workdirs/builtin
+    python -m deepssim_jax.pretrained --workdir=workdirs/builtin   # -> deepssim_jax/pretrained/
+"""
+
+from deepssim_jax import config_lib
+from deepssim_jax.data import demo
+
+# Every vendored head with the axial band that shows brain (demo.TRAIN_HEADS, OTHER_HEAD).
+ALL_HEADS = demo.TRAIN_HEADS + (demo.OTHER_HEAD,)
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.workdir = "workdirs/builtin"
+  c.data.real = config_lib.source_config("demo", part="real")
+  c.data.demo.update(dict(train_heads=ALL_HEADS, other_head=None,
+                          slices_per_head=0, num_copies=0, num_neighbours=0, num_other=0,
+                          heldout_per_head=0))
+  c.pairs.num_pairs = 6000
+  c.pairs.self_fraction = 0.15
+  c.pairs.balance_bins = 10
+  c.pairs.pool_factor = 4.0
+  c.pairs.valid_fraction = 0.1
+  c.model.name = "convnext_atto"
+  c.model.overrides = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), hidden_dim=128,
+                           embed_dim=64)
+  c.model.num_frozen_stages = 0
+  c.aug.p_contrast = 0.5
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 50
+  c.train.batch_size = 32
+  c.train.num_epochs = 3
+  c.train.log_every_steps = 25
+  return c
