@@ -21,7 +21,8 @@ matter, background dark) and "PD-like" (flatter, grey slightly above white). Pla
 the same pairs is printed as a row too.
 
 Levers (rows): recipe (configs/builtin.py as is), no_contrast (without contrast
-randomization), unbalanced (uniform pair targets), gem (the DeepSSIM++ GeM head), wide
+randomization), less_self (5% self pairs instead of 15%, balanced from a pool of 6x the
+pairs), unbalanced (uniform pair targets), gem (the DeepSSIM++ GeM head), wide
 (1.5x the widths, one more block), long (twice the epochs). Each (lever, head) trains once into
 <workdir>/<lever>/<head> and is resumed or reused on a rerun; results.json there caches its
 scores.
@@ -47,6 +48,7 @@ sys.path.insert(0, ROOT)
 LEVERS = {
     "recipe": {},
     "no_contrast": {"aug.p_contrast": 0.0},
+    "less_self": {"pairs.self_fraction": 0.05, "pairs.pool_factor": 6.0},
     "unbalanced": {"pairs.balance_bins": 0},
     "gem": {"model.head": "gem"},
     "wide": {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),

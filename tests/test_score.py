@@ -99,3 +99,22 @@ def test_nifti_folders_are_read_as_axial_slices(tmp_path):
   assert len({k.split("/")[0] for k in keys}) == 5
   x = src[0]
   assert x.shape == model.image_size and abs(float(x.mean())) < 1e-4
+
+
+def test_demo_folders_hold_the_sets_and_their_truth(folders):
+  """write_demo_folders: one PNG per image, truth.csv marks exactly the planted copies
+  with their source's file name; a non-empty destination is refused."""
+  root = folders["root"]
+  train = sorted(os.listdir(os.path.join(root, "training")))
+  synth = sorted(os.listdir(os.path.join(root, "synthetic")))
+  assert len(train) == folders["num_training"] == 16
+  assert len(synth) == folders["num_synthetic"] == 6 + 4 + 3
+  with open(folders["truth"]) as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["synth_id"] + ".png" for r in rows) == synth
+  copies = [r for r in rows if r["memorized"] == "1"]
+  assert len(copies) == 6
+  assert all(r["source_id"] + ".png" in train for r in copies)
+  assert all(r["source_id"] == "" for r in rows if r["memorized"] == "0")
+  with pytest.raises(io.InputError, match="must be empty or absent"):
+    demo.write_demo_folders(root)

@@ -353,20 +353,3 @@ def write_demo_folders(root: str, **kwargs) -> dict:
   return {"root": root, "truth": truth, "num_training": len(training["keys"]),
           "num_synthetic": len(synthetic["keys"])}
 
-
-def main(argv):
-  """`python -m deepssim_jax.data.demo --out=DIR`: the demo as PNG folders (above)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  out = flags.FLAGS.out
-  r = write_demo_folders(out, slices_per_head=24, num_copies=96, num_neighbours=64,
-                         num_other=32, heldout_per_head=0)
-  print(f"wrote {r['num_training']} training and {r['num_synthetic']} synthetic PNGs to "
-        f"{out}/training and {out}/synthetic, known answers in {r['truth']}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("out", "demo_pngs", "Folder to write (absent or empty).")
-  app.run(main)
