@@ -126,13 +126,13 @@ def test_ema_update_and_mixed_precision_step():
   assert train_diffusion.weights_of(config)(state) is state.ema_params
 
   # bfloat16 compute: same loss to bfloat16 precision, float32 weights and loss
+  # (the float32 step from the same initial state and key is the one above: m)
   config.train.mixed_precision = True
   bf = train_diffusion.make_unet(config, 1)
   assert bf.dtype == jnp.bfloat16
-  s32 = train_diffusion.create_state(config, model, x0.shape[1:], jax.random.key(0))
   s16 = train_diffusion.create_state(config, bf, x0.shape[1:], jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
-  _, m32 = fn(s32, batch, jax.random.key(1))
+  m32 = m
   _, m16 = fn(s16, batch, jax.random.key(1))
   assert m16["loss"].dtype == jnp.float32
   np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=0.05)
@@ -150,6 +150,8 @@ def test_autoencoder_validation_and_best_checkpoint(tmp_path):
   config = ae_config()
   config.data.valid_fraction = 0.25            # one of the four heads
   config.train.valid_every_steps = 2
+  # one checkpoint, one log row, no reconstruction grids: what this test reads
+  config.train.update(checkpoint_every_steps=4, log_every_steps=4, sample_every_steps=0)
   wd = str(tmp_path / "ae")
   train_records = input_pipeline.load_records(config, wd)
   valid_records = input_pipeline.load_records(config, wd, "valid")
@@ -181,6 +183,8 @@ def test_diffusion_validation_ema_best_and_generation_from_best(tmp_path):
   config.train.valid_every_steps = 2
   config.train.ema_decay = 0.5
   config.generate.checkpoint = "best"
+  # one checkpoint, one log row, no sample grid (generation below samples)
+  config.train.update(checkpoint_every_steps=4, log_every_steps=4, sample_every_steps=0)
   wd = str(tmp_path / "dm")
   out = train_diffusion.train(config, wd)
   logged = _logged(wd, "valid_loss")
@@ -210,6 +214,7 @@ def test_diffusion_validation_ema_best_and_generation_from_best(tmp_path):
 def test_text_conditioned_diffusion_trains_and_generates(tmp_path):
   config = dm_config(cond="text")
   config.train.num_steps = 2
+  config.train.sample_every_steps = 0  # no sample grid: generation below samples
   config.generate.num_samples = 1
   keys = input_pipeline.load_records(config, str(tmp_path / "dm"))["keys"]
   config.data.text_csv = _text_files(tmp_path, keys, dim=12)
@@ -229,6 +234,7 @@ def test_text_conditioned_diffusion_trains_and_generates(tmp_path):
 def test_latent_cache_rebuilds_when_the_autoencoder_or_settings_change(tmp_path):
   ae = ae_config()
   ae.train.num_steps = 2
+  ae.train.sample_every_steps = 0  # no reconstruction grids: not what this test reads
   ae_wd = str(tmp_path / "ae")
   train_autoencoder.train_and_evaluate(ae, ae_wd)
   config = dm_config(cond="none")

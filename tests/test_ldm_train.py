@@ -188,25 +188,27 @@ def test_diffusion_step_lowers_loss_and_4_devices_equal_1(images):
   ctx[:, 0, 0] = np.arange(4) / 4
   batch = {"mu": x0, "sigma": np.zeros_like(x0), "context": ctx}
 
-  def run(mesh, steps):
-    state = parallel.replicate(train_diffusion.create_state(config, model, x0.shape[1:],
-                                                            jax.random.key(0)), mesh)
+  def run(mesh, steps, measure):
     fn = train_diffusion.make_train_step(config, sched)
     b = parallel.shard_batch(batch, mesh)
 
-    def loss_at_step0(s):  # the loss at step 0's timesteps and noise (a throwaway update)
-      copy = parallel.replicate(jax.device_get(s).replace(step=np.int32(0)), mesh)
-      return float(fn(copy, b, jax.random.key(1))[1]["loss"])
+    def at_step0(s):  # a copy of the state with step 0 (an int32 array: one compiled step)
+      return parallel.replicate(jax.device_get(s).replace(step=np.int32(0)), mesh)
 
-    before = loss_at_step0(state)
+    def loss_at_step0(s):  # the loss at step 0's timesteps and noise (a throwaway update)
+      return float(fn(at_step0(s), b, jax.random.key(1))[1]["loss"])
+
+    state = at_step0(train_diffusion.create_state(config, model, x0.shape[1:],
+                                                  jax.random.key(0)))
+    before = loss_at_step0(state) if measure else None
     rows = []
     for _ in range(steps):
       state, m = fn(state, b, jax.random.key(1))
       rows.append(jax.device_get(m))
-    return rows, before, loss_at_step0(state)
+    return rows, before, loss_at_step0(state) if measure else None
 
-  rows4, before, after = run(parallel.make_mesh(), 20)
-  rows1, _, _ = run(one_device(), 20)
+  rows4, before, after = run(parallel.make_mesh(), 20, measure=True)
+  rows1, _, _ = run(one_device(), 20, measure=False)
   assert after < 0.7 * before
   # Same trajectory: losses and gradient norms at every step. (Parameters are not compared
   # elementwise: Adam's first steps move even parameters whose gradient is rounding noise,
@@ -220,8 +222,13 @@ def test_diffusion_step_lowers_loss_and_4_devices_equal_1(images):
 
 def test_autoencoder_run_resumes_after_interruption(tmp_path):
   config = ae_config()
-  full = train_autoencoder.train_and_evaluate(config, str(tmp_path / "full"))
+  # The uninterrupted reference run: only its final state is read, so it checkpoints, logs
+  # and writes reconstructions once, at the end (none of that changes the trained state).
+  ref = ae_config()
+  ref.train.update(checkpoint_every_steps=4, log_every_steps=4, sample_every_steps=0)
+  full = train_autoencoder.train_and_evaluate(ref, str(tmp_path / "full"))
   assert full["step"] == 4
+  config.train.sample_every_steps = 4  # the killed run makes none; the resumed one at step 4
   wd = str(tmp_path / "killed")
   part = train_autoencoder.train_and_evaluate(config, wd, stop_after=3)  # ckpt at step 2
   assert part["step"] == 3
@@ -242,7 +249,11 @@ def test_autoencoder_run_resumes_after_interruption(tmp_path):
 
 def test_diffusion_run_resumes_and_generation_layout_resumes(tmp_path):
   config = dm_config()
-  full = train_diffusion.train(config, str(tmp_path / "full"))
+  # The uninterrupted reference run: only its final state and counts are read, so it
+  # checkpoints and logs once and draws no sample grid (none of that changes the state).
+  ref = dm_config()
+  ref.train.update(checkpoint_every_steps=4, log_every_steps=4, sample_every_steps=0)
+  full = train_diffusion.train(ref, str(tmp_path / "full"))
   wd = str(tmp_path / "run")
   part = train_diffusion.train(config, wd, stop_after=3)
   assert part["step"] == 3
