@@ -31,7 +31,8 @@ SLOW_FIRST = ("test_ldm_memorization.py", "test_ldm_train.py", "test_ldm_semanti
               "test_audit_recall.py", "test_ldm_parity.py",
               "test_convert.py", "test_multihost.py", "test_train.py", "test_pairs_jobs.py",
               "test_caches.py", "test_cli_cases.py", "test_models.py", "test_cli_safety.py",
-              "test_store_integrity.py", "test_perceptual.py")
+              "test_store_integrity.py", "test_score.py", "test_explain.py", "test_api.py",
+              "test_perceptual.py")
 
 
 def pytest_collection_modifyitems(items):
