@@ -60,6 +60,35 @@ def test_gamma_contrast_closed_form_and_range():
   assert np.isclose(y.min(), lo) and np.isclose(y.max(), hi, rtol=1e-5)
 
 
+@pytest.mark.parametrize("field", ["p_flip0", "p_flip1", "p_rotate", "p_gamma"])
+def test_each_transform_fires_at_its_own_probability(field):
+  """One transform on at p = 0.3, the others off: over 512 distinct images it changes
+  binomial(512, 0.3) of them (mean 154, sd 10.4; accepted within 5 sd), each into the
+  transform of the image, and leaves the rest exactly as they were. So a transform
+  dropped, always on, or wired to another's probability fails."""
+  n, p = 512, 0.3
+  x = _images(n, 12, 10, seed=7)
+  cfg = dataclasses.replace(OFF, **{field: p}, max_angle=0.17, gamma_min=0.5, gamma_max=0.8)
+  y = np.asarray(augment.augment_batch(jax.random.key(11), x, cfg))
+  xn = np.asarray(x)
+  changed = np.any(y != xn, axis=(1, 2))
+  assert abs(int(changed.sum()) - n * p) < 5 * np.sqrt(n * p * (1 - p)), int(changed.sum())
+  if field == "p_flip0":
+    np.testing.assert_array_equal(y[changed], xn[changed][:, ::-1, :])
+  elif field == "p_flip1":
+    np.testing.assert_array_equal(y[changed], xn[changed][:, :, ::-1])
+  elif field == "p_gamma":  # gamma < 1 on the min-max scaled image: the range is kept
+    np.testing.assert_allclose(y[changed].min((1, 2)), xn[changed].min((1, 2)), atol=1e-5)
+    np.testing.assert_allclose(y[changed].max((1, 2)), xn[changed].max((1, 2)), atol=1e-5)
+    assert np.all(y[changed].mean((1, 2)) > xn[changed].mean((1, 2)))  # brightened
+  else:  # rotated (exactness: test_rotation_matches_scipy...); linear interpolation
+    assert np.all(np.abs(y[changed] - xn[changed]).max((1, 2)) > 1e-3)
+    assert np.all(y[changed].min((1, 2)) >= xn[changed].min((1, 2)) - 1e-5)
+  # Another key draws another subset of the same size (not a fixed set of images).
+  y2 = np.asarray(augment.augment_batch(jax.random.key(12), x, cfg))
+  assert not np.array_equal(changed, np.any(y2 != xn, axis=(1, 2)))
+
+
 def test_reproducible_from_seed_and_independent_per_image():
   x = jnp.repeat(_images(n=1), 64, axis=0)  # the same image 64 times
   cfg = augment.AugmentConfig()

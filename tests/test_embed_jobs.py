@@ -189,14 +189,65 @@ def test_checkpoint_specs():
     jobs.parse_checkpoint("final", "w")
 
 
+def _misalignment_draws(seed, n, cfg):
+  """The draws jobs.misalign makes for n <= 256 images (one chunk, keyed
+  fold_in(key(seed), 0), split per image), mirroring augment.augment_image: each image's
+  key split in 6; k[0] gives 4 uniforms (flip0, flip1, rotate, gamma fire when below p),
+  k[1] the angle uniform in [-max_angle, max_angle], k[2] gamma uniform in
+  [gamma_min, gamma_max]. Returns (fired (n, 4) bool, angle (n,), gamma (n,))."""
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0), n)
+  k = jax.vmap(lambda key: jax.random.split(key, 6))(keys)
+  u = jax.vmap(lambda key: jax.random.uniform(key, (4,)))(k[:, 0])
+  draw = lambda lo, hi: jax.vmap(  # noqa: E731
+      lambda key: jax.random.uniform(key, (), minval=lo, maxval=hi))
+  return (np.asarray(u) < cfg.p, np.asarray(draw(-cfg.max_angle, cfg.max_angle)(k[:, 1])),
+          np.asarray(draw(cfg.gamma_min, cfg.gamma_max)(k[:, 2])))
+
+
+def _expected_misalignment(x, fired, angle, gamma):
+  """One image transformed as drawn, computed independently: numpy flips, scipy's bilinear
+  rotation about the centre (edges extended), gamma on the min-max scaled image, z-scored."""
+  from scipy import ndimage
+  y = np.asarray(x, np.float64)
+  if fired[0]:
+    y = y[::-1, :]
+  if fired[1]:
+    y = y[:, ::-1]
+  if fired[2]:  # output (r, c) samples the input at the point rotated back by the angle
+    m = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    ctr = (np.array(y.shape) - 1) / 2
+    y = ndimage.affine_transform(y, m, offset=ctr - m @ ctr, order=1, mode="nearest")
+  if fired[3]:
+    lo, hi = y.min(), y.max()
+    y = ((y - lo) / (hi - lo)) ** gamma * (hi - lo) + lo
+  return (y - y.mean()) / y.std()
+
+
 def test_misaligned_evaluation_is_seeded_and_transforms_at_rate_p():
+  """jobs.misalign applies flips, a rotation within max_angle and a gamma within the
+  configured range, each with probability p, seeded: every output equals the independently
+  computed transform of the seed's draws (images with none drawn come back as they were),
+  each transform fires at rate p and the share of changed images is 1 - (1 - p)^4."""
   c = config_lib.base_config().eval.misaligned
-  x = images(64, 11)
-  a, b = jobs.misalign(x, 3, c), jobs.misalign(x, 3, c)
-  np.testing.assert_array_equal(a, b)  # same seed, same transforms
-  assert not np.allclose(jobs.misalign(x, 4, c), a)
-  changed = np.abs(a - x).reshape(64, -1).max(axis=1) > 1e-3
-  # Each image is untouched only if none of 4 transforms fires: (1 - 0.8)^4 = 0.16%.
-  assert changed.mean() > 0.9
-  c.p = 0.0
-  np.testing.assert_allclose(jobs.misalign(x, 3, c), x, atol=1e-4)  # z-scored input kept
+  # Non-default settings, so that a setting left unused shows.
+  c.p, c.max_angle, c.gamma_min, c.gamma_max = 0.5, 0.3, 0.6, 0.9
+  n = 256  # one chunk of misalign
+  x = images(n, 12)
+  out = jobs.misalign(x, 5, c)
+  np.testing.assert_array_equal(jobs.misalign(x, 5, c), out)  # same seed, same transforms
+  assert out.shape == x.shape and out.dtype == np.float32
+  fired, angle, gamma = _misalignment_draws(5, n, c)
+  for i in range(n):
+    want = _expected_misalignment(x[i], fired[i], angle[i], gamma[i])
+    err = np.abs(out[i] - want).max()
+    assert err < 2e-4, (i, fired[i].tolist(), float(angle[i]), float(gamma[i]), err)
+  # Each transform fires at rate p (binomial(256, 0.5): sd 8; a 5-sigma band) over the
+  # configured ranges.
+  counts = fired.sum(0)
+  assert np.all(np.abs(counts - n * c.p) < 40), counts
+  assert 0.25 < np.abs(angle[fired[:, 2]]).max() <= 0.3
+  assert 0.6 <= gamma[fired[:, 3]].min() and gamma[fired[:, 3]].max() <= 0.9
+  changed = np.abs(out - x).reshape(n, -1).max(axis=1) > 1e-3
+  np.testing.assert_array_equal(changed, fired.any(1))
+  # Untouched only when none of the 4 transforms fires: 256 / 16 = 16 images, sd 3.9.
+  assert abs(int((~changed).sum()) - n / 16) < 20, int((~changed).sum())

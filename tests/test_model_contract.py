@@ -1,5 +1,6 @@
-"""The DeepSSIM model's contract: parameter counts (closed form, via eval_shape), output
-shape and norm, grey input, freezing mask. Speed variants are covered by test_models."""
+"""The DeepSSIM model's contract: eval-mode embeddings per image (independent of the
+batch), output shape and norm, grey input, freezing mask. Parameter counts (closed form,
+torchvision's totals) and speed variants are covered by test_models."""
 
 import functools
 
@@ -12,39 +13,25 @@ from flax import traverse_util
 from deepssim_jax import models
 
 
-def convnext_features_params(depths, dims, in_ch=3):
-  """torchvision convnext_*.features parameter count, written from the architecture."""
-  n = in_ch * dims[0] * 16 + dims[0] + 2 * dims[0]  # stem conv 4x4 + LayerNorm
-  for i, (d, c) in enumerate(zip(depths, dims)):
-    if i:
-      n += 2 * dims[i - 1] + dims[i - 1] * c * 4 + c  # LayerNorm + conv 2x2 stride 2
-    block = (49 * c + c) + 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c) + c
-    n += d * block  # dwconv 7x7, LayerNorm, Dense 4x, Dense back, layer scale
-  return n
-
-
-@pytest.mark.parametrize("name,expected", [("convnext_tiny", 27_818_592),
-                                           ("convnext_small", 49_453_152),
-                                           ("convnext_base", 87_564_416)])
-def test_backbone_parameter_counts(name, expected):
-  # Base: the reference's measured backbone (BENCH.md, 87.56M). torchvision's tiny/small
-  # totals are 1,536 higher only because they count the classifier's LayerNorm(768).
-  backbone = models.MODELS[name]()
-  shapes = jax.eval_shape(functools.partial(backbone.init), jax.random.key(0),
-                          jnp.zeros((1, 136, 112, 3)))
-  n = models.param_count(shapes["params"])
-  assert n == expected
-  assert n == convnext_features_params(backbone.depths, backbone.dims)
-
-
-def test_deepssim_head_and_total_count():
-  model = models.make_model("convnext_base")
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, 136, 112)))
-  head = 2 * 1024 + (1024 * 512 + 512) + (512 * 256 + 256)  # BatchNorm + Dense + Dense
-  assert models.param_count(shapes["params"]) == 87_564_416 + head
-  stats = models.param_count(shapes["batch_stats"])
-  assert stats == 2 * 1024
+def test_eval_embedding_of_an_image_does_not_depend_on_its_batch():
+  """Eval mode is a per-image function: an image's embedding is the same alone, in any
+  batch, at any position and next to padding (the stores pad and shard batches), and it
+  uses the running BatchNorm statistics, never the batch's."""
+  model = models.make_model("convnext_atto", hidden_dim=16, embed_dim=8, depthwise_impl="conv",
+                            depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 32, 32)), jnp.float32)
+  v = model.init(jax.random.key(0), x, train=False)
+  rng = np.random.default_rng(2)  # running statistics far from the batch's
+  v = {"params": v["params"], "batch_stats": jax.tree.map(
+      lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype), v["batch_stats"])}
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  whole = np.asarray(apply(v, x))
+  for i in range(5):
+    np.testing.assert_allclose(apply(v, x[i:i + 1])[0], whole[i], rtol=1e-5, atol=1e-6)
+  perm = np.array([3, 0, 4, 1, 2])
+  np.testing.assert_allclose(apply(v, x[perm]), whole[perm], rtol=1e-5, atol=1e-6)
+  padded = jnp.concatenate([x[:2], jnp.zeros((6, 32, 32), jnp.float32)])
+  np.testing.assert_allclose(apply(v, padded)[:2], whole[:2], rtol=1e-5, atol=1e-6)
 
 
 def test_output_is_unit_norm_and_grey_input_equals_repeated_rgb():

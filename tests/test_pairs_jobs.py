@@ -10,6 +10,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from deepssim_jax import io, jobs, match, pairs
+from deepssim_jax.data import images
 
 
 def test_sample_pairs_distinct_matched_and_split_by_synthetic_image():
@@ -140,6 +141,39 @@ def _demo_config():
   return mod.get_config()
 
 
+def _check_aligned_targets(workdir, table):
+  """Aligned targets (pairs.align, angles include 0): every target is at least the pair's
+  plain SSIM (scikit-image; the identity is a candidate), and a copy that is its source
+  flipped (no rotation) scores at least the SSIM of the source against the copy with the
+  flips undone, as flip states are candidates; the undone flips gain a lot over plain."""
+  real = images.load_bank(os.path.join(workdir, "data", "real.npz"))
+  synth = images.load_bank(os.path.join(workdir, "data", "synth.npz"))
+  rpos = {str(k): i for i, k in enumerate(real["keys"])}
+  spos = {str(k): i for i, k in enumerate(synth["keys"])}
+  meta = synth["meta"]
+  ssim = lambda a, b: structural_similarity(a, b, data_range=float(np.ptp(a)))  # noqa: E731
+  flip_copies, gains = 0, []
+  for rk, sk, target in zip(table.real_key, table.synth_key, table.ssim):
+    a = real["images"][rpos[rk]].astype(np.float64)
+    j = spos[sk]
+    b = synth["images"][j].astype(np.float64)
+    plain = ssim(a, b)
+    assert target >= plain - 1e-4, (rk, sk, float(target), plain)
+    steps = str(meta["augment"][j]).split("+")
+    if (str(meta["kind"][j]) != "copy" or str(meta["source_key"][j]) != rk
+        or not {"flip0", "flip1"} & set(steps) or any(s.startswith("rot") for s in steps)):
+      continue
+    for axis in (0, 1):  # undo the copy's flips (gamma stays: it is no rigid transform)
+      if f"flip{axis}" in steps:
+        b = np.flip(b, axis)
+    undone = ssim(a, b)
+    assert target >= undone - 1e-4, (rk, sk, str(meta["augment"][j]), float(target), undone)
+    flip_copies += 1
+    gains.append(undone - plain)
+  assert flip_copies >= 3, flip_copies  # the tiny demo's table holds 5
+  assert max(gains) > 0.2, gains  # flips undone: a large gain on asymmetric slices
+
+
 def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
   c = _demo_config()  # the real demo config, shrunk
   c.data.image_size = (40, 32)
@@ -168,7 +202,7 @@ def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
   assert set(results) == {"deepssim", "ssim"}
   assert 0 <= results["ssim"]["fixed"]["macro_f1"] <= 1
   assert "fit" in results["ssim"]["fitted"]  # thresholds fitted on half the images
-  # Aligned targets: each copy scores at least as high as its plain SSIM would.
+  _check_aligned_targets(workdir, table)
   assert out["step"] == len(table.select("train")) // 8
   # A rerun finds everything done and does not train again.
   again = jobs.train_job(c, workdir)

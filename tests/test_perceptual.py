@@ -174,3 +174,52 @@ def test_converter_names_bad_keys(setup):
     perceptual.load_weights(str(tmp / "bad.npz"))
   with pytest.raises(ValueError, match="at least 25"):
     setup["loss"](jnp.zeros((1, 24, 40, 1)), jnp.zeros((1, 24, 40, 1)))
+
+
+def test_ssim_term_is_one_minus_scikit_image_ssim_with_the_target_batch_range():
+  """"ssim": 1 - the batch mean of SSIM (Gaussian 11 x 11, sigma 1.5, population moments:
+  scikit-image's gaussian_weights=True, use_sample_covariance=False) with the data range
+  of the whole target batch y; "none": 0; other names are refused."""
+  from skimage.metrics import structural_similarity
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(3, 40, 36, 1)).astype(np.float32)
+  x[1] *= 3.0  # per-image ranges differ from the batch's, and x's from y's
+  y = (0.7 * x + 0.5 * rng.normal(size=x.shape)).astype(np.float32)
+  loss = jax.jit(perceptual.make("ssim"))
+
+  def want(a, b):
+    dr = float(b.max() - b.min())
+    return 1.0 - np.mean([structural_similarity(
+        a[i, ..., 0].astype(np.float64), b[i, ..., 0].astype(np.float64), data_range=dr,
+        gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        for i in range(len(a))])
+
+  for a, b in ((x, y), (y, x)):
+    got = float(loss(jnp.asarray(a), jnp.asarray(b)))
+    assert got == pytest.approx(want(a, b), abs=1e-5), (got, want(a, b))
+  assert abs(float(loss(jnp.asarray(x), jnp.asarray(y))) - want(y, x)) > 1e-3  # y's range
+  none = perceptual.make("none")
+  assert float(none(jnp.asarray(x), jnp.asarray(y))) == 0.0
+  with pytest.raises(ValueError, match="perceptual loss 'lpips'"):
+    perceptual.make("lpips")
+
+
+def test_terms_grow_with_noise_and_lpips_is_symmetric(setup):
+  """Both terms grow strictly with the amplitude of one noise pattern; LPIPS-squeeze is
+  symmetric (squared feature differences) and a grey image counts as its 3-channel copy
+  (broadcast against the ScalingLayer)."""
+  rng = np.random.default_rng(6)
+  x = rng.uniform(0.0, 1.0, (1, 48, 40, 1)).astype(np.float32)
+  noise = rng.normal(size=x.shape).astype(np.float32)
+  levels = (0.02, 0.05, 0.1, 0.2, 0.4)
+  xs = jnp.asarray(np.repeat(x, len(levels), 0))
+  ys = jnp.asarray(np.concatenate([x + s * noise for s in levels]))
+  d = np.asarray(setup["dist"](ys, xs))
+  assert np.all(np.diff(d) > 0), d
+  ssim = jax.jit(perceptual.make("ssim"))
+  s = [float(ssim(ys[i:i + 1], xs[i:i + 1])) for i in range(len(levels))]
+  assert np.all(np.diff(s) > 0) and s[0] > 0, s
+  np.testing.assert_allclose(np.asarray(setup["dist"](xs, ys)), d, rtol=RTOL, atol=1e-7)
+  rgb = lambda a: jnp.repeat(a, 3, axis=-1)  # noqa: E731
+  np.testing.assert_allclose(np.asarray(setup["dist"](rgb(ys), rgb(xs))), d, rtol=RTOL,
+                             atol=1e-7)
