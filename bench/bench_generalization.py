@@ -181,12 +181,13 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
 
 
 def table(results: list) -> str:
-  """Markdown: per lever and contrast, macro F1 per held-out head and the mean, and the
-  per-class recalls averaged over heads; plain SSIM once per contrast."""
+  """Markdown: per lever and contrast, macro F1 per held-out head, the mean, the difference
+  from the recipe's mean on the same heads, and the per-class recalls averaged over heads;
+  plain SSIM (the same pairs) once per contrast."""
   heads = sorted({r["held_out"] for r in results})
-  lines = ["| lever | contrast | " + " | ".join(heads) + " | mean macro F1 | "
-           "R Duplicate | R Similar | R Different |",
-           "|---|---|" + "---|" * (len(heads) + 4)]
+  lines = ["| lever | contrast | " + " | ".join(heads) + " | mean macro F1 | vs recipe, "
+           "same heads | R Duplicate | R Similar | R Different |",
+           "|---|---|" + "---|" * (len(heads) + 5)]
   rows = {}
   for r in results:
     for contrast, c in r["contrasts"].items():
@@ -195,13 +196,17 @@ def table(results: list) -> str:
   order = list(LEVERS) + ["plain SSIM"]
   for (lever, contrast), by_head in sorted(
       rows.items(), key=lambda kv: (order.index(kv[0][0]), list(CONTRASTS).index(kv[0][1]))):
-    f1 = [by_head[h]["macro_f1"] if h in by_head else None for h in heads]
-    have = [v for v in f1 if v is not None]
+    f1 = {h: by_head[h]["macro_f1"] for h in by_head}
+    mean = np.mean(list(f1.values()))
+    base = rows.get(("recipe", contrast), {})
+    delta = "-"
+    if lever not in ("recipe", "plain SSIM") and all(h in base for h in f1):
+      delta = f"{mean - np.mean([base[h]['macro_f1'] for h in f1]):+.3f}"
     rec = {name: np.mean([by_head[h]["per_class"][name]["recall"] for h in by_head])
            for name in ("duplicate", "similar", "different")}
     lines.append(f"| {lever} | {contrast} | " + " | ".join(
-        "-" if v is None else f"{v:.3f}" for v in f1) +
-        f" | {np.mean(have):.3f} (n={len(have)}) | {rec['duplicate']:.2f} | "
+        f"{f1[h]:.3f}" if h in f1 else "-" for h in heads) +
+        f" | {mean:.3f} (n={len(f1)}) | {delta} | {rec['duplicate']:.2f} | "
         f"{rec['similar']:.2f} | {rec['different']:.2f} |")
   return "\n".join(lines)
 
