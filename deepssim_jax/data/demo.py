@@ -277,6 +277,14 @@ def layout_uid(train_key: str) -> str:
   return train_key.replace("/", "-")
 
 
+def _sets_for(root, what: str, kwargs) -> tuple[str, dict]:
+  """(root, demo_sets(**kwargs)) once root is known to be absent or empty."""
+  root = os.fspath(root)
+  if os.path.isdir(root) and os.listdir(root):
+    raise io.InputError(f"{root}: {what} destination must be empty or absent")
+  return root, demo_sets(**kwargs)
+
+
 def write_demo_layout(root: str, **kwargs) -> dict:
   """Writes the demo sets in the reference PNG layout, plus the ground-truth labels.
 
@@ -299,10 +307,7 @@ def write_demo_layout(root: str, **kwargs) -> dict:
   Raises:
     InputError: root exists and is not empty.
   """
-  root = os.fspath(root)
-  if os.path.isdir(root) and os.listdir(root):
-    raise io.InputError(f"{root}: demo layout destination must be empty or absent")
-  sets = demo_sets(**kwargs)
+  root, sets = _sets_for(root, "demo layout", kwargs)
   training, synthetic = sets["training"], sets["synthetic"]
   tkeys = [str(k) for k in training["keys"]]
   for key, x in zip(tkeys, training["images"]):
@@ -335,10 +340,7 @@ def write_demo_folders(root: str, **kwargs) -> dict:
   Raises:
     InputError: root exists and is not empty.
   """
-  root = os.fspath(root)
-  if os.path.isdir(root) and os.listdir(root):
-    raise io.InputError(f"{root}: demo folders destination must be empty or absent")
-  sets = demo_sets(**kwargs)
+  root, sets = _sets_for(root, "demo folders", kwargs)
   training, synthetic = sets["training"], sets["synthetic"]
   for key, x in zip(training["keys"], training["images"]):
     images.write_png(os.path.join(root, "training", layout_uid(str(key)) + ".png"), x)
