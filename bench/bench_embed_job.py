@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from deepssim_jax import data, embed, models, parallel  # noqa: E402
 from deepssim_jax.data import demo  # noqa: E402
 
-REF_FORWARD_IMG_S = 14.9  # PyTorch ConvNeXt-B eval forward, batch 32 (BENCH.md)
+REF_FORWARD_IMG_S = 14.9  # PyTorch ConvNeXt-B eval forward, batch 32 (an earlier session)
 REF_FORWARD_FRACTION = 0.69  # of the matmul peak, same measurement
 
 

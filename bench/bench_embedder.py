@@ -239,7 +239,8 @@ def main(argv=None):
           f"{peak:.1f} | {frac:.1%} | {ref_frac:.1%} | {frac / ref_frac:.2f} |")
   print("\nmedians of", args.reps, "repetitions; the matmul is timed just before each one.")
   if "train" in passes:
-    print("reference train fractions: its step time (BENCH.md) with the FLOPs XLA counts for "
+    print("reference train fractions: its step time (an earlier session's measurement) "
+          "with the FLOPs XLA counts for "
           f"the same freezing, over {REF_PEAK_GFLOPS:.0f} GFLOP/s; no reference time exists "
           "for other freezings (nan).")
 

@@ -1,6 +1,6 @@
 """Benchmark: the reference LDM UNet's train step and DDIM sampling, vs MONAI and vs matmul.
 
-Figures (the reference's settings, SPEC section 4): one AdamW train step of
+Figures (the reference's LDM settings, brAIn-science/DeepSSIM): one AdamW train step of
 DiffusionModelUNet_ref (183,981,059 parameters, unconditioned) on a batch of 8 latents
 3 x 36 x 28 (noise-prediction MSE, ldm_jax.train_diffusion.train_step), and DDIM sampling of
 8 latents with 50 steps, eta 0 (ldm_jax.diffusion.ddim_sample, one compiled lax.scan).
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MONAI = {"train step": 11.2, "DDIM 50 steps": 147.0}  # seconds, BENCH.md
+MONAI = {"train step": 11.2, "DDIM 50 steps": 147.0}  # seconds, an earlier session (quiet machine)
 
 
 def matmul_flops_per_s(n: int = 2048, reps: int = 3) -> float:

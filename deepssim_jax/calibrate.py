@@ -3,13 +3,14 @@
 DeepSSIM's fixed thresholds (0.60 / 0.85) say how SSIM-like a pair is, not how unusual that
 is for the training set at hand: a set of near-identical slices has high nearest-neighbour
 scores even between distinct patients. Three published criteria calibrate the verdict
-(SPEC section 3); each is a function here, chosen by name and switched on in the config:
+(Dar et al., the Memorization Index of Deo et al., Carlini et al.); each is a function
+here, chosen by name and switched on in the config:
 
 * dar (Dar et al. 2024): threshold = the `percentile`-th percentile (95, numpy's linear
   interpolation) of the nearest-training-neighbour similarities of a held-out real set
   (direction 'train_to_heldout': of every training image's nearest held-out image
-  instead, as SPEC describes the reference); a synthetic image whose nearest-training
-  similarity is above it is memorized (SPEC: Duplicate > t). Needs the held-out set.
+  instead, as the reference computes it); a synthetic image whose nearest-training
+  similarity is above it is memorized (the reference: Duplicate > t). Needs the held-out set.
 * mi (Memorization Index, Deo et al. 2026): a null distribution of nearest-neighbour
   similarities between real images that are NOT copies: the training set is split into
   random halves A and B (`rounds` rounds, seeded) and every image of A is matched to its
@@ -18,7 +19,8 @@ scores even between distinct patients. Three published criteria calibrate the ve
   with nearest-training similarity s. Optionally the embeddings are ZCA-whitened first
   (fitted on the training set, epsilon from the config) and re-normalised. Deo et al.
   pool several layers of a feature network; DeepSSIM has one embedding, which is used.
-  s is taken over the whole training set (SPEC), while the null's reference is a half, and
+  s is taken over the whole training set (as Deo et al. define it), while the null's
+  reference is a half, and
   the nearest of n/2 images is on average less similar than the nearest of n: the null sits
   a little low, so MI leans towards flagging. `synthetic_reference = 'halves'` removes
   that bias: s becomes the mean over the rounds of the nearest similarity within half B.
@@ -50,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dar.enabled = True
   c.dar.percentile = 95.0       # of held-out-to-training nearest-neighbour similarities
   # heldout_to_train: each held-out image's nearest training image (the wording);
-  # train_to_heldout: each training image's nearest held-out image (SPEC's reference).
+  # train_to_heldout: each training image's nearest held-out image (the reference's).
   c.dar.direction = "heldout_to_train"
 
   c.mi = ml_collections.ConfigDict()

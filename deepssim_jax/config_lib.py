@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pairs.self_fraction = 0.0
   c.pairs.valid_fraction = 0.1    # share of synthetic images whose pairs validate
   c.pairs.batch_size = 1024       # SSIM pairs per device batch
-  c.pairs.align = False           # SPEC's phi: identity (reference code) or rigid alignment
+  c.pairs.align = False           # the paper's phi: identity (reference code) or rigid alignment
   c.pairs.align_angles = tuple(round(-0.17 + 0.017 * i, 3) for i in range(21))
   c.pairs.align_flips = True
   c.pairs.balance_bins = 0        # >0: even targets over that many bins of [0, 1] (ours)
@@ -144,7 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.carlini_alpha = 0.5      # Carlini et al.'s relative L2: alpha and n nearest
   c.eval.carlini_n = 50
   c.eval.misaligned = ml_collections.ConfigDict()
-  c.eval.misaligned.enabled = False  # also score after flips/rotation/gamma at p (SPEC)
+  c.eval.misaligned.enabled = False  # also score after flips/rotation/gamma at p (the paper's)
   c.eval.misaligned.p = 0.8
   c.eval.misaligned.max_angle = 0.1745
   c.eval.misaligned.gamma_min = 0.5

@@ -343,8 +343,8 @@ def metric_context(metric: str, config, workdir: str, real: dict) -> dict:
 
 
 def misalign(images: np.ndarray, seed: int, cfg: ml_collections.ConfigDict) -> np.ndarray:
-  """SPEC's misaligned evaluation: flips, rotation, gamma at probability p on every image,
-  seeded (the same seed gives the same transforms)."""
+  """The paper's misaligned evaluation (arXiv 2509.16582): flips, rotation, gamma at
+  probability p on every image, seeded (the same seed gives the same transforms)."""
   a = augment.AugmentConfig(p_flip0=cfg.p, p_flip1=cfg.p, p_rotate=cfg.p, p_gamma=cfg.p,
                             max_angle=cfg.max_angle, gamma_min=cfg.gamma_min,
                             gamma_max=cfg.gamma_max, renormalize=True)

@@ -3,7 +3,7 @@
 A pair table is a CSV with columns real_key, synth_key, ssim, split (train / valid); keys
 refer to the images of two image banks (the real/training set and the synthetic set). The
 build job samples pairs, computes their SSIM targets on device in batches, optionally after
-a rigid alignment of the synthetic image to the real one (SPEC's phi), and writes the table
+a rigid alignment of the synthetic image to the real one (the paper's phi), and writes the table
 atomically. Labelled evaluation pairs use the same key columns plus `label`.
 """
 

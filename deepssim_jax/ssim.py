@@ -34,7 +34,7 @@ a constant image (std 0) or any NaN/inf raises `deepssim_jax.io.InputError` (a V
 naming the image; it never returns NaN. The JAX-level functions take images that are
 already z-scored (float, (B, H, W)) and check nothing, so they stay jittable.
 
-Alignment (SPEC's phi, `aligned_ssim`): the best SSIM over rigid transforms of the second
+Alignment (the paper's phi, `aligned_ssim`): the best SSIM over rigid transforms of the second
 image: 4 flip states x a grid of rotation angles (`rotate`: dm-pix's rotate, order 1, mode
 'nearest', as batched gathers).
 The transform acts on the z-scored b, which is then z-scored again; as interpolation and
@@ -488,7 +488,7 @@ def transform_candidates(x: jax.Array, angles: jax.Array, *, flips: bool = True)
 def aligned_ssim(a: jax.Array, b: jax.Array, angles: jax.Array, *, flips: bool = True,
                  sub: int = 8, win_size: int = 7, k1: float = 0.01,
                  k2: float = 0.03) -> tuple[jax.Array, jax.Array]:
-  """SSIM(a, phi(b)) maximised over rigid transforms phi of b (SPEC's aligned SSIM).
+  """SSIM(a, phi(b)) maximised over rigid transforms phi of b (the paper's aligned SSIM).
 
   phi runs over `transform_candidates` (flip states x rotation angles); the transformed b
   is z-scored again (see the module docstring), a is left as is (its data_range is used).

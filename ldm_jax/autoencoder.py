@@ -434,7 +434,8 @@ class AutoencoderKL(nn.Module):
     return self.decode(z), z_mu, z_sigma
 
 
-# The reference's settings (SPEC.md section 4): 3,129,960 parameters.
+# The reference's settings (brAIn-science/DeepSSIM's LDM, MONAI's AutoencoderKL): 3,129,960
+# parameters.
 AutoencoderKL_ref = functools.partial(
     AutoencoderKL, spatial_dims=2, in_channels=1, out_channels=1, latent_channels=3,
     channels=(64, 128, 128), num_res_blocks=2, attention_levels=(False, False, False),

@@ -42,7 +42,7 @@ def data_config(kind: str = "demo", root: str = "", **kw) -> ml_collections.Conf
 
 
 def autoencoder_config() -> ml_collections.ConfigDict:
-  """KL autoencoder + patch GAN (SPEC section 4)."""
+  """KL autoencoder + patch GAN (the reference's LDM, brAIn-science/DeepSSIM)."""
   c = ml_collections.ConfigDict()
   c.mode = "autoencoder"
   c.seed = 42
@@ -60,7 +60,7 @@ def autoencoder_config() -> ml_collections.ConfigDict:
   c.loss.perceptual_weight = 0.1
   c.loss.kl_weight = 1e-6
   c.loss.adv_weight = 0.125
-  c.loss.adv_warmup_steps = 0     # SPEC: no warm-up; MONAI tutorials use a few epochs
+  c.loss.adv_warmup_steps = 0     # the reference: no warm-up; MONAI tutorials use a few epochs
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4    # autoencoder (Adam)
@@ -85,7 +85,7 @@ def autoencoder_config() -> ml_collections.ConfigDict:
 
 
 def diffusion_config() -> ml_collections.ConfigDict:
-  """Diffusion UNet on the frozen autoencoder's latents, and generation (SPEC section 4)."""
+  """Diffusion UNet on the frozen autoencoder's latents, and generation (the reference's LDM)."""
   c = ml_collections.ConfigDict()
   c.mode = "diffusion"
   c.seed = 42

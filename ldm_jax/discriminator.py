@@ -129,7 +129,8 @@ class PatchDiscriminator(nn.Module):
     return outs
 
 
-# The reference's settings (SPEC.md section 4): 693,665 parameters.
+# The reference's settings (brAIn-science/DeepSSIM's LDM, MONAI's PatchDiscriminator):
+# 693,665 parameters.
 PatchDiscriminator_ref = functools.partial(
     PatchDiscriminator, spatial_dims=2, num_layers_d=3, channels=32, in_channels=1,
     out_channels=1)

@@ -1,6 +1,6 @@
 """Training the first stage: the KL autoencoder with a patch-GAN (MONAI's recipe).
 
-Generator loss (SPEC section 4):
+Generator loss (the reference's, brAIn-science/DeepSSIM's LDM):
   l1 |x - x_rec| + perceptual_weight P(x_rec, x) + kl_weight KL(q(z|x) || N(0, I))
   + adv_weight (D(x_rec) - 1)^2,
 discriminator loss adv_weight (D(x_rec)^2 + (D(x) - 1)^2) / 2 (least squares, last output
@@ -8,7 +8,7 @@ of the PatchDiscriminator). KL is MONAI's: 0.5 sum(mu^2 + sigma^2 - log sigma^2 
 latent elements, averaged over the batch. P is pluggable (ldm_jax/perceptual.py): the
 reference's LPIPS-squeeze ("lpips_squeeze", with SqueezeNet's ImageNet weights the user
 brings, converted by `python -m ldm_jax.perceptual`), else a structural SSIM term. The
-adversarial terms are off for the first loss.adv_warmup_steps steps (SPEC: none; MONAI's
+adversarial terms are off for the first loss.adv_warmup_steps steps (the reference: none; MONAI's
 tutorials use a few epochs).
 
 Both networks use Adam; gradients are accumulated (optax.MultiSteps) from

@@ -1,13 +1,13 @@
 """Training the second stage: the diffusion UNet on latents of the frozen autoencoder.
 
-The reference's recipe (SPEC section 4): latents of the trained KL autoencoder (3 x 34 x 28
-for 136 x 112 slices) zero-padded to multiples of 4 (3 x 36 x 28) for the UNet and cropped
-back before decoding; noise-prediction MSE under the scaled-linear 1000-step schedule;
-AdamW lr 2.5e-5, batch 8; optional cross-attention conditioning on six covariates (age,
-sex, sequence, CSF/WM/GM fractions; ldm_jax/input_pipeline.py) or on a caption embedding
-per image (cond.kind "text": data.text_csv lists an .npz per record, array "data");
-duplication none / low / high (each unique image repeated k ~ U{1..4} or U{1..14} times,
-the counts written to <workdir>/duplication.csv).
+The reference's recipe (brAIn-science/DeepSSIM's LDM): latents of the trained KL autoencoder
+(3 x 34 x 28 for 136 x 112 slices) zero-padded to multiples of 4 (3 x 36 x 28) for the UNet
+and cropped back before decoding; noise-prediction MSE under the scaled-linear 1000-step
+schedule; AdamW lr 2.5e-5, batch 8; optional cross-attention conditioning on six covariates
+(age, sex, sequence, CSF/WM/GM fractions; ldm_jax/input_pipeline.py) or on a caption
+embedding per image (cond.kind "text": data.text_csv lists an .npz per record, array
+"data"); duplication none / low / high (each unique image repeated k ~ U{1..4} or U{1..14}
+times, the counts written to <workdir>/duplication.csv).
 
 The first stage is chosen by name (FIRST_STAGES, a dict of builders returning encode /
 decode functions): "kl" restores a trained autoencoder run (autoencoder.workdir, its

@@ -297,7 +297,8 @@ class DiffusionModelUNet(nn.Module):
     return conv(h, self.out_channels, 3, name="out_2", zero_init=True, dtype=self.dtype)
 
 
-# The reference's settings (SPEC.md section 4): 183,981,059 parameters unconditioned.
+# The reference's settings (brAIn-science/DeepSSIM's LDM, MONAI's DiffusionModelUNet):
+# 183,981,059 parameters unconditioned.
 # Conditioned on the 6 covariates: DiffusionModelUNet_ref(with_conditioning=True,
 # cross_attention_dim=6), fed context of shape (B, 1, 6).
 DiffusionModelUNet_ref = functools.partial(

@@ -16,7 +16,7 @@ import pytest
 
 from ldm_jax import autoencoder, discriminator, unet
 
-# MONAI 1.6 with the reference's settings (shared/BENCH.md, counted in PyTorch).
+# MONAI 1.6 with the reference's settings (counted in PyTorch).
 AE_PARAMS = 3_129_960
 DISC_PARAMS = 693_665
 UNET_PARAMS = 183_981_059
