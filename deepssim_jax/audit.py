@@ -43,7 +43,6 @@ none / low / high generators of ldm_jax) into compare.csv and a grouped bar plot
 import copy
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -492,23 +491,11 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
              "The difference image is |synthetic - training| of the z-scored images."],
       explainer=explainer)
   files = {"audit.csv": write_audit_csv,
-           "summary.json": json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n",
+           "summary.json": json.dumps(io.json_ready(summary), indent=2,
+                                      sort_keys=True) + "\n",
            "report.html": html_text}
   return {"files": files, "summary": summary, "classes": classes, "scores": scores,
           "indices": idx, "columns": cal["columns"]}
-
-
-def _clean(x):
-  """JSON-ready: numpy scalars to Python, NaN/inf to None."""
-  if isinstance(x, Mapping):
-    return {str(k): _clean(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple, np.ndarray)):
-    return [_clean(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
 
 
 def make_explainer(config: ml_collections.ConfigDict, workdir: str,

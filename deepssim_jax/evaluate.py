@@ -282,21 +282,9 @@ def read_labelled_pairs(path: str) -> dict[str, Any]:
           "synth_key": [v.strip() for v in table["synth_key"]], "label": labels}
 
 
-def _clean(x):
-  if isinstance(x, Mapping):
-    return {str(k): _clean(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_clean(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _clean(x.tolist())
-  if isinstance(x, (float, np.floating)) and not math.isfinite(float(x)):
-    return None  # JSON has no NaN/inf
-  return x
-
-
 def write_results(path: str, results: Mapping[str, Any]) -> str:
   """Writes results as JSON atomically (NaN/inf become null). Returns path."""
-  io.write_json(path, _clean(results))
+  io.write_json(path, io.json_ready(results))
   return path
 
 

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -65,6 +66,20 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_json(path: str, obj) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def json_ready(x):
+  """A JSON-ready copy: mappings with str keys, sequences and arrays as lists, numpy
+  scalars as Python numbers, NaN/inf as None (JSON has neither)."""
+  if isinstance(x, Mapping):
+    return {str(k): json_ready(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, np.ndarray)):
+    return [json_ready(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
 
 
 def _json_default(x):

@@ -85,3 +85,16 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
   mask = os.umask(0o022)
   os.umask(mask)
   assert (path.stat().st_mode & 0o777) == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_json_ready_makes_results_strict_json():
+  """numpy scalars and arrays become Python values, NaN/inf become null, keys become str:
+  json.dumps(allow_nan=False) accepts the result and reads back the same values."""
+  import json
+  obj = {1: np.float32(0.5), "a": [np.int64(3), float("nan"), (np.float64(np.inf), 2)],
+         "arr": np.array([[1.5, np.nan]]), "s": "x", "none": None, "b": np.bool_(True)}
+  out = io.json_ready(obj)
+  text = json.dumps(out, allow_nan=False)
+  assert json.loads(text) == {"1": 0.5, "a": [3, None, [None, 2]], "arr": [[1.5, None]],
+                              "s": "x", "none": None, "b": True}
+  assert type(out["1"]) is float and type(out["a"][0]) is int
