@@ -32,12 +32,11 @@ import numpy as np
 from tqdm import tqdm
 
 from deepssim_jax import (config_lib, embed as embed_lib, evaluate, io, jobs,
-                          match as match_lib, parallel, pretrained)
+                          match as match_lib, parallel, pretrained, report)
 from deepssim_jax.data import images as images_lib
 from deepssim_jax.data import volumes as volumes_lib
 
 Images = Union[np.ndarray, str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-CLASS_NAMES = {0: "Different", 1: "Duplicate", 2: "Similar"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -301,5 +300,5 @@ def classify(scores, thresholds: Sequence[float] = config_lib.PAPER_THRESHOLDS):
   lo, hi = (float(t) for t in thresholds)
   s = np.asarray(scores, np.float64)
   labels = evaluate.classify(s.ravel(), lo, hi).reshape(s.shape)
-  names = np.vectorize(CLASS_NAMES.get, otypes=[object])(labels).astype(str)
+  names = np.vectorize(report.CLASS_NAMES.get, otypes=[object])(labels).astype(str)
   return str(names) if names.ndim == 0 else names
