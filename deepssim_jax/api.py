@@ -24,10 +24,10 @@ deepssim_jax.pretrained).
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 from typing import Any, Optional, Sequence, Union
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -166,11 +166,19 @@ class Model:
   def image_size(self) -> tuple[int, int]:
     return tuple(int(s) for s in self.config.data.image_size)
 
+  @property
+  def band(self) -> tuple[float, float]:
+    """The axial band whose NIfTI slices the model reads (its training data's)."""
+    return tuple(self.config.data.get("real", {}).get("band", (0.35, 0.65)))
+
+  @functools.cached_property
+  def embed_fn(self):
+    """The jitted embedding function of this model (compiled once per batch shape)."""
+    return embed_lib.make_embed_fn(self.model)
+
   def read(self, x: Images, name: str = "images") -> tuple[np.ndarray, np.ndarray]:
     """(keys, (N, H, W) z-scored images) as the model reads them (read_images)."""
-    real = self.config.data.get("real", {})
-    band = tuple(real.get("band", (0.35, 0.65)))
-    return read_images(x, self.image_size, band, None, name)
+    return read_images(x, self.image_size, self.band, None, name)
 
   def _read(self, x: Images, name: str) -> np.ndarray:
     return self.read(x, name)[1]
@@ -181,15 +189,14 @@ class Model:
     if not _is_paths(images):
       x = self._read(images, "images")
       return embed_lib.embed_array(self.model, self.variables, x, self.batch_size,
-                                   progress=progress, embed_fn=embed_fn(self))
+                                   progress=progress, embed_fn=self.embed_fn)
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     return np.concatenate([embed_source(self, self.source(p), os.fspath(p), progress=progress)
                            for p in paths], axis=0)
 
   def source(self, path) -> Any:
     """The images of a file or folder as the model reads them (image_source)."""
-    real = self.config.data.get("real", {})
-    return image_source(path, self.image_size, tuple(real.get("band", (0.35, 0.65))))
+    return image_source(path, self.image_size, self.band)
 
   def score(self, a: Images, b: Images) -> float:
     """DeepSSIM of two single images: the cosine of their embeddings."""
@@ -233,17 +240,6 @@ class Model:
     return np.asarray(ma), np.asarray(mb)
 
 
-_EMBED_FNS: dict = {}
-
-
-def embed_fn(model: Model):
-  """One jitted embedding function per loaded model (compiled once per batch shape)."""
-  key = id(model.model)
-  if key not in _EMBED_FNS:
-    _EMBED_FNS[key] = embed_lib.make_embed_fn(model.model)
-  return _EMBED_FNS[key]
-
-
 def embed_source(model: Model, source, desc: str = "images", chunk: int = 2048,
                  num_threads: int = 4, progress: bool = True) -> np.ndarray:
   """(N, D) embeddings of a random-access image source (image_source), read `chunk` images
@@ -256,7 +252,7 @@ def embed_source(model: Model, source, desc: str = "images", chunk: int = 2048,
     for start in range(0, n, chunk):
       x = np.stack(list(pool.map(source.__getitem__, range(start, min(start + chunk, n)))))
       out.append(embed_lib.embed_array(model.model, model.variables, x, model.batch_size,
-                                       progress=False, embed_fn=embed_fn(model)))
+                                       progress=False, embed_fn=model.embed_fn))
       bar.update(len(x))
   bar.close()
   return np.concatenate(out, axis=0)
@@ -272,9 +268,9 @@ def load(spec: str = "builtin", batch_size: int = 64) -> Model:
   if spec == "builtin" or spec.endswith(".npz"):
     path = pretrained.BUILTIN if spec == "builtin" else spec
     config, model, variables, step = pretrained.load(path)
-    leaves = [np.asarray(x) for x in jax.tree.leaves(variables)]
+    fingerprint = jobs.weights_fingerprint(variables)
     variables = parallel.replicate(variables, parallel.make_mesh())
-    return Model(model, variables, config, spec, step, io.fingerprint(*leaves), batch_size)
+    return Model(model, variables, config, spec, step, fingerprint, batch_size)
   try:
     run, _, _ = jobs.parse_checkpoint(spec, "")
     ck_spec = spec

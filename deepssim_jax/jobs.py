@@ -214,10 +214,14 @@ def load_checkpoint(spec: str, workdir: str, mesh=None) -> dict:
   """The model a checkpoint spec names, with a fingerprint of its weights."""
   run, which, step = parse_checkpoint(spec, workdir)
   model, variables, step = train.restore_model(run, which, step, mesh=mesh)
-  leaves = [np.asarray(x) for x in jax.tree.leaves(variables)]
   logging.info("Loaded the %s checkpoint of %s (step %d)", which, run, step)
   return {"model": model, "variables": variables, "step": int(step), "which": which,
-          "run": os.path.abspath(run), "fingerprint": io.fingerprint(*leaves)}
+          "run": os.path.abspath(run), "fingerprint": weights_fingerprint(variables)}
+
+
+def weights_fingerprint(variables) -> str:
+  """A hash of a model's weights: what identifies a checkpoint in stores and summaries."""
+  return io.fingerprint(*[np.asarray(x) for x in jax.tree.leaves(variables)])
 
 
 # ----------------------------------------------------------------------------- embed / match

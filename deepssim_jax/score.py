@@ -51,7 +51,8 @@ def score_pair(model: api.Model, a: str, b: str) -> dict:
   return {"score": s, "class": api.classify(s)}
 
 
-def audit_config(k: int, out_dir: str, heldout: bool) -> "config_lib.ml_collections.ConfigDict":
+def audit_config(k: int, out_dir: str, heldout: bool):
+  """The base config's audit sections for a folder audit (no known answers by default)."""
   c = config_lib.base_config()
   c.audit.k = k
   c.audit.out_dir = out_dir
