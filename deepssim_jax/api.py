@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepssim_jax import (config_lib, embed as embed_lib, evaluate, io, jobs,
-                          match as match_lib, parallel, pretrained, report)
+                          match as match_lib, parallel, pretrained, report, runs)
 from deepssim_jax.data import images as images_lib
 from deepssim_jax.data import volumes as volumes_lib
 
@@ -284,8 +284,7 @@ def load(spec: str = "builtin", batch_size: int = 64) -> Model:
     raise io.InputError(f"{run}: no config.json: not a training workdir or a converted "
                         "checkpoint folder")
   ck = jobs.load_checkpoint(ck_spec, run)
-  from deepssim_jax import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(run)
+  config = runs.load_config(run)
   return Model(ck["model"], ck["variables"], config, spec, ck["step"], ck["fingerprint"],
                batch_size)
 

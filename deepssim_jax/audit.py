@@ -66,41 +66,6 @@ FILES = ("audit.csv", "summary.json", "report.html")
 CLASS_NAMES = evaluate.CLASS_NAMES  # 0 different, 1 duplicate, 2 similar
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The sections an audit needs beyond the base config: audit, calibrate, report, explain,
-  compare.
-
-  Use: `c = config_lib.base_config(); c.update(audit.default_config())`, then set
-  c.data.real / c.data.synth (and c.data.heldout for Dar et al.).
-  """
-  c = ml_collections.ConfigDict()
-  c.audit = ml_collections.ConfigDict()
-  c.audit.k = 5                    # training neighbours listed per synthetic image
-  c.audit.thresholds = (0.60, 0.85)  # the paper's (t_low, t_high)
-  c.audit.training = "real"        # config.data entries of the three sets
-  c.audit.synthetic = "synth"
-  c.audit.heldout = "heldout"      # '' or an unconfigured entry: no held-out set
-  c.audit.out_dir = ""             # default <workdir>/audit
-  c.audit.name = ""                # run name in summaries and comparisons
-  # Known answers (planted copies): a CSV synth_id, memorized (0/1)[, source_id] covering
-  # every synthetic image; 'auto': the demo's own labels (meta label 1 = copy) when the
-  # synthetic set is a demo set, else none; '': none. Each decision rule then gets its
-  # precision and recall in summary.json and the report.
-  c.audit.truth = "auto"
-  # Which subject (patient, volume) a training id belongs to: the regex's first group, or
-  # the whole id when it does not match. The default takes the volume of '<volume>/z080'
-  # slice ids; for IXI patients across sequences use r"^(IXI\d+)".
-  c.audit.subject_regex = r"^(.*)/[^/]*$"
-  c.calibrate = calibrate.default_config()
-  c.report = report.default_config()
-  c.explain = explain.default_config()  # explanation maps of the report's gallery pairs
-  c.compare = ml_collections.ConfigDict()
-  c.compare.synthetic = ()         # config.data entries, one audit each (e.g. dup_none, ...)
-  c.compare.out_dir = ""           # default <workdir>/compare
-  c.compare.dpi = 100
-  return c
-
-
 # An in-memory (keys, (n, H, W) images) pair seen as an image source.
 ArraySource = embed.BankSource
 
@@ -530,7 +495,7 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
   """Audits config.data.<audit.synthetic> against config.data.<audit.training>.
 
   Args:
-    config: a base config updated with default_config()'s sections.
+    config: a base config (config_lib.base_config, audit sections included).
     workdir: the run folder; output goes to config.audit.out_dir or <workdir>/audit.
     embeddings: (config, workdir, spec, name) -> (ids (n,), emb (n, d)); required.
     images: (config, workdir, spec, name) -> random-access image source (keys, len,

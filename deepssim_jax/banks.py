@@ -44,7 +44,7 @@ def open_source(spec: ml_collections.ConfigDict, size, hint: str = ""):
     raise io.InputError(f"unknown image-set kind {spec.kind!r}; expected one of {KINDS}")
   if spec.kind == "demo":
     raise ValueError("demo sets are banks, not sources: use bank()")
-  root = config_lib.require_path(spec.root, f"data root ({spec.kind})", hint)
+  root = io.require_path(spec.root, f"data root ({spec.kind})", hint)
   if spec.kind == "volumes":
     _, records = data.find_volumes(root, spec.layout)
     seqs = tuple(spec.sequences)

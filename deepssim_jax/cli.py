@@ -6,7 +6,7 @@ Errors meant for users end a run with `error: <message>` (and, where useful, one
   * workdir.WorkdirInUse (another job holds the workdir),
   * OSErrors a user fixes: permissions, a read-only or full disk, a missing path, a path
     under a regular file (errno in USER_ERRNOS),
-  * SystemExit(<message>) (e.g. config_lib.require_path: data to download),
+  * SystemExit(<message>) (e.g. io.require_path: data to download),
   * bad flags, and overrides of config fields that do not exist (configs are locked).
 Any other exception is a bug: it keeps its traceback (exit status 1). `--verbose` or
 DEEPSSIM_VERBOSE=1 prints the traceback of user errors too.
@@ -16,9 +16,11 @@ import errno
 import os
 import sys
 import traceback
+import types
 from typing import Callable, Optional, Sequence, TypeVar
 
 from absl import flags
+from ml_collections import config_flags
 
 from deepssim_jax import io, workdir as workdir_lib
 
@@ -29,6 +31,35 @@ USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, e
                          errno.ELOOP})
 
 T = TypeVar("T")
+
+# Every entrypoint's --verbose. Defined here, once: absl refuses a flag defined by two
+# modules, and a test process (or a notebook) may import several entrypoints.
+VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for errors meant for users too "
+                            f"(or {VERBOSE_ENV}=1).")
+_RUN_FLAGS: list = []
+
+
+def run_flags() -> types.SimpleNamespace:
+  """The flags deepssim_jax.main and ldm_jax.main share, defined on the first call (both
+  modules can then be imported in one process): config, workdir, mode (each entrypoint
+  checks it against its own modes) and the jax.distributed settings."""
+  if not _RUN_FLAGS:
+    _RUN_FLAGS.append(types.SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", None, "Config file.",
+                                               lock_config=True),
+        workdir=flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go "
+                                    "(default: config.workdir)."),
+        mode=flags.DEFINE_string("mode", None, "Job to run (deepssim_jax.main: default "
+                                 "train; ldm_jax.main: default config.mode); a wrong name "
+                                 "lists the choices."),
+        coordinator=flags.DEFINE_string("coordinator_address", None, "jax.distributed "
+                                        "coordinator host:port (multi-process runs; "
+                                        "auto-detected on SLURM/TPU)."),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes "
+                                           "(multi-process)."),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's index "
+                                        "(multi-process).")))
+  return _RUN_FLAGS[0]
 
 
 def verbose_requested(flag_value: bool = False, argv: Optional[Sequence[str]] = None) -> bool:

@@ -4,9 +4,9 @@ Config files in configs/ call `base_config()` and override a few fields (STYLE: 
 import a base and change little). Sections: data, pairs, model, optim, train, aug, eval.
 """
 
-import os
-
 import ml_collections
+
+from deepssim_jax import calibrate, explain, report
 
 # Thresholds of the paper's 3-class decision rule (score <= low: Different, > high: Duplicate).
 PAPER_THRESHOLDS = (0.60, 0.85)
@@ -169,9 +169,42 @@ def base_config() -> ml_collections.ConfigDict:
   c.match.full_matrix = False     # also the reference's float16 npz matrix (small sets)
   c.match.full_matrix_max_entries = 200_000_000
 
-  # audit, calibrate, report, compare: the memorization audit (deepssim_jax.audit).
-  from deepssim_jax import audit  # pylint: disable=g-import-not-at-top
-  c.update(audit.default_config())
+  c.update(audit_sections())
+  return c
+
+
+def audit_sections() -> ml_collections.ConfigDict:
+  """The sections of the memorization audit (deepssim_jax.audit): audit, calibrate, report, explain,
+  compare.
+
+  base_config() holds them; an audit sets c.data.real / c.data.synth (and c.data.heldout
+  for Dar et al.).
+  """
+  c = ml_collections.ConfigDict()
+  c.audit = ml_collections.ConfigDict()
+  c.audit.k = 5                    # training neighbours listed per synthetic image
+  c.audit.thresholds = (0.60, 0.85)  # the paper's (t_low, t_high)
+  c.audit.training = "real"        # config.data entries of the three sets
+  c.audit.synthetic = "synth"
+  c.audit.heldout = "heldout"      # '' or an unconfigured entry: no held-out set
+  c.audit.out_dir = ""             # default <workdir>/audit
+  c.audit.name = ""                # run name in summaries and comparisons
+  # Known answers (planted copies): a CSV synth_id, memorized (0/1)[, source_id] covering
+  # every synthetic image; 'auto': the demo's own labels (meta label 1 = copy) when the
+  # synthetic set is a demo set, else none; '': none. Each decision rule then gets its
+  # precision and recall in summary.json and the report.
+  c.audit.truth = "auto"
+  # Which subject (patient, volume) a training id belongs to: the regex's first group, or
+  # the whole id when it does not match. The default takes the volume of '<volume>/z080'
+  # slice ids; for IXI patients across sequences use r"^(IXI\d+)".
+  c.audit.subject_regex = r"^(.*)/[^/]*$"
+  c.calibrate = calibrate.default_config()
+  c.report = report.default_config()
+  c.explain = explain.default_config()  # explanation maps of the report's gallery pairs
+  c.compare = ml_collections.ConfigDict()
+  c.compare.synthetic = ()         # config.data entries, one audit each (e.g. dup_none, ...)
+  c.compare.out_dir = ""           # default <workdir>/compare
+  c.compare.dpi = 100
   return c
 
 
@@ -185,10 +218,3 @@ def config_changes(old, new, prefix: str) -> list[str]:
     elif a != b:
       out.append(f"{prefix}{k}: {a!r} -> {b!r}")
   return out
-
-
-def require_path(path: str, what: str, hint: str) -> str:
-  """Returns `path` if it exists, else stops with what to download and where to put it."""
-  if path and os.path.exists(path):
-    return path
-  raise SystemExit(f"{what}: {path or '(not set)'} does not exist.\n{hint}")

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from deepssim_jax import config_lib, io, models
+from deepssim_jax import config_lib, io, models, runs
 
 StateDict = Dict[str, np.ndarray]
 
@@ -365,27 +365,17 @@ def load(path: str, torchscript: bool = False, fmt: str = "auto", image_size=(13
 
 
 def backbone_params(path: str, model, image_size) -> dict:
-  """params['backbone'] of `model` from a foreign file (any format) or a checkpoint dir.
+  """params['backbone'] of `model` from a foreign file (any format).
 
   Raises:
     InputError: the file does not hold this backbone (names the first keys that differ).
   """
   target = abstract_variables(model, image_size)["params"]["backbone"]
-  if os.path.isdir(path):
-    from deepssim_jax import jobs  # pylint: disable=g-import-not-at-top
-    spec = path if re.search(r":(best|latest)(:\d+)?$", path) else path + ":best"
-    params = jobs.load_checkpoint(spec, "")["variables"]["params"]["backbone"]
-    mapped = {("params", "backbone") + p: np.asarray(v)
-              for p, v in traverse_util.flatten_dict(dict(params)).items()}
-  else:
-    state = read_state_dict(path, torchscript=False)
-    mapped = map_keys(state, detect_format(state))
-    mapped = {p: v for p, v in mapped.items() if p[:2] == ("params", "backbone")}
+  state = read_state_dict(path, torchscript=False)
+  mapped = map_keys(state, detect_format(state))
+  mapped = {p: v for p, v in mapped.items() if p[:2] == ("params", "backbone")}
   tree = fill({"params": {"backbone": target}}, mapped, path, ("params", "backbone"))
   return tree["params"]["backbone"]
-
-
-# ----------------------------------------------------------------------------- reference names
 
 
 def torchvision_name(path: Sequence[str]) -> Optional[str]:
@@ -465,7 +455,6 @@ def write_checkpoint(out_dir: str, model_kw: dict, variables: dict, image_size,
   """Writes a workdir that every mode reads as `<out_dir>:best` (config.json beside an
   orbax checkpoint at step 0). Refuses a folder that already holds a checkpoint."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from deepssim_jax import train  # pylint: disable=g-import-not-at-top
   best = os.path.abspath(os.path.join(out_dir, "checkpoints", "best"))
   if os.path.isdir(best) and os.listdir(best):
     raise io.InputError(f"{out_dir}: already holds a checkpoint; choose a new folder")
@@ -487,7 +476,7 @@ def write_checkpoint(out_dir: str, model_kw: dict, variables: dict, image_size,
   mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   mngr.wait_until_finished()
   mngr.close()
-  train.save_config(out_dir, c)
+  runs.save_config(out_dir, c)
   io.write_json(os.path.join(out_dir, "converted_from.json"), provenance)
   return out_dir
 

@@ -65,7 +65,7 @@ SCORES = ("similarity", "dissimilarity")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `explain` config section (audit.default_config includes it)."""
+  """The `explain` config section (config_lib.audit_sections includes it)."""
   c = ml_collections.ConfigDict()
   c.stages = (0, 1, 2, 3)     # ConvNeXt stages explained and averaged (reference: all four)
   c.eps = 1e-8                # the reference's epsilon of the per-stage and final scaling

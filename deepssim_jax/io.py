@@ -216,3 +216,10 @@ def key_positions(ids: Sequence[str], origin: str) -> dict[str, int]:
       raise InputError(f"{origin}: ids {spelled[c]!r} and {k!r} name the same image")
     pos[c] = i
   return pos
+
+
+def require_path(path: str, what: str, hint: str) -> str:
+  """Returns `path` if it exists, else stops with what to download and where to put it."""
+  if path and os.path.exists(path):
+    return path
+  raise SystemExit(f"{what}: {path or '(not set)'} does not exist.\n{hint}")

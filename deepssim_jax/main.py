@@ -12,35 +12,28 @@ Errors meant for users print one line `error: ...` and exit with status 2 (deeps
 """
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from deepssim_jax import cli, jobs, parallel, validate, workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go "
-                               "(default: config.workdir).")
-_MODE = flags.DEFINE_enum("mode", "train", sorted(jobs.MODES), "Which job to run.")
-_COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator "
-                             "host:port (multi-process runs; auto-detected on SLURM/TPU).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for errors meant for users too "
-                             f"(or {cli.VERBOSE_ENV}=1).")
+_FLAGS = cli.run_flags()
 
 
 def run() -> dict:
   try:
-    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    parallel.initialize_distributed(_FLAGS.coordinator.value, _FLAGS.num_processes.value,
+                                    _FLAGS.process_id.value)
   except ValueError as e:  # incomplete multi-process settings
     raise validate.ConfigError(str(e)) from e
   parallel.setup_logging()
-  config = _CONFIG.value
+  config = _FLAGS.config.value
   if config is None:
     raise validate.ConfigError("--config is required, e.g. --config=configs/demo.py")
-  mode = _MODE.value
+  mode = _FLAGS.mode.value or "train"
+  if mode not in jobs.MODES:
+    raise validate.ConfigError(f"--mode must be one of {sorted(jobs.MODES)}, got {mode!r}")
   validate.check_deepssim(config, mode, jax.device_count())  # before anything is written
-  workdir = _WORKDIR.value or config.workdir
+  workdir = _FLAGS.workdir.value or config.workdir
   with workdir_lib.locked(workdir, mode):
     logging.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
@@ -49,7 +42,7 @@ def run() -> dict:
 
 def main(argv):
   del argv
-  cli.run_guarded(run, verbose=cli.verbose_requested(_VERBOSE.value))
+  cli.run_guarded(run, verbose=cli.verbose_requested(cli.VERBOSE.value))
 
 
 if __name__ == "__main__":

@@ -28,23 +28,6 @@ from absl import app, flags, logging
 
 from deepssim_jax import api, audit, cli, config_lib, io
 
-_MODEL = flags.DEFINE_string("model", "builtin", "Model spec: builtin, <workdir>:best, "
-                             "<workdir>:latest[:<step>], a converted folder or a .npz.")
-_TRAIN = flags.DEFINE_string("train", None, "Folder (or file) of training images.")
-_SYNTH = flags.DEFINE_string("synth", None, "Folder (or file) of synthetic images.")
-_HELDOUT = flags.DEFINE_string("heldout", None, "Optional folder of held-out real images "
-                               "(Dar et al.'s threshold).")
-_TRUTH = flags.DEFINE_string("truth", None, "Optional known answers: a CSV synth_id, "
-                             "memorized (0/1)[, source_id] (the report then scores each "
-                             "decision rule against them).")
-_K = flags.DEFINE_integer("k", 5, "Nearest training images listed per synthetic image.")
-_OUT = flags.DEFINE_string("out", "score_out", "Output folder (replaced as a whole).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per embedding batch.")
-_CHUNK = flags.DEFINE_integer("chunk", 2048, "Images read into memory at a time.")
-_THREADS = flags.DEFINE_integer("num_threads", 4, "Image reading threads.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for errors meant for users too.")
-
-
 def score_pair(model: api.Model, a: str, b: str) -> dict:
   """{"score", "class"} of two single images."""
   s = model.score(a, b)
@@ -121,14 +104,34 @@ def run(images: Sequence[str], *, model: str = "builtin", train: Optional[str] =
   return r
 
 
+def _define_flags() -> None:
+  # Only when run as a script: the module is also imported (tests, notebooks) next to other
+  # entrypoints, and absl refuses a flag defined twice. --verbose is cli.VERBOSE.
+  flags.DEFINE_string("model", "builtin", "Model spec: builtin, <workdir>:best, "
+                      "<workdir>:latest[:<step>], a converted folder or a .npz.")
+  flags.DEFINE_string("train", None, "Folder (or file) of training images.")
+  flags.DEFINE_string("synth", None, "Folder (or file) of synthetic images.")
+  flags.DEFINE_string("heldout", None, "Optional folder of held-out real images "
+                      "(Dar et al.'s threshold).")
+  flags.DEFINE_string("truth", None, "Optional known answers: a CSV synth_id, memorized "
+                      "(0/1)[, source_id] (the report then scores each decision rule "
+                      "against them).")
+  flags.DEFINE_integer("k", 5, "Nearest training images listed per synthetic image.")
+  flags.DEFINE_string("out", "score_out", "Output folder (replaced as a whole).")
+  flags.DEFINE_integer("batch_size", 64, "Images per embedding batch.")
+  flags.DEFINE_integer("chunk", 2048, "Images read into memory at a time.")
+  flags.DEFINE_integer("num_threads", 4, "Image reading threads.")
+
+
 def main(argv: Sequence[str]):
   logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
   cli.run_guarded(lambda: run(
-      list(argv[1:]), model=_MODEL.value, train=_TRAIN.value, synth=_SYNTH.value,
-      heldout=_HELDOUT.value, truth=_TRUTH.value, k=_K.value, out=_OUT.value,
-      batch_size=_BATCH.value, chunk=_CHUNK.value, num_threads=_THREADS.value),
-      verbose=cli.verbose_requested(_VERBOSE.value))
+      list(argv[1:]), model=f.model, train=f.train, synth=f.synth, heldout=f.heldout,
+      truth=f.truth, k=f.k, out=f.out, batch_size=f.batch_size, chunk=f.chunk,
+      num_threads=f.num_threads), verbose=cli.verbose_requested(cli.VERBOSE.value))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -11,6 +11,7 @@ ends exactly where an uninterrupted run would.
 import functools
 import json
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -25,7 +26,7 @@ from flax import traverse_util
 from flax.training import train_state
 from tqdm import tqdm
 
-from deepssim_jax import augment, convert, io, models, parallel, pipeline
+from deepssim_jax import augment, convert, io, models, parallel, pipeline, runs
 
 
 class TrainState(train_state.TrainState):
@@ -151,7 +152,19 @@ def initial_backbone(config: ml_collections.ConfigDict, image_shape) -> Optional
   path = config.model.get("init_from", "")
   if not path:
     return None
-  return convert.backbone_params(path, model_from_config(config), image_shape)
+  model = model_from_config(config)
+  if not os.path.isdir(path):
+    return convert.backbone_params(path, model, image_shape)
+  # A training (or converted) workdir: its best checkpoint, or the one a spec suffix names.
+  m = re.fullmatch(r"(.*):(best|latest)(?::(\d+))?", path)
+  run, which, step = (m.group(1), m.group(2), m.group(3)) if m else (path, "best", None)
+  backbone = restore_model(run, which, int(step) if step else None)[1]["params"]["backbone"]
+  target = convert.abstract_variables(model, image_shape)["params"]["backbone"]
+  tree = convert.fill({"params": {"backbone": target}},
+                      {("params", "backbone") + p: np.asarray(v)
+                       for p, v in traverse_util.flatten_dict(dict(backbone)).items()},
+                      path, ("params", "backbone"))
+  return tree["params"]["backbone"]
 
 
 def init_from_fingerprint(config) -> str:
@@ -259,43 +272,6 @@ def evaluate(state, eval_fn, ds, mesh, rng: Optional[jax.Array] = None) -> dict:
   return {"val_loss": float(sums["sse"]) / n, "val_mae": float(sums["sae"]) / n}
 
 
-# ----------------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-  """Metrics rows kept in memory and mirrored to metrics.csv (atomic) and TensorBoard."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, "metrics.csv")
-    self.rows = []
-    if os.path.exists(self.path):  # keep what the interrupted run logged up to its checkpoint
-      t = io.read_csv(self.path, required=["step"])
-      keys = list(t)
-      for i in range(len(t["step"])):
-        row = {k: t[k][i] for k in keys}
-        if int(row["step"]) <= resume_step:
-          self.rows.append(row)
-    self.writer = None
-    if parallel.is_main_process():
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not parallel.is_main_process():
-      return
-    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self.rows.append(row)
-    for k, v in metrics.items():
-      self.writer.add_scalar(k, float(v), step)
-    self.writer.flush()
-    cols = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
-    io.write_csv(self.path, cols, ([r.get(c, "") for c in cols] for r in self.rows))
-
-  def close(self):
-    if self.writer is not None:
-      self.writer.close()
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -321,12 +297,6 @@ def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager,
   return latest, best
 
 
-def abstract_like(tree, mesh):
-  """ShapeDtypeStructs carrying a replicated sharding: restores onto any device count."""
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def inference_state(state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats, "step": state.step}
 
@@ -339,7 +309,7 @@ def restore_model(workdir: str, which: str = "best", step: Optional[int] = None,
   The model is rebuilt from the config saved beside the checkpoint, so any run's
   checkpoint evaluates without knowing its config.
   """
-  config = load_config(workdir) if config is None else config
+  config = runs.load_config(workdir) if config is None else config
   mesh = parallel.make_mesh() if mesh is None else mesh
   model = model_from_config(config)
   shape = tuple(config.data.image_size)
@@ -361,16 +331,11 @@ def restore_model(workdir: str, which: str = "best", step: Optional[int] = None,
   else:  # the full training state; keep its model part
     target = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), shape, 1))
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_like(target, mesh))))["state"]
+      state=ocp.args.StandardRestore(runs.abstract_like(target, mesh))))["state"]
   if which != "best":
     restored = {"params": restored.params, "batch_stats": restored.batch_stats}
   mngr.close()
   return model, {"params": restored["params"], "batch_stats": restored["batch_stats"]}, step
-
-
-def save_config(workdir: str, config) -> None:
-  if parallel.is_main_process():
-    io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def checkpoint_steps(workdir: str) -> list[str]:
@@ -405,15 +370,6 @@ def check_model_unchanged(workdir: str, config) -> None:
   if diff:
     raise io.InputError(f"{workdir}: its checkpoints are of another model ({'; '.join(diff)})"
                         f"; use a new workdir, or set these back to the values in {path}")
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise io.InputError(f"{path}: missing; every training workdir has its config beside the "
-                        "checkpoints")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -471,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
   if latest.latest_step() is not None:
     step = latest.latest_step()
     restored = latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(state, mesh)),
+        state=ocp.args.StandardRestore(runs.abstract_like(state, mesh)),
         data=ocp.args.JsonRestore()))
     if restored["data"]["spec"] != data_spec:
       old = restored["data"]["spec"]
@@ -482,8 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
                           f"({'; '.join(diff)}); use a new workdir")
     state, start = restored["state"], restored["data"]["batches_consumed"]
     logging.info("Resumed from %s at step %d", latest.directory, step)
-  save_config(workdir, config)  # only now: a refused run leaves the workdir as it was
-  log = MetricsLog(workdir, resume_step=start)
+  runs.save_config(workdir, config)  # only now: a refused run leaves the workdir as it was
+  log = runs.MetricsLog(workdir, resume_step=start)
 
   aug = augment.AugmentConfig.from_config(config.aug)
   step_fn = jax.jit(functools.partial(train_step, aug=aug, optim=config.optim,

@@ -28,7 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepssim_jax import config_lib, io, parallel, plots
+from deepssim_jax import config_lib, io, parallel, plots, runs
 
 # ----------------------------------------------------------------------------- data order
 
@@ -85,12 +85,6 @@ def num_steps(train: ml_collections.ConfigDict, num_items: int, global_batch: in
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def abstract_like(tree: Any, mesh) -> Any:
-  """ShapeDtypeStructs with a replicated sharding: a checkpoint restores on any mesh."""
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def _options(name: str, **kw) -> ocp.CheckpointManagerOptions:
@@ -153,7 +147,7 @@ def restore_weights(workdir: str, which: str, latest_target: Any, weights_of: Ca
   if step is None:
     mngr.close()
     raise io.InputError(f"{root}: no best-validation {what} weights yet")
-  target = abstract_like(jax.eval_shape(lambda: weights_of(latest_target)), mesh)
+  target = runs.abstract_like(jax.eval_shape(lambda: weights_of(latest_target)), mesh)
   restored = mngr.restore(step, args=ocp.args.Composite(
       weights=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   mngr.close()
@@ -189,7 +183,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, mesh,
   if step is None:
     return None
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_like(target, mesh)),
+      state=ocp.args.StandardRestore(runs.abstract_like(target, mesh)),
       data=ocp.args.JsonRestore()))
   data = restored["data"]
   if spec is not None and data.get("spec") != spec:
@@ -197,13 +191,6 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, mesh,
                         f"({data.get('spec')} vs {spec}); use a new workdir")
   logging.info("Resumed from %s at step %d", mngr.directory, step)
   return restored["state"], data
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json; trainers call it once the run is accepted (after
-  check_config_unchanged and the resume check), so a refused run leaves it as it was."""
-  if parallel.is_main_process():
-    io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
@@ -231,14 +218,6 @@ def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
     raise io.InputError(f"{workdir}: its checkpoints were trained with other network "
                         f"settings ({'; '.join(diff)}); use a new workdir, or set these back "
                         f"to the values in {path}")
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise io.InputError(f"{path}: missing; is {workdir} an ldm_jax training workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def tuples(d) -> dict:

@@ -48,7 +48,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from flax import traverse_util
 
-from deepssim_jax import io
+from deepssim_jax import io, runs
 from deepssim_jax import convert as deepssim_convert
 
 StateDict = Dict[str, Any]
@@ -609,7 +609,7 @@ def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str
       k: deepssim_convert.file_sha256(v) for k, v in kinds.items()}}})
   mngr.wait_until_finished()
   mngr.close()
-  common.save_config(workdir, config)
+  runs.save_config(workdir, config)
   io.write_json(os.path.join(workdir, "converted_from.json"), {
       k: {"file": os.path.abspath(v), "sha256": deepssim_convert.file_sha256(v)}
       for k, v in kinds.items()} | {"proj_attn": proj_attn})
@@ -624,7 +624,7 @@ def export_run(workdir: str, which: str = "latest") -> Dict[str, StateDict]:
   # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp
   from ldm_jax import common
-  config = common.load_config(workdir)
+  config = runs.load_config(workdir)
   mode = config.get("mode", "")
   if mode not in ("autoencoder", "diffusion"):
     raise io.InputError(f"{workdir}: config.json has mode {mode!r}; not an ldm_jax run")

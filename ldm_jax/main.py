@@ -12,11 +12,9 @@ mode runs holding the workdir's lock after the temporaries of killed jobs are re
 """
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
-from deepssim_jax import cli, parallel, validate, workdir as workdir_lib
-from deepssim_jax import config_lib as deepssim_config
+from deepssim_jax import cli, io, parallel, validate, workdir as workdir_lib
 from ldm_jax import generate, nearest, train_autoencoder, train_diffusion
 
 MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
@@ -24,43 +22,35 @@ MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
          "generate": generate.generate,
          "nearest": nearest.nearest}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Outputs and checkpoints (default: "
-                               "config.workdir).")
-_MODE = flags.DEFINE_enum("mode", None, sorted(MODES), "Job to run (default: config.mode).")
-_COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator "
-                             "host:port (multi-process runs; auto-detected on SLURM/TPU).")
-_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for errors meant for users too "
-                             f"(or {cli.VERBOSE_ENV}=1).")
+_FLAGS = cli.run_flags()
 
 
 def check_data(config) -> None:
   """Stops with download instructions when the training images are missing."""
   spec = config.data.train
   if spec.kind != "demo":
-    deepssim_config.require_path(spec.root, f"training images ({spec.kind})",
+    io.require_path(spec.root, f"training images ({spec.kind})",
                                  config.data.get("download_hint", ""))
 
 
 def run():
   try:
-    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    parallel.initialize_distributed(_FLAGS.coordinator.value, _FLAGS.num_processes.value,
+                                    _FLAGS.process_id.value)
   except ValueError as e:  # incomplete multi-process settings
     raise validate.ConfigError(str(e)) from e
   parallel.setup_logging()
-  config = _CONFIG.value
+  config = _FLAGS.config.value
   if config is None:
     raise validate.ConfigError("--config is required, e.g. "
                                "--config=configs/ldm_demo_autoencoder.py")
-  mode = _MODE.value or config.get("mode", "")
+  mode = _FLAGS.mode.value or config.get("mode", "")
   if mode not in MODES:
     raise validate.ConfigError(f"--mode must be one of {sorted(MODES)} (the config has "
                                f"mode={mode!r})")
   validate.check_ldm(config, mode, jax.device_count())  # before anything is written
   check_data(config)
-  workdir = _WORKDIR.value or config.workdir
+  workdir = _FLAGS.workdir.value or config.workdir
   with workdir_lib.locked(workdir, mode):
     logging.info("JAX %s: %d process(es), %d device(s): %s; mode %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform, mode)
@@ -69,7 +59,7 @@ def run():
 
 def main(argv):
   del argv
-  cli.run_guarded(run, verbose=cli.verbose_requested(_VERBOSE.value))
+  cli.run_guarded(run, verbose=cli.verbose_requested(cli.VERBOSE.value))
 
 
 if __name__ == "__main__":

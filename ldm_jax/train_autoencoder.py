@@ -46,8 +46,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from deepssim_jax import io, parallel
-from deepssim_jax.train import MetricsLog
+from deepssim_jax import io, parallel, runs
 from ldm_jax import autoencoder, common, discriminator, input_pipeline, perceptual
 
 AUTOENCODERS = {"AutoencoderKL_ref": autoencoder.AutoencoderKL_ref,
@@ -198,7 +197,7 @@ def load_autoencoder(workdir: str, mesh=None, which: str = "latest"):
   """(model, params, config, data) of a trained autoencoder run: its latest checkpoint or
   (which="best") the weights of its best validation loss; data holds the step. The model
   computes in float32 whatever the run trained with."""
-  config = common.load_config(workdir)
+  config = runs.load_config(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   target = jax.eval_shape(lambda: create_state(config, jax.random.key(0)))
   params, data = common.restore_weights(workdir, which, target, lambda s: s["g"].params, mesh,
@@ -256,8 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   state = parallel.replicate(create_state(config, init_rng), mesh)
   mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
                                               tc.keep_checkpoints)
-  common.save_config(workdir, config)  # only once accepted: a refused run leaves it as it was
-  log = MetricsLog(workdir, resume_step=start)
+  runs.save_config(workdir, config)  # only once accepted: a refused run leaves it as it was
+  log = runs.MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config)
   recon_fn = jax.jit(reconstruct)

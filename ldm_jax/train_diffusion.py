@@ -53,8 +53,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from deepssim_jax import config_lib, io, parallel
-from deepssim_jax.train import MetricsLog
+from deepssim_jax import config_lib, io, parallel, runs
 from ldm_jax import common, diffusion, input_pipeline, unet
 
 UNETS = {"DiffusionModelUNet_ref": unet.DiffusionModelUNet_ref,
@@ -359,7 +358,7 @@ def check_ema_unchanged(workdir: str, config: ml_collections.ConfigDict) -> None
   """Refuses to switch EMA on or off in a workdir with checkpoints (their state differs)."""
   if not common.has_checkpoints(workdir):
     return
-  old = float(common.load_config(workdir).get("train", {}).get("ema_decay", 0.0)) > 0
+  old = float(runs.load_config(workdir).get("train", {}).get("ema_decay", 0.0)) > 0
   if old != uses_ema(config):
     raise io.InputError(f"{workdir}: its checkpoints were trained "
                         f"{'with' if old else 'without'} EMA weights (train.ema_decay); use a "
@@ -433,11 +432,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   mngr, state, start = common.start_or_resume(workdir, state, mesh, spec,
                                               tc.keep_checkpoints)
   # Only once accepted: a refused run leaves the config and the duplication table as they were.
-  common.save_config(workdir, config)
+  runs.save_config(workdir, config)
   if parallel.is_main_process():
     input_pipeline.write_duplication_csv(os.path.join(workdir, "duplication.csv"),
                                          records["keys"], counts)
-  log = MetricsLog(workdir, resume_step=start)
+  log = runs.MetricsLog(workdir, resume_step=start)
 
   step_fn = make_train_step(config, run["schedule"], total)
   sample_fn = make_sample_fn(config, run)

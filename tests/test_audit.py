@@ -37,7 +37,6 @@ def model_fn(tiny_model):
 
 def _config(tmp_path, **kw):
   c = config_lib.base_config()
-  c.update(audit.default_config())
   c.data.image_size = SIZE
   c.data.real = config_lib.source_config("demo", part="real")
   c.data.synth = config_lib.source_config("demo", part="synthetic")
@@ -337,7 +336,7 @@ def test_subjects_of_training_ids():
   ids = ["colin27/z080", "a/b/z001", "IXI002-Guys-0828-T1/z070", "IXI002-Guys-0828-T2/z070",
          "uid17"]
   np.testing.assert_array_equal(
-      audit.subjects(ids, audit.default_config().audit.subject_regex),
+      audit.subjects(ids, config_lib.base_config().audit.subject_regex),
       ["colin27", "a/b", "IXI002-Guys-0828-T1", "IXI002-Guys-0828-T2", "uid17"])
   np.testing.assert_array_equal(audit.subjects(ids[2:4], r"^(IXI\d+)"), ["IXI002", "IXI002"])
   # Copied subjects: only subjects whose images are the nearest match of a Duplicate.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from deepssim_jax import augment, config_lib, io, parallel, pipeline, train
+from deepssim_jax import augment, config_lib, io, parallel, pipeline, runs, train
 
 SIZE = (32, 32)
 
@@ -122,7 +122,7 @@ def test_checkpoint_round_trip_and_outputs(tmp_path, sources):
       for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(out["params"])):
         np.testing.assert_array_equal(a, b)
   assert os.path.exists(tmp_path / "config.json")
-  assert train.load_config(str(tmp_path)).model.name == "convnext_atto"
+  assert runs.load_config(str(tmp_path)).model.name == "convnext_atto"
   table = io.read_csv(tmp_path / "metrics.csv", required=["step", "loss", "val_loss", "val_mae"])
   assert [int(s) for s in table["step"]] == [2, 4, 6, 8]
   assert os.listdir(tmp_path / "tensorboard")
@@ -166,7 +166,7 @@ def test_resume_refuses_other_data(tmp_path, sources):
 def _backbone_file(tmp_path, seed=5):
   """A random convnext_atto backbone saved as a torchvision-layout .safetensors file."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from deepssim_jax import convert, models  # pylint: disable=g-import-not-at-top
+  from deepssim_jax import convert  # pylint: disable=g-import-not-at-top
   model = train.model_from_config(tiny_config())
   params = model.init(jax.random.key(seed), np.zeros((1, *SIZE), np.float32))["params"]
   path = str(tmp_path / "backbone.safetensors")

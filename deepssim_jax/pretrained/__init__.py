@@ -41,8 +41,8 @@ def weights_sha256(flat: dict) -> str:
 def export(workdir: str, which: str = "best", out: str = BUILTIN, step=None) -> dict:
   """Writes the checkpoint `which` (best | latest, optional step) of a training workdir as
   one .npz (module docstring). Returns its meta."""
-  from deepssim_jax import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config(workdir)
+  from deepssim_jax import runs, train  # pylint: disable=g-import-not-at-top
+  config = runs.load_config(workdir)
   _, variables, step = train.restore_model(workdir, which, step, config=config)
   variables = jax.device_get(variables)
   flat = {"/".join(k): np.asarray(v) for k, v in

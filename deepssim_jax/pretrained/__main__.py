@@ -23,7 +23,7 @@ def main(argv):
     print(f"wrote {_OUT.value}: step {meta['step']}, weights sha256 "
           f"{meta['weights_sha256'][:16]}...")
 
-  cli.run_guarded(body)
+  cli.run_guarded(body, verbose=cli.verbose_requested(cli.VERBOSE.value))
 
 
 if __name__ == "__main__":
