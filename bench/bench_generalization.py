@@ -175,8 +175,8 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
         "deepssim": evaluate.evaluate_scores(labels, s),
         "ssim": evaluate.evaluate_scores(labels, ssim),
         "scores": s.tolist(), "ssim_scores": ssim.tolist(), "labels": labels.tolist()}
-  from deepssim_jax import io
-  io.write_json(cache, res)
+  from deepssim_jax import fileio
+  fileio.write_json(cache, res)
   return res
 
 

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from deepssim_jax import (config_lib, embed as embed_lib, evaluate, io, jobs,
+from deepssim_jax import (config_lib, embed as embed_lib, evaluate, fileio, jobs,
                           match as match_lib, parallel, pretrained, report, runs)
 from deepssim_jax.data import images as images_lib
 from deepssim_jax.data import volumes as volumes_lib
@@ -54,7 +54,7 @@ def image_source(path: str, size: Sequence[int], band: Sequence[float] = (0.35, 
   folder holding PNGs (recursively, keys are relative paths) or NIfTI volumes.
 
   Raises:
-    io.InputError: a missing path, a folder with neither PNG nor NIfTI files (or both), a
+    fileio.InputError: a missing path, a folder with neither PNG nor NIfTI files (or both), a
       file that is neither.
   """
   path = os.fspath(path)
@@ -64,40 +64,40 @@ def image_source(path: str, size: Sequence[int], band: Sequence[float] = (0.35, 
     has_png = any(n.endswith(".png") for n in names)
     has_nii = any(n.endswith(NIFTI_SUFFIXES) for n in names)
     if has_png and has_nii:
-      raise io.InputError(f"{path}: holds both PNG and NIfTI files; give one kind per "
+      raise fileio.InputError(f"{path}: holds both PNG and NIfTI files; give one kind per "
                           "folder")
     if has_png:
       return images_lib.folder_source(path, size, recursive=True)
     if has_nii:
       _, records = volumes_lib.find_volumes(path, "folder")
       return volumes_lib.VolumeSliceSource(records, size, band, num_slices)
-    raise io.InputError(f"{path}: no .png, .nii or .nii.gz files found")
+    raise fileio.InputError(f"{path}: no .png, .nii or .nii.gz files found")
   if not os.path.exists(path):
-    raise io.InputError(f"{path}: file not found")
+    raise fileio.InputError(f"{path}: file not found")
   if path.lower().endswith(".png"):
     key = os.path.splitext(os.path.basename(path))[0]
     return images_lib.PngSource([key], [path], size, origin=path)
   if _is_nifti(path):
     return volumes_lib.VolumeSliceSource([{"path": path}], size, band, num_slices)
-  raise io.InputError(f"{path}: not a PNG or NIfTI file (.png, .nii, .nii.gz)")
+  raise fileio.InputError(f"{path}: not a PNG or NIfTI file (.png, .nii, .nii.gz)")
 
 
 def prepare_array(x: np.ndarray, size: Sequence[int], name: str = "images") -> np.ndarray:
   """(H, W) or (N, H, W) array of any intensity scale -> (N, *size) z-scored float32.
 
   Raises:
-    io.InputError: wrong rank, an empty stack, a NaN/inf or a constant image (by index).
+    fileio.InputError: wrong rank, an empty stack, a NaN/inf or a constant image (by index).
   """
   x = np.asarray(x)
   if x.ndim == 2:
     x = x[None]
   if x.ndim != 3:
-    raise io.InputError(f"{name}: expected an (H, W) image or an (N, H, W) stack, got "
+    raise fileio.InputError(f"{name}: expected an (H, W) image or an (N, H, W) stack, got "
                         f"shape {x.shape}")
   if len(x) == 0:
-    raise io.InputError(f"{name}: no images (shape {x.shape})")
+    raise fileio.InputError(f"{name}: no images (shape {x.shape})")
   if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-    raise io.InputError(f"{name}: expected real numbers, got dtype {x.dtype}")
+    raise fileio.InputError(f"{name}: expected real numbers, got dtype {x.dtype}")
   size = tuple(int(s) for s in size)
   out = np.empty((len(x), *size), np.float32)
   for i, img in enumerate(x):
@@ -128,7 +128,7 @@ def read_images(x: Images, size: Sequence[int], band: Sequence[float] = (0.35, 0
     return np.arange(len(arr)).astype(str), arr
   paths = [x] if isinstance(x, (str, os.PathLike)) else list(x)
   if not paths:
-    raise io.InputError(f"{name}: no images given")
+    raise fileio.InputError(f"{name}: no images given")
   keys, stacks = [], []
   for p in paths:
     src = image_source(p, size, band, num_slices)
@@ -203,7 +203,7 @@ class Model:
     ea, eb = self.embed(a), self.embed(b)
     for name, e in (("a", ea), ("b", eb)):
       if len(e) != 1:
-        raise io.InputError(f"score: {name} holds {len(e)} images, expected one (use "
+        raise fileio.InputError(f"score: {name} holds {len(e)} images, expected one (use "
                             "similarity() for stacks)")
     return float(np.dot(ea[0], eb[0]))
 
@@ -218,7 +218,7 @@ class Model:
     the reference, "classes": (N, k) names under the paper's thresholds}."""
     eq, er = self.embed(query), self.embed(reference)
     if not 1 <= k <= len(er):
-      raise io.InputError(f"nearest: k={k} must be between 1 and the {len(er)} reference "
+      raise fileio.InputError(f"nearest: k={k} must be between 1 and the {len(er)} reference "
                           "images")
     scores, idx = match_lib.topk_match(eq, er, k)
     return {"scores": scores, "indices": idx, "classes": classify(scores)}
@@ -232,7 +232,7 @@ class Model:
     from deepssim_jax import explain  # pylint: disable=g-import-not-at-top
     xa, xb = self._read(a, "a"), self._read(b, "b")
     if len(xa) != 1 or len(xb) != 1:
-      raise io.InputError("explain: give one image for a and one for b")
+      raise fileio.InputError("explain: give one image for a and one for b")
     cfg = explain.default_config()
     ma, mb = explain.pair_maps(self.model, self.variables, xa[0], xb[0],
                                stages=tuple(cfg.stages), score=score, eps=cfg.eps,
@@ -262,7 +262,7 @@ def load(spec: str = "builtin", batch_size: int = 64) -> Model:
   """Loads a model (see the module docstring for specs).
 
   Raises:
-    io.InputError: an unknown spec, a folder without checkpoints, a missing step.
+    fileio.InputError: an unknown spec, a folder without checkpoints, a missing step.
   """
   spec = os.fspath(spec)
   if spec == "builtin" or spec.endswith(".npz"):
@@ -277,11 +277,11 @@ def load(spec: str = "builtin", batch_size: int = 64) -> Model:
   except ValueError:  # a bare folder: its best checkpoint
     run, ck_spec = spec, f"{spec}:best"
   if not os.path.isdir(run):
-    raise io.InputError(
+    raise fileio.InputError(
         f"model {spec!r}: not 'builtin', an exported .npz, or an existing run folder "
         "('<workdir>:best', '<workdir>:latest[:<step>]', a converted checkpoint folder)")
   if not os.path.isfile(os.path.join(run, "config.json")):
-    raise io.InputError(f"{run}: no config.json: not a training workdir or a converted "
+    raise fileio.InputError(f"{run}: no config.json: not a training workdir or a converted "
                         "checkpoint folder")
   ck = jobs.load_checkpoint(ck_spec, run)
   config = runs.load_config(run)

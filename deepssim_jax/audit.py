@@ -54,7 +54,7 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from deepssim_jax import (calibrate, embed, evaluate, explain, io, match, parallel, plots,
+from deepssim_jax import (calibrate, embed, evaluate, explain, fileio, match, parallel, plots,
                           report)
 
 Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
@@ -127,16 +127,16 @@ def check_sets(sets: Mapping[str, Mapping[str, Any]]) -> None:
   for role, s in sets.items():
     what = f"{role} set ({s['name']})"
     if not len(s["ids"]) or not len(s["emb"]):
-      raise io.InputError(f"{what} is empty")
+      raise fileio.InputError(f"{what} is empty")
     if np.asarray(s["emb"]).ndim != 2 or len(s["emb"]) != len(s["ids"]):
-      raise io.InputError(f"{what}: {len(s['ids'])} ids but embeddings of shape "
+      raise fileio.InputError(f"{what}: {len(s['ids'])} ids but embeddings of shape "
                           f"{np.shape(s['emb'])}")
     if np.shape(s["emb"])[1] != np.shape(ref["emb"])[1]:
-      raise io.InputError(
+      raise fileio.InputError(
           f"{what}: embedding dimension {np.shape(s['emb'])[1]} differs from the training "
           f"set's {np.shape(ref['emb'])[1]} (embedded with another checkpoint or model size?)")
     if tuple(s["shape"]) != tuple(ref["shape"]):
-      raise io.InputError(f"mismatched image sizes: {what} has {tuple(s['shape'])}, the "
+      raise fileio.InputError(f"mismatched image sizes: {what} has {tuple(s['shape'])}, the "
                           f"training set {tuple(ref['shape'])}")
 
 
@@ -193,23 +193,23 @@ def read_truth(path: str, synth_ids: np.ndarray) -> dict[str, np.ndarray]:
     InputError: missing columns, a memorized value other than 0/1, a repeated id, or ids
       that do not match the synthetic set's (named, with counts).
   """
-  t = io.read_csv(path, required=TRUTH_COLUMNS)
+  t = fileio.read_csv(path, required=TRUTH_COLUMNS)
   raw = np.asarray(t["synth_id"], dtype=str)
   bad = [i for i, v in enumerate(t["memorized"]) if v.strip() not in ("0", "1")]
   if bad:
-    raise io.InputError(f"{path}: line {bad[0] + 2}: memorized must be 0 or 1, got "
+    raise fileio.InputError(f"{path}: line {bad[0] + 2}: memorized must be 0 or 1, got "
                         f"{t['memorized'][bad[0]]!r}")
-  # Ids in either spelling, ours or the reference's `<uid>___<name>` (io.canonical_key).
-  ids = np.asarray([io.canonical_key(k) for k in raw.tolist()], dtype=str)
+  # Ids in either spelling, ours or the reference's `<uid>___<name>` (fileio.canonical_key).
+  ids = np.asarray([fileio.canonical_key(k) for k in raw.tolist()], dtype=str)
   if len(np.unique(ids)) != len(ids):
     u, first, c = np.unique(ids, return_index=True, return_counts=True)
-    raise io.InputError(f"{path}: synth_id {str(raw[first[c > 1][0]])!r} appears more than "
+    raise fileio.InputError(f"{path}: synth_id {str(raw[first[c > 1][0]])!r} appears more than "
                         "once")
   given = np.asarray(synth_ids, dtype=str)
-  want = np.asarray([io.canonical_key(k) for k in given.tolist()], dtype=str)
+  want = np.asarray([fileio.canonical_key(k) for k in given.tolist()], dtype=str)
   missing, extra = given[~np.isin(want, ids)], raw[~np.isin(ids, want)]
   if len(missing) or len(extra):
-    raise io.InputError(
+    raise fileio.InputError(
         f"{path}: ids do not match the synthetic set: {len(missing)} synthetic images have "
         f"no row (e.g. {[str(x) for x in missing[:3]]}), {len(extra)} rows name no "
         f"synthetic image (e.g. {[str(x) for x in extra[:3]]})")
@@ -251,7 +251,7 @@ def validate(truth: Mapping[str, np.ndarray], decisions: Mapping[str, np.ndarray
                           "false_positive_rate": ratio(fp, fp + tn)}
   if "source" in truth and "paper" in decisions:
     hit = np.asarray(decisions["paper"], bool) & y
-    same = [io.canonical_key(a) == io.canonical_key(b) for a, b in  # either spelling
+    same = [fileio.canonical_key(a) == fileio.canonical_key(b) for a, b in  # either spelling
             zip(np.asarray(nearest_id, str)[hit], np.asarray(truth["source"], str)[hit])]
     out["source_match"] = ratio(np.sum(same), hit.sum())
   return out
@@ -298,9 +298,9 @@ def publish(out_dir: str, files: Mapping[str, Any]) -> str:
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
-      raise io.InputError(f"{out_dir}: exists and is not a folder")
+      raise fileio.InputError(f"{out_dir}: exists and is not a folder")
     if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "summary.json")):
-      raise io.InputError(f"{out_dir}: not empty and not a previous audit output (no "
+      raise fileio.InputError(f"{out_dir}: not empty and not a previous audit output (no "
                           "summary.json); refusing to replace it")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -312,9 +312,9 @@ def publish(out_dir: str, files: Mapping[str, Any]) -> str:
       if callable(content):
         content(path)
       elif isinstance(content, bytes):
-        io.write_bytes(path, content)
+        fileio.write_bytes(path, content)
       else:
-        io.write_text(path, content)
+        fileio.write_text(path, content)
     os.chmod(tmp, 0o755)
     if os.path.exists(out_dir):
       old = tmp + ".old"
@@ -337,16 +337,16 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
           embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None):
   spec = _spec(config, name)
   if spec is None:
-    raise io.InputError(f"config.data.{name or '<unset>'}: no {role} image set configured")
+    raise fileio.InputError(f"config.data.{name or '<unset>'}: no {role} image set configured")
   src = images(config, workdir, spec, name)
   ids, emb = embeddings(config, workdir, spec, name)
   ids = np.asarray(ids, dtype=str)
   emb = np.asarray(emb)
   keys = np.asarray(src.keys, dtype=str)
   if not len(ids) or not len(keys):
-    raise io.InputError(f"{role} set (config.data.{name}) is empty")
+    raise fileio.InputError(f"{role} set (config.data.{name}) is empty")
   if len(ids) != len(emb):
-    raise io.InputError(f"{role} set ({name}): {len(ids)} ids but {len(emb)} embeddings")
+    raise fileio.InputError(f"{role} set ({name}): {len(ids)} ids but {len(emb)} embeddings")
   pos = match.positions(keys, ids, f"{role} images ({name})")
   shape = tuple(np.shape(src[int(pos[0])]))
   # Data: which images (the set's spec, ids and size); embeddings: what the model made of
@@ -354,9 +354,9 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
   # weights) it is the same for any batch size or device count; without it, a hash of the
   # float embeddings. Neither reads every image again.
   emb_fp = (embedding_fingerprint(config, workdir, name) if embedding_fingerprint
-            else io.fingerprint(np.ascontiguousarray(emb)))
+            else fileio.fingerprint(np.ascontiguousarray(emb)))
   return {"name": name, "ids": ids, "emb": emb, "source": src, "rows": pos, "shape": shape,
-          "fingerprint": io.fingerprint(json.dumps(spec.to_dict(), sort_keys=True,
+          "fingerprint": fileio.fingerprint(json.dumps(spec.to_dict(), sort_keys=True,
                                                    default=str), ids, str(shape)),
           "emb_fingerprint": emb_fp}
 
@@ -423,7 +423,7 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
           **{role: s["fingerprint"] for role, s in sets.items()},
           **{f"{role}_embeddings": s["emb_fingerprint"] for role, s in sets.items()},
           # What decides the numbers (not where they are written or the run's name).
-          "settings": io.fingerprint(json.dumps(
+          "settings": fileio.fingerprint(json.dumps(
               {"audit": {k: v for k, v in ac.to_dict().items() if k not in ("out_dir", "name")},
                "calibrate": config.calibrate.to_dict()}, sort_keys=True, default=str))},
       "files": list(FILES),
@@ -436,7 +436,7 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
   header = audit_columns(k, cal["columns"])
 
   def write_audit_csv(path):  # streamed row by row: 10^6 rows never sit in memory as text
-    io.write_csv(path, header, audit_rows(sy["ids"], tr["ids"], scores, idx, classes,
+    fileio.write_csv(path, header, audit_rows(sy["ids"], tr["ids"], scores, idx, classes,
                                           cal["columns"]))
 
   lines = {"t_low": t_low, "t_high": t_high}
@@ -456,7 +456,7 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
              "The difference image is |synthetic - training| of the z-scored images."],
       explainer=explainer)
   files = {"audit.csv": write_audit_csv,
-           "summary.json": json.dumps(io.json_ready(summary), indent=2,
+           "summary.json": json.dumps(fileio.json_ready(summary), indent=2,
                                       sort_keys=True) + "\n",
            "report.html": html_text}
   return {"files": files, "summary": summary, "classes": classes, "scores": scores,
@@ -526,7 +526,7 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
   if ac.heldout and _spec(config, ac.heldout) is not None:
     sets["heldout"] = load("held-out", ac.heldout)
   elif config.calibrate.dar.enabled:
-    raise io.InputError(
+    raise fileio.InputError(
         f"Dar et al. calibration needs a held-out real image set: configure "
         f"config.data.{ac.heldout or 'heldout'} (and audit.heldout), or set "
         "calibrate.dar.enabled = False")
@@ -598,26 +598,26 @@ def compare_runs(audits: Mapping[str, str], out_dir: str, dpi: int = 100) -> dic
     {"csv", "png", "rows"}.
   """
   if not audits:
-    raise io.InputError("compare: no audits to compare")
+    raise fileio.InputError("compare: no audits to compare")
   summaries = {}
   for name, folder in audits.items():
     path = os.path.join(folder, "summary.json")
     if not os.path.isfile(path):
-      raise io.InputError(f"{path}: not found (run the audit of {name!r} first)")
+      raise fileio.InputError(f"{path}: not found (run the audit of {name!r} first)")
     with open(path, encoding="utf-8") as f:
       try:
         summaries[name] = json.load(f)
       except json.JSONDecodeError as e:
-        raise io.InputError(f"{path}: not valid JSON ({e})") from None
+        raise fileio.InputError(f"{path}: not valid JSON ({e})") from None
     for key in ("n_synthetic", "memorization_rate", "share_training_copied", "nearest_score"):
       if key not in summaries[name]:
-        raise io.InputError(f"{path}: not an audit summary (no {key!r})")
+        raise fileio.InputError(f"{path}: not an audit summary (no {key!r})")
   rows = compare_rows(summaries)
   png = compare_plot_png(rows, dpi)
   csv_path = os.path.join(out_dir, "compare.csv")
   png_path = os.path.join(out_dir, "compare.png")
-  io.write_csv(csv_path, COMPARE_COLUMNS, ([("" if v is None else v) for v in r] for r in rows))
-  io.write_bytes(png_path, png)
+  fileio.write_csv(csv_path, COMPARE_COLUMNS, ([("" if v is None else v) for v in r] for r in rows))
+  fileio.write_bytes(png_path, png)
   return {"csv": csv_path, "png": png_path, "rows": rows}
 
 
@@ -633,7 +633,7 @@ def compare_job(config: ml_collections.ConfigDict, workdir: str,
   """
   names = tuple(config.compare.synthetic)
   if not names:
-    raise io.InputError("config.compare.synthetic: no synthetic sets to compare")
+    raise fileio.InputError("config.compare.synthetic: no synthetic sets to compare")
   out_root = config.compare.out_dir or os.path.join(workdir, "compare")
   audits = {}
   for name in names:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import config_lib, data, io
+from deepssim_jax import config_lib, data, fileio
 from deepssim_jax.data import demo as demo_lib
 
 KINDS = ("volumes", "reference", "manifest", "pngs", "demo")
@@ -41,16 +41,16 @@ KIND_FIELDS = {"volumes": ("root", "layout", "band", "num_slices", "sequences",
 def open_source(spec: ml_collections.ConfigDict, size, hint: str = ""):
   """An image source for a spec (see config_lib.source_config)."""
   if spec.kind not in KINDS:
-    raise io.InputError(f"unknown image-set kind {spec.kind!r}; expected one of {KINDS}")
+    raise fileio.InputError(f"unknown image-set kind {spec.kind!r}; expected one of {KINDS}")
   if spec.kind == "demo":
     raise ValueError("demo sets are banks, not sources: use bank()")
-  root = io.require_path(spec.root, f"data root ({spec.kind})", hint)
+  root = fileio.require_path(spec.root, f"data root ({spec.kind})", hint)
   if spec.kind == "volumes":
     _, records = data.find_volumes(root, spec.layout)
     seqs = tuple(spec.sequences)
     records = [r for r in records if not r.get("sequence") or r["sequence"] in seqs]
     if not records:
-      raise io.InputError(f"{root}: no volumes of sequences {seqs}")
+      raise fileio.InputError(f"{root}: no volumes of sequences {seqs}")
     if spec.max_volumes:
       records = records[:spec.max_volumes]
     return data.VolumeSliceSource(records, size=tuple(size), band=tuple(spec.band),
@@ -58,7 +58,7 @@ def open_source(spec: ml_collections.ConfigDict, size, hint: str = ""):
   if spec.kind == "reference":
     training, generated = data.find_reference_layout(root, size=tuple(size))
     if spec.part not in ("training", "generated"):
-      raise io.InputError(f"{root}: reference-layout part must be 'training' or 'generated', "
+      raise fileio.InputError(f"{root}: reference-layout part must be 'training' or 'generated', "
                           f"got {spec.part!r}")
     return training if spec.part == "training" else generated
   if spec.kind == "manifest":
@@ -101,27 +101,27 @@ def files_fingerprint(kind: str, root: str) -> Optional[str]:
     return None
   root = os.path.abspath(root)
   if kind == "manifest" and os.path.isfile(root):
-    table = io.read_csv(root, required=("key", "path"))
+    table = fileio.read_csv(root, required=("key", "path"))
     base = os.path.dirname(root)
     paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in table["path"]]
     with open(root, "rb") as f:
       csv_bytes = f.read()
-    return io.fingerprint(csv_bytes, *_stat_rows([p for p in paths if os.path.exists(p)],
+    return fileio.fingerprint(csv_bytes, *_stat_rows([p for p in paths if os.path.exists(p)],
                                                  base),
                           [p for p in paths if not os.path.exists(p)])
   if os.path.isfile(root):
-    return io.fingerprint(*_stat_rows([root], os.path.dirname(root)))
+    return fileio.fingerprint(*_stat_rows([root], os.path.dirname(root)))
   files = _walk(root, recursive=kind != "pngs")
   if kind in ("reference", "pngs"):  # what they read: PNGs (not a workdir kept beside them)
     files = [f for f in files if f.lower().endswith(".png")]
-  return io.fingerprint(*_stat_rows(files, root))
+  return fileio.fingerprint(*_stat_rows(files, root))
 
 
 def source_record(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict
                   ) -> dict:
   """What a bank of `spec` is made from (the module docstring), JSON-ready."""
   if spec.kind not in KINDS:
-    raise io.InputError(f"unknown image-set kind {spec.kind!r}; expected one of {KINDS}")
+    raise fileio.InputError(f"unknown image-set kind {spec.kind!r}; expected one of {KINDS}")
   rec = {"version": RECORD_VERSION, "kind": spec.kind,
          "image_size": [int(s) for s in config.data.image_size]}
   for field in KIND_FIELDS[spec.kind]:
@@ -139,7 +139,7 @@ def source_record(spec: ml_collections.ConfigDict, config: ml_collections.Config
 
 
 def record_fingerprint(record: dict) -> str:
-  return io.fingerprint(json.dumps(record, sort_keys=True, default=str))
+  return fileio.fingerprint(json.dumps(record, sort_keys=True, default=str))
 
 
 def record_path(path: str) -> str:
@@ -158,7 +158,7 @@ def read_record(path: str) -> Optional[dict]:
 
 
 def write_record(path: str, record: dict) -> None:
-  io.write_json(record_path(path), record)
+  fileio.write_json(record_path(path), record)
 
 
 def drop_record(path: str) -> None:
@@ -218,7 +218,7 @@ def bank(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict, cac
   if not why:
     b = data.load_bank(path)
     if tuple(b["images"].shape[1:]) != tuple(config.data.image_size):
-      raise io.InputError(f"{path}: cached images are {b['images'].shape[1:]}, the config "
+      raise fileio.InputError(f"{path}: cached images are {b['images'].shape[1:]}, the config "
                           f"asks for {tuple(config.data.image_size)}; use another workdir")
     b["fingerprint"] = record_fingerprint(record)
     return b
@@ -226,7 +226,7 @@ def bank(spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict, cac
     logging.warning("%s: rebuilding the cached bank: %s", path, "; ".join(why))
   if spec.kind == "demo":
     if spec.part not in DEMO_PARTS:
-      raise io.InputError(f"demo part {spec.part!r}: expected one of {sorted(DEMO_PARTS)}")
+      raise fileio.InputError(f"demo part {spec.part!r}: expected one of {sorted(DEMO_PARTS)}")
     b = demo_banks(config)[DEMO_PARTS[spec.part]]
   else:
     src = open_source(spec, config.data.image_size, config.data.get("download_hint", ""))

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional
 import ml_collections
 import numpy as np
 
-from deepssim_jax import io, match
+from deepssim_jax import fileio, match
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -91,15 +91,15 @@ def check_embeddings(x, name: str, dim: Optional[int] = None) -> np.ndarray:
   """
   x = np.asarray(x)
   if x.ndim != 2:
-    raise io.InputError(f"{name}: need a (n, d) embedding array, got shape {x.shape}")
+    raise fileio.InputError(f"{name}: need a (n, d) embedding array, got shape {x.shape}")
   if len(x) == 0:
-    raise io.InputError(f"{name}: empty set (no embeddings)")
+    raise fileio.InputError(f"{name}: empty set (no embeddings)")
   if dim is not None and x.shape[1] != dim:
-    raise io.InputError(f"{name}: embedding dimension {x.shape[1]} differs from the training "
+    raise fileio.InputError(f"{name}: embedding dimension {x.shape[1]} differs from the training "
                         f"set's {dim}")
   x = x.astype(np.float32, copy=False)
   if not np.all(np.isfinite(x)):
-    raise io.InputError(f"{name}: embeddings contain NaN or infinity")
+    raise fileio.InputError(f"{name}: embeddings contain NaN or infinity")
   return x
 
 
@@ -159,7 +159,7 @@ def percentile_threshold(similarities: np.ndarray, percentile: float) -> float:
   """numpy's (linear-interpolation) percentile of the similarities."""
   s = np.asarray(similarities, np.float64)
   if not len(s):
-    raise io.InputError("no similarities to take a percentile of (empty held-out set)")
+    raise fileio.InputError("no similarities to take a percentile of (empty held-out set)")
   if not 0 <= percentile <= 100:
     raise ValueError(f"percentile must lie in [0, 100], got {percentile}")
   return float(np.percentile(s, percentile))
@@ -171,7 +171,7 @@ def half_splits(n: int, rounds: int, seed: int) -> list[tuple[np.ndarray, np.nda
   The same (n, rounds, seed) always gives the same splits (numpy default_rng(seed)).
   """
   if n < 2:
-    raise io.InputError(f"the Memorization Index null needs >= 2 training images, got {n}")
+    raise fileio.InputError(f"the Memorization Index null needs >= 2 training images, got {n}")
   if rounds < 1:
     raise ValueError(f"rounds must be >= 1, got {rounds}")
   rng = np.random.default_rng(seed)
@@ -249,12 +249,12 @@ def pixel_knn_l2(query_images: np.ndarray, ref_images: np.ndarray, n: int,
   q = np.asarray(query_images)
   r = np.asarray(ref_images)
   if q.ndim != 3 or r.ndim != 3:
-    raise io.InputError(f"pixel distances need (n, H, W) image stacks, got {q.shape} and "
+    raise fileio.InputError(f"pixel distances need (n, H, W) image stacks, got {q.shape} and "
                         f"{r.shape}")
   if not len(q) or not len(r):
-    raise io.InputError("pixel distances: empty image set")
+    raise fileio.InputError("pixel distances: empty image set")
   if q.shape[1:] != r.shape[1:]:
-    raise io.InputError(f"mismatched image sizes: synthetic {q.shape[1:]} vs training "
+    raise fileio.InputError(f"mismatched image sizes: synthetic {q.shape[1:]} vs training "
                         f"{r.shape[1:]}")
   n = min(n, len(r))
   rf = r.reshape(len(r), -1).astype(np.float64)
@@ -304,7 +304,7 @@ def dar(cfg, ctx) -> dict:
   """Dar et al.: percentile threshold of held-out-to-training nearest similarities."""
   held = ctx.get("heldout_emb")
   if held is None or not len(held):
-    raise io.InputError("Dar et al. calibration needs a held-out real image set (none "
+    raise fileio.InputError("Dar et al. calibration needs a held-out real image set (none "
                         "given): provide one or set calibrate.dar.enabled = False")
   direction = cfg.get("direction", "heldout_to_train")
   if direction == "heldout_to_train":
@@ -366,7 +366,7 @@ def carlini(cfg, ctx) -> dict:
     d = unit_l2(cos)
   elif cfg.space == "pixels":
     if ctx.get("synth_images") is None or ctx.get("train_images") is None:
-      raise io.InputError("carlini.space = 'pixels' needs the training and synthetic images")
+      raise fileio.InputError("carlini.space = 'pixels' needs the training and synthetic images")
     if len(ctx["synth_images"]) != len(ctx["synth_emb"]) or (
         len(ctx["train_images"]) != len(ctx["train_emb"])):
       raise ValueError("image and embedding counts differ")

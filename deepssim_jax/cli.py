@@ -2,11 +2,11 @@
 
 Errors meant for users end a run with `error: <message>` (and, where useful, one
 `hint: ...` line) on stderr and exit status 2, without a traceback:
-  * io.InputError (bad input files; validate.ConfigError, bad config values, is one),
+  * fileio.InputError (bad input files; validate.ConfigError, bad config values, is one),
   * workdir.WorkdirInUse (another job holds the workdir),
   * OSErrors a user fixes: permissions, a read-only or full disk, a missing path, a path
     under a regular file (errno in USER_ERRNOS),
-  * SystemExit(<message>) (e.g. io.require_path: data to download),
+  * SystemExit(<message>) (e.g. fileio.require_path: data to download),
   * bad flags, and overrides of config fields that do not exist (configs are locked).
 Any other exception is a bug: it keeps its traceback (exit status 1). `--verbose` or
 DEEPSSIM_VERBOSE=1 prints the traceback of user errors too.
@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 from absl import flags
 from ml_collections import config_flags
 
-from deepssim_jax import io, workdir as workdir_lib
+from deepssim_jax import fileio, workdir as workdir_lib
 
 EXIT_USER_ERROR = 2
 VERBOSE_ENV = "DEEPSSIM_VERBOSE"
@@ -84,7 +84,7 @@ def user_error(exc: BaseException) -> Optional[tuple[str, Optional[str]]]:
   """(message, hint or None) of an error meant for the user, else None (a bug)."""
   if isinstance(exc, SystemExit):
     return (exc.code, None) if isinstance(exc.code, str) and exc.code else None
-  if isinstance(exc, (io.InputError, workdir_lib.WorkdirInUse)):
+  if isinstance(exc, (fileio.InputError, workdir_lib.WorkdirInUse)):
     return str(exc), getattr(exc, "hint", None)  # validate.ConfigError has one
   if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
     what = exc.strerror or str(exc)

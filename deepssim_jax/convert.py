@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from deepssim_jax import config_lib, io, models, runs
+from deepssim_jax import config_lib, fileio, models, runs
 
 StateDict = Dict[str, np.ndarray]
 
@@ -195,7 +195,7 @@ def detect_format(keys: Sequence[str]) -> str:
     return "timm"
   if any(k.startswith("features.") for k in keys):
     return "torchvision"
-  raise io.InputError("unrecognised state dict: none of the ConvNeXt key prefixes "
+  raise fileio.InputError("unrecognised state dict: none of the ConvNeXt key prefixes "
                       "(features., feature_extractor., stage_a., stages.) is present; e.g. "
                       f"{sorted(keys)[:5]}")
 
@@ -224,10 +224,10 @@ def map_keys(state: StateDict, fmt: str) -> Dict[Tuple[str, ...], np.ndarray]:
       unknown.append(key)
       continue
     if path in out:
-      raise io.InputError(f"key {key!r} maps to {'/'.join(path)}, already filled")
+      raise fileio.InputError(f"key {key!r} maps to {'/'.join(path)}, already filled")
     out[path] = _transform(kind, canon, np.asarray(value, np.float32))
   if unknown:
-    raise io.InputError(f"{len(unknown)} unknown key(s) for format {fmt!r}: {unknown[:8]}")
+    raise fileio.InputError(f"{len(unknown)} unknown key(s) for format {fmt!r}: {unknown[:8]}")
   return out
 
 
@@ -245,11 +245,11 @@ def infer_model(state: StateDict, fmt: str) -> dict:
     if not blocks:
       break
     if blocks != set(range(len(blocks))):
-      raise io.InputError(f"stage {s}: block indices {sorted(blocks)} are not 0..n-1")
+      raise fileio.InputError(f"stage {s}: block indices {sorted(blocks)} are not 0..n-1")
     depths.append(len(blocks))
     dims.append(canon[f"features.{2 * s + 1}.0.block.0.weight"][0])
   if not depths:
-    raise io.InputError(f"no ConvNeXt blocks found in the {fmt} state dict")
+    raise fileio.InputError(f"no ConvNeXt blocks found in the {fmt} state dict")
   name = next((n for n, f in models.MODELS.items()
                if tuple(f.keywords["depths"]) == tuple(depths)
                and tuple(f.keywords["dims"]) == tuple(dims)), None)
@@ -293,7 +293,7 @@ def fill(target: Any, mapped: Dict[Tuple[str, ...], np.ndarray], source: str,
       [f"not in the model {extra[:8]}"] if extra else []) + (
       [f"shape mismatch {bad[:8]}"] if bad else [])
   if problems:
-    raise io.InputError(f"{source}: does not fit the model: " + "; ".join(problems))
+    raise fileio.InputError(f"{source}: does not fit the model: " + "; ".join(problems))
   out = {p: jnp.asarray(mapped[p], want[p].dtype) for p in want}
   return traverse_util.unflatten_dict(out)
 
@@ -308,36 +308,36 @@ def read_state_dict(path: str, torchscript: bool = False) -> StateDict:
     InputError: missing or unreadable file, or a TorchScript file without `torchscript`.
   """
   if not os.path.isfile(path):
-    raise io.InputError(f"{path}: no such file")
+    raise fileio.InputError(f"{path}: no such file")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
       return dict(load_file(path))
     except Exception as e:  # pylint: disable=broad-except
-      raise io.InputError(f"{path}: unreadable safetensors file ({e})") from None
+      raise fileio.InputError(f"{path}: unreadable safetensors file ({e})") from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise io.InputError(f"{path}: reading torch files needs PyTorch (pip install "
+    raise fileio.InputError(f"{path}: reading torch files needs PyTorch (pip install "
                         "'deepssim-jax[parity]' or torch itself)") from None
   if _is_torchscript(path):  # checked first: torch.load would dispatch to torch.jit.load
     if not torchscript:
-      raise io.InputError(f"{path} is a TorchScript archive: loading one runs its code. "
+      raise fileio.InputError(f"{path} is a TorchScript archive: loading one runs its code. "
                           "Pass --torchscript (convert) or torchscript=True if you trust it.")
     try:
       obj = torch.jit.load(path, map_location="cpu").state_dict()
     except Exception as e:  # pylint: disable=broad-except
-      raise io.InputError(f"{path}: unreadable TorchScript ({type(e).__name__}: {e})") from None
+      raise fileio.InputError(f"{path}: unreadable TorchScript ({type(e).__name__}: {e})") from None
   else:
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
-      raise io.InputError(f"{path}: unreadable torch file ({type(e).__name__}: {e})") from None
+      raise fileio.InputError(f"{path}: unreadable torch file ({type(e).__name__}: {e})") from None
   for nested in ("state_dict", "model", "model_state_dict"):
     if isinstance(obj, dict) and nested in obj and isinstance(obj[nested], dict):
       obj = obj[nested]
   if not isinstance(obj, dict):
-    raise io.InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    raise fileio.InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
   return {k: v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v)
           for k, v in obj.items()}
 
@@ -457,7 +457,7 @@ def write_checkpoint(out_dir: str, model_kw: dict, variables: dict, image_size,
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   best = os.path.abspath(os.path.join(out_dir, "checkpoints", "best"))
   if os.path.isdir(best) and os.listdir(best):
-    raise io.InputError(f"{out_dir}: already holds a checkpoint; choose a new folder")
+    raise fileio.InputError(f"{out_dir}: already holds a checkpoint; choose a new folder")
   c = config_lib.base_config()
   c.model.name = model_kw["name"]
   c.model.head = model_kw["head"]
@@ -477,7 +477,7 @@ def write_checkpoint(out_dir: str, model_kw: dict, variables: dict, image_size,
   mngr.wait_until_finished()
   mngr.close()
   runs.save_config(out_dir, c)
-  io.write_json(os.path.join(out_dir, "converted_from.json"), provenance)
+  fileio.write_json(os.path.join(out_dir, "converted_from.json"), provenance)
   return out_dir
 
 
@@ -524,7 +524,7 @@ def main(argv):
   try:
     convert(f["from"].value, f.to, f.torchscript, f.format,
             tuple(int(x) for x in f.image_size))
-  except io.InputError as e:
+  except fileio.InputError as e:
     raise SystemExit(f"convert: {e}") from None
 
 

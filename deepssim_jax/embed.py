@@ -33,7 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepssim_jax import io, parallel, store
+from deepssim_jax import fileio, parallel, store
 
 
 def make_embed_fn(model):
@@ -154,14 +154,14 @@ def _todo_shards(folder: str, num_shards: int,
       for i in (prepare() if prepare else store.completed_shards(folder)):
         if i < num_shards:
           done[i] = 1
-    except io.InputError as e:
+    except fileio.InputError as e:
       error, done[-1] = e, 1
   if jax.process_count() > 1:
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
   if error is not None:
     raise error
   if done[-1]:
-    raise io.InputError(f"{folder}: process 0 refused the store (see its log)")
+    raise fileio.InputError(f"{folder}: process 0 refused the store (see its log)")
   return [i for i in range(num_shards) if not done[i]]
 
 
@@ -214,7 +214,7 @@ def embed_to_store(embed_fn: Callable, variables: Any, source, folder: str, *,
   keys = np.asarray(source.keys, dtype=str)
   n = len(keys)
   if n == 0:
-    raise io.InputError(f"{folder}: the image set to embed is empty")
+    raise fileio.InputError(f"{folder}: the image set to embed is empty")
   if shard_rows <= 0:
     raise ValueError(f"shard_rows must be positive, got {shard_rows}")
   if dtype not in ("float32", "float16"):

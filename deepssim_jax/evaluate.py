@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from deepssim_jax import io, plots
+from deepssim_jax import fileio, plots
 
 LABELS = (0, 1, 2)
 CLASS_NAMES = {0: "different", 1: "duplicate", 2: "similar"}
@@ -241,7 +241,7 @@ def plot_histogram(path: str, scores: Sequence[float], labels: Sequence[int],
   """
   y, s = _check(labels, scores)
   colors = {0: "tab:blue", 2: "tab:orange", 1: "tab:red"}
-  io.write_bytes(path, plots.histogram(
+  fileio.write_bytes(path, plots.histogram(
       [(CLASS_NAMES[c], s[y == c], colors[c]) for c in (0, 2, 1)],
       {"t_low": t_low, "t_high": t_high}, bins=bins, title=title, ylabel="pairs"))
   return path
@@ -259,32 +259,32 @@ def read_labelled_pairs(path: str) -> dict[str, Any]:
     InputError naming the file (and line): missing file or columns, an empty key, a label
     that is not an integer or not one of 0, 1, 2, no rows.
   """
-  table = io.read_csv(path, required=("real_key", "synth_key"))
+  table = fileio.read_csv(path, required=("real_key", "synth_key"))
   col = "label" if "label" in table else "final_label" if "final_label" in table else None
   if col is None:
-    raise io.InputError(f"{path}: missing column 'label'; found {list(table)}")
+    raise fileio.InputError(f"{path}: missing column 'label'; found {list(table)}")
   if not table[col]:
-    raise io.InputError(f"{path}: no labelled pairs")
+    raise fileio.InputError(f"{path}: no labelled pairs")
   labels = np.empty(len(table[col]), np.int64)
   for i, v in enumerate(table[col]):
     v = v.strip()
     if not _INT_RE.match(v):
-      raise io.InputError(f"{path}: line {i + 2}: label {v!r} is not an integer")
+      raise fileio.InputError(f"{path}: line {i + 2}: label {v!r} is not an integer")
     if int(v) not in LABELS:
-      raise io.InputError(f"{path}: line {i + 2}: label {int(v)} is not one of 0 (Different),"
+      raise fileio.InputError(f"{path}: line {i + 2}: label {int(v)} is not one of 0 (Different),"
                           " 1 (Duplicate), 2 (Similar)")
     labels[i] = int(v)
   for key in ("real_key", "synth_key"):
     for i, v in enumerate(table[key]):
       if not v.strip():
-        raise io.InputError(f"{path}: line {i + 2}: empty {key}")
+        raise fileio.InputError(f"{path}: line {i + 2}: empty {key}")
   return {"real_key": [v.strip() for v in table["real_key"]],
           "synth_key": [v.strip() for v in table["synth_key"]], "label": labels}
 
 
 def write_results(path: str, results: Mapping[str, Any]) -> str:
   """Writes results as JSON atomically (NaN/inf become null). Returns path."""
-  io.write_json(path, io.json_ready(results))
+  fileio.write_json(path, fileio.json_ready(results))
   return path
 
 

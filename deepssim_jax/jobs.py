@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as eval_lib, io,
+from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as eval_lib, fileio,
                           match as match_lib, metrics as metrics_lib, pairs as pairs_lib,
                           parallel, pipeline, store, train)
 
@@ -61,7 +61,7 @@ def refuse_stale_pair_table(table_path: str, diff: list, workdir: str) -> None:
   table would mix two runs in one workdir."""
   if not diff or diff == ["not built yet"] or not train.checkpoint_steps(workdir):
     return
-  raise io.InputError(
+  raise fileio.InputError(
       f"{table_path}: the pair table of this workdir does not match the config "
       f"({'; '.join(diff)}), and the checkpoints in {os.path.join(workdir, 'checkpoints')} "
       "were trained on it, so it is not rebuilt. Use a new --workdir for the new settings "
@@ -123,7 +123,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_synth = banks.subset(synth, ~is_test)
   if not own_table:
     if not os.path.exists(table_path):
-      raise io.InputError(f"{table_path}: pair table not found")
+      raise fileio.InputError(f"{table_path}: pair table not found")
   else:
     record = pair_record(config, real["fingerprint"], synth["fingerprint"])
     why = _cached_changes(table_path, record)
@@ -174,8 +174,8 @@ def write_labelled_test_pairs(path: str, real: dict, test_synth: dict, seed: int
     if len(others):
       rows.append((str(real["keys"][rng.choice(others)]), key, 0))
   if not rows:
-    raise io.InputError("no held-out synthetic images: raise data.test_fraction")
-  io.write_csv(path, ("real_key", "synth_key", "label"), rows)
+    raise fileio.InputError("no held-out synthetic images: raise data.test_fraction")
+  fileio.write_csv(path, ("real_key", "synth_key", "label"), rows)
 
 
 def train_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -221,7 +221,7 @@ def load_checkpoint(spec: str, workdir: str, mesh=None) -> dict:
 
 def weights_fingerprint(variables) -> str:
   """A hash of a model's weights: what identifies a checkpoint in stores and summaries."""
-  return io.fingerprint(*[np.asarray(x) for x in jax.tree.leaves(variables)])
+  return fileio.fingerprint(*[np.asarray(x) for x in jax.tree.leaves(variables)])
 
 
 # ----------------------------------------------------------------------------- embed / match
@@ -231,7 +231,7 @@ def image_source(config: ml_collections.ConfigDict, workdir: str, name: str):
   the demo's generated sets are banks)."""
   spec = config.data.get(name)
   if spec is None or not spec.get("kind"):
-    raise io.InputError(f"config.data.{name}: no image set configured (kind is empty)")
+    raise fileio.InputError(f"config.data.{name}: no image set configured (kind is empty)")
   if spec.kind == "demo":
     b = banks.bank(spec, config, os.path.join(workdir, "data"), name)
     return embed.BankSource(b["keys"], b["images"]), "demo:" + spec.part
@@ -268,7 +268,7 @@ def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None,
     src, root = image_source(config, workdir, name)
     keys = np.asarray(src.keys, dtype=str)
     image_size = [int(x) for x in config.data.image_size]
-    fp = io.fingerprint(ck["fingerprint"], root, keys, tuple(config.data.image_size), ec.dtype)
+    fp = fileio.fingerprint(ck["fingerprint"], root, keys, tuple(config.data.image_size), ec.dtype)
     meta = {"set": name, "data_root": root, "checkpoint": f"{ck['run']}:{ck['which']}",
             "step": ck["step"], "model": config.model.name, "image_size": image_size}
     identity = {"checkpoint": ck["fingerprint"], "data_root": root, "image_size": image_size}
@@ -296,7 +296,7 @@ def set_embeddings(config: ml_collections.ConfigDict, workdir: str, name: str,
   """
   r = embed_job(config, workdir, sets=(name,), ck=ck)[name]
   if not r["complete"]:
-    raise io.InputError(f"{r['folder']}: store incomplete after embedding ({r['n']} images)")
+    raise fileio.InputError(f"{r['folder']}: store incomplete after embedding ({r['n']} images)")
   return store.load_store(r["folder"], source_ids=r["ids"])
 
 
@@ -318,7 +318,7 @@ def match_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
     q_ids, q_emb = store.load_store(query, source_ids=q_src)
     r_ids, r_emb = store.load_store(ref, source_ids=r_src)
     if len(q_ids) * len(r_ids) > mc.full_matrix_max_entries:
-      raise io.InputError(f"full matrix of {len(r_ids)} x {len(q_ids)} exceeds "
+      raise fileio.InputError(f"full matrix of {len(r_ids)} x {len(q_ids)} exceeds "
                           f"match.full_matrix_max_entries={mc.full_matrix_max_entries}")
     res["npz"] = match_lib.write_reference_npz(
         out_dir, r_ids, q_ids, match_lib.full_matrix(r_emb, q_emb))
@@ -394,7 +394,7 @@ def matrix_metric_paths(metric: str) -> tuple[str, str, str] | None:
     return parts[0], os.path.join(folder, "real.npz"), os.path.join(folder, "synth.npz")
   if len(parts) == 3 and all(parts):
     return parts[0], parts[1], parts[2]
-  raise io.InputError(f"eval.metrics entry {metric!r}: expected 'matrix:<matrix.npz>' or "
+  raise fileio.InputError(f"eval.metrics entry {metric!r}: expected 'matrix:<matrix.npz>' or "
                       "'matrix:<matrix.npz>,<real.npz>,<synth.npz>'")
 
 
@@ -416,7 +416,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   else:
     d = prepare_data(config, workdir) if data is None else data
   if not d["test_pairs"]:
-    raise io.InputError("nothing to evaluate: set data.test_pairs_csv (real_key, synth_key, "
+    raise fileio.InputError("nothing to evaluate: set data.test_pairs_csv (real_key, synth_key, "
                         "label)")
   pairs = eval_lib.read_labelled_pairs(d["test_pairs"])
   variants = [("aligned", None, None)]
@@ -431,7 +431,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
                        misalign(b, ec.misaligned.seed + 1, ec.misaligned)))
   labels = np.asarray(pairs["label"])
   # One synthetic image in two spellings is one image of the fitting split.
-  synth_keys = np.asarray([io.canonical_key(k) for k in pairs["synth_key"]], str)
+  synth_keys = np.asarray([fileio.canonical_key(k) for k in pairs["synth_key"]], str)
   fit = (split_for_fitting(synth_keys, ec.fit_fraction, config.seed)
          if ec.fit_fraction > 0 else np.zeros(len(labels), bool))
   t_low, t_high = ec.thresholds
@@ -468,7 +468,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
         # make a file name too long: the file's stem and a hash of the entry instead.
         stem = os.path.basename(paths[0]).removesuffix(".npz") if paths else ""
         if paths:
-          safe = f"matrix_{stem}_{io.fingerprint(metric)[:8]}"
+          safe = f"matrix_{stem}_{fileio.fingerprint(metric)[:8]}"
         base = stem.removesuffix("_augmented") if paths else metric.split("@")[0]
         plot_t = ((t_low, t_high) if base in metrics_lib.SSIM_SCALED
                   or "fitted" not in res else (res["fitted"]["t_low"], res["fitted"]["t_high"]))
@@ -477,7 +477,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   if parallel.is_main_process():
     eval_lib.write_results(os.path.join(out_dir, "results.json"), results)
     table = eval_lib.results_table(rows)
-    io.write_text(os.path.join(out_dir, "table.txt"), table + "\n")
+    fileio.write_text(os.path.join(out_dir, "table.txt"), table + "\n")
     print(table)
   return results
 

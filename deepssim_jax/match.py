@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deepssim_jax import io, parallel, store
+from deepssim_jax import fileio, parallel, store
 
 _NEG_INF = float("-inf")
 # Precision of the float32 dot: "highest" keeps full float32 on GPUs/TPUs (TF32/bf16 passes
@@ -322,7 +322,7 @@ def match_stores(query_folder: str, ref_folder: str, out_path: str, k: int,
   q_ids, q_emb = store.load_store(query_folder, source_ids=query_ids)
   ref_index = store.read_index(ref_folder, source_ids=ref_ids)
   if q_emb.shape[1] != ref_index["dim"]:
-    raise io.InputError(f"{ref_folder}: embedding dimension {ref_index['dim']} differs from "
+    raise fileio.InputError(f"{ref_folder}: embedding dimension {ref_index['dim']} differs from "
                         f"{q_emb.shape[1]} in {query_folder}")
   n_ref = ref_index["n_rows"]
   r_block = ref_block_size(n_ref, r_block, chunk)
@@ -342,9 +342,9 @@ def match_stores(query_folder: str, ref_folder: str, out_path: str, k: int,
     store.check_rows(ref_folder, streamed_ids, ref_ids)
   train_ids = streamed_ids[idx]
   if str(out_path).endswith(".npz"):
-    io.write_npz(out_path, synth_ids=q_ids, train_ids=train_ids, indices=idx, scores=scores)
+    fileio.write_npz(out_path, synth_ids=q_ids, train_ids=train_ids, indices=idx, scores=scores)
   else:
-    io.write_csv(out_path, ["synth_id", "rank", "train_id", "score"],
+    fileio.write_csv(out_path, ["synth_id", "rank", "train_id", "score"],
                  ((q_ids[a], b + 1, train_ids[a, b], scores[a, b])
                   for a in range(len(q_ids)) for b in range(k)))
   return {"path": out_path, "n_query": int(len(q_ids)), "n_ref": int(n_ref), "k": int(k)}
@@ -401,7 +401,7 @@ def write_reference_npz(folder: str, real_ids: Sequence[str], synth_ids: Sequenc
   matrix (rows real/training images, columns synthetic, as the reference's
   scripts/compute_matrix.py and eval.py index it: matrix[real_pos, synth_pos]);
   `real.npz` and `synth.npz` the ids in row/column order, in the reference's spelling
-  `<uid>___<name>` (io.reference_key; eval.py finds test_set.csv's keys by plain equality).
+  `<uid>___<name>` (fileio.reference_key; eval.py finds test_set.csv's keys by plain equality).
   read_reference_matrix reads them back in our spelling.
 
   Returns:
@@ -411,8 +411,8 @@ def write_reference_npz(folder: str, real_ids: Sequence[str], synth_ids: Sequenc
     ValueError: the matrix shape does not match the ids, or two ids have one reference
       spelling (eval.py would find only the first).
   """
-  real_ids = np.asarray([io.reference_key(k) for k in np.asarray(real_ids).tolist()], str)
-  synth_ids = np.asarray([io.reference_key(k) for k in np.asarray(synth_ids).tolist()], str)
+  real_ids = np.asarray([fileio.reference_key(k) for k in np.asarray(real_ids).tolist()], str)
+  synth_ids = np.asarray([fileio.reference_key(k) for k in np.asarray(synth_ids).tolist()], str)
   matrix = np.asarray(matrix)
   if matrix.shape != (len(real_ids), len(synth_ids)):
     raise ValueError(f"{folder}: matrix shape {matrix.shape} != (real {len(real_ids)}, "
@@ -424,9 +424,9 @@ def write_reference_npz(folder: str, real_ids: Sequence[str], synth_ids: Sequenc
   paths = {"matrix": os.path.join(folder, name + ".npz"),
            "real": os.path.join(folder, "real.npz"),
            "synth": os.path.join(folder, "synth.npz")}
-  io.write_npz(paths["matrix"], data=matrix.astype(np.float16))
-  io.write_npz(paths["real"], data=real_ids)
-  io.write_npz(paths["synth"], data=synth_ids)
+  fileio.write_npz(paths["matrix"], data=matrix.astype(np.float16))
+  fileio.write_npz(paths["real"], data=real_ids)
+  fileio.write_npz(paths["synth"], data=synth_ids)
   return paths
 
 
@@ -434,32 +434,32 @@ def _npz_data(path: str) -> np.ndarray:
   """The `data` array of an np.savez file; InputError naming the file otherwise."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise io.InputError(f"{path}: file not found")
+    raise fileio.InputError(f"{path}: file not found")
   try:
     z = np.load(path, allow_pickle=False)
     if not isinstance(z, np.lib.npyio.NpzFile):
-      raise io.InputError(f"{path}: a single array, not an .npz archive (np.savez)")
+      raise fileio.InputError(f"{path}: a single array, not an .npz archive (np.savez)")
     with z:
       if "data" not in z.files:
-        raise io.InputError(f"{path}: no 'data' array (found {z.files})")
+        raise fileio.InputError(f"{path}: no 'data' array (found {z.files})")
       return z["data"]
-  except io.InputError:
+  except fileio.InputError:
     raise
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not npz, pickles, ...
-    raise io.InputError(f"{path}: cannot read the 'data' array: {e}") from None
+    raise fileio.InputError(f"{path}: cannot read the 'data' array: {e}") from None
 
 
 def _reference_ids(path: str, what: str) -> np.ndarray:
   """An index file's ids in our spelling, checked: 1-D strings naming distinct images."""
   ids = _npz_data(path)
   if ids.ndim != 1 or ids.dtype.kind not in "US":
-    raise io.InputError(f"{path}: {what} ids must be a 1-D array of strings, got "
+    raise fileio.InputError(f"{path}: {what} ids must be a 1-D array of strings, got "
                         f"{ids.dtype} of shape {ids.shape}")
   ids = ids.astype(str)
-  canonical = np.asarray([io.canonical_key(k) for k in ids.tolist()], str)
+  canonical = np.asarray([fileio.canonical_key(k) for k in ids.tolist()], str)
   u, first, c = np.unique(canonical, return_index=True, return_counts=True)
   if (c > 1).any():
-    raise io.InputError(f"{path}: {what} id {str(ids[first[c > 1][0]])!r} occurs "
+    raise fileio.InputError(f"{path}: {what} id {str(ids[first[c > 1][0]])!r} occurs "
                         f"{c[c > 1][0]} times (ids must be unique)")
   return canonical
 
@@ -472,7 +472,7 @@ def read_reference_matrix(matrix_path: str, real_path: str, synth_path: str
 
   Returns:
     real_ids (n_real,) and synth_ids (n_synth,) in our spelling `<uid>/<name>`
-    (io.canonical_key), matrix (n_real, n_synth) as stored (float16 from either writer).
+    (fileio.canonical_key), matrix (n_real, n_synth) as stored (float16 from either writer).
 
   Raises:
     InputError: naming the file: missing or unreadable, no `data` array, ids not 1-D
@@ -482,10 +482,10 @@ def read_reference_matrix(matrix_path: str, real_path: str, synth_path: str
   synth_ids = _reference_ids(synth_path, "synthetic")
   matrix = _npz_data(matrix_path)
   if matrix.shape != (len(real_ids), len(synth_ids)):
-    raise io.InputError(f"{matrix_path}: shape {matrix.shape} != (real {len(real_ids)} ids "
+    raise fileio.InputError(f"{matrix_path}: shape {matrix.shape} != (real {len(real_ids)} ids "
                         f"in {real_path}, synthetic {len(synth_ids)} ids in {synth_path})")
   if not np.issubdtype(matrix.dtype, np.number):
-    raise io.InputError(f"{matrix_path}: scores must be numbers, got {matrix.dtype}")
+    raise fileio.InputError(f"{matrix_path}: scores must be numbers, got {matrix.dtype}")
   return real_ids, synth_ids, matrix
 
 
@@ -520,15 +520,15 @@ def positions(ids: Sequence[str], keys: Sequence[str], name: str) -> np.ndarray:
   """Row positions of `keys` in `ids`; InputError naming the first missing key and `name`.
 
   Keys match in either spelling, `<uid>/<name>` or the reference's `<uid>___<name>`
-  (io.canonical_key), on either side.
+  (fileio.canonical_key), on either side.
   """
-  pos = io.key_positions(ids, name)
+  pos = fileio.key_positions(ids, name)
   out = np.empty(len(keys), np.int64)
   for j, key in enumerate(keys):
     try:
-      out[j] = pos[io.canonical_key(key)]
+      out[j] = pos[fileio.canonical_key(key)]
     except KeyError:
-      raise io.InputError(f"{name}: key {str(key)!r} not found ({len(pos)} ids)") from None
+      raise fileio.InputError(f"{name}: key {str(key)!r} not found ({len(pos)} ids)") from None
   return out
 
 

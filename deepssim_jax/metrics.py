@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import embed, io, pairs as pairs_lib, parallel
+from deepssim_jax import embed, fileio, pairs as pairs_lib, parallel
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
@@ -64,7 +64,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   b = b - b.mean(axis=1, keepdims=True)
   den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
   if np.any(den == 0):
-    raise io.InputError(f"pearson: constant image in pair {int(np.argmax(den == 0))}")
+    raise fileio.InputError(f"pearson: constant image in pair {int(np.argmax(den == 0))}")
   return (a * b).sum(axis=1) / den
 
 
@@ -92,7 +92,7 @@ def carlini_relative_l2(a: np.ndarray, b: np.ndarray, train: np.ndarray, alpha: 
   """
   tr = jnp.asarray(np.asarray(train, np.float32).reshape(len(train), -1))
   if len(tr) == 0:
-    raise io.InputError("carlini_l2: the training set is empty")
+    raise fileio.InputError("carlini_l2: the training set is empty")
   n = min(int(n), len(tr))
   bf = np.asarray(b, np.float32).reshape(len(b), -1)
   means = np.concatenate([np.asarray(_nearest_mean_distance(jnp.asarray(bf[s:s + block]), tr, n))

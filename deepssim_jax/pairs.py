@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from deepssim_jax import io, parallel, ssim as ssim_lib
+from deepssim_jax import fileio, parallel, ssim as ssim_lib
 
 PAIR_COLUMNS = ("real_key", "synth_key", "ssim", "split")
 SPLITS = ("train", "valid")
@@ -40,23 +40,23 @@ class PairTable:
 
 def read_pairs(path: str) -> PairTable:
   """Reads and validates a pair table (columns real_key, synth_key, ssim, split)."""
-  t = io.read_csv(path, required=PAIR_COLUMNS)
+  t = fileio.read_csv(path, required=PAIR_COLUMNS)
   if not t["ssim"]:
-    raise io.InputError(f"{path}: the pair table has no rows")
-  s = io.float_column(path, t, "ssim").astype(np.float32)
+    raise fileio.InputError(f"{path}: the pair table has no rows")
+  s = fileio.float_column(path, t, "ssim").astype(np.float32)
   if s.min() < -1 - 1e-5 or s.max() > 1 + 1e-5:
     i = int(np.argmax(np.abs(s) > 1 + 1e-5))
-    raise io.InputError(f"{path}: line {i + 2}: ssim {s[i]} outside [-1, 1]")
+    raise fileio.InputError(f"{path}: line {i + 2}: ssim {s[i]} outside [-1, 1]")
   split = np.asarray(t["split"])
   bad = ~np.isin(split, SPLITS)
   if bad.any():
     i = int(np.argmax(bad))
-    raise io.InputError(f"{path}: line {i + 2}: split {str(split[i])!r} is not one of {SPLITS}")
+    raise fileio.InputError(f"{path}: line {i + 2}: split {str(split[i])!r} is not one of {SPLITS}")
   return PairTable(np.asarray(t["real_key"]), np.asarray(t["synth_key"]), s, split)
 
 
 def write_pairs(path: str, table: PairTable) -> None:
-  io.write_csv(path, PAIR_COLUMNS,
+  fileio.write_csv(path, PAIR_COLUMNS,
                zip(table.real_key, table.synth_key, table.ssim.astype(float), table.split))
 
 
@@ -64,15 +64,15 @@ def key_index(keys: np.ndarray, wanted: np.ndarray, what: str, source: str) -> n
   """Maps keys to row indices of a bank, naming the first missing key.
 
   Keys match in either spelling, ours `<uid>/<name>` or the reference's `<uid>___<name>`
-  (io.canonical_key), on either side: the reference's pair tables and test sets are read as
+  (fileio.canonical_key), on either side: the reference's pair tables and test sets are read as
   they are.
   """
-  pos = io.key_positions(keys, f"the {what} image set (keys of {source})")
+  pos = fileio.key_positions(keys, f"the {what} image set (keys of {source})")
   out = np.empty(len(wanted), np.int64)
   for j, k in enumerate(wanted):
-    i = pos.get(io.canonical_key(k))
+    i = pos.get(fileio.canonical_key(k))
     if i is None:
-      raise io.InputError(f"{source}: {what} key {str(k)!r} (row {j + 2}) is not in the "
+      raise fileio.InputError(f"{source}: {what} key {str(k)!r} (row {j + 2}) is not in the "
                           f"image set ({len(keys)} images, e.g. "
                           f"{[str(x) for x in keys[:3]]})")
     out[j] = i
@@ -229,9 +229,9 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   """
   for name, bank in (("real", real_bank), ("synthetic", synth_bank)):
     if len(bank["keys"]) == 0:
-      raise io.InputError(f"the {name} image set is empty")
+      raise fileio.InputError(f"the {name} image set is empty")
   if real_bank["images"].shape[1:] != synth_bank["images"].shape[1:]:
-    raise io.InputError(f"image sizes differ: real {real_bank['images'].shape[1:]} vs "
+    raise fileio.InputError(f"image sizes differ: real {real_bank['images'].shape[1:]} vs "
                         f"synthetic {synth_bank['images'].shape[1:]}")
   if self_fraction > 0 and synth_bank is not real_bank:
     raise ValueError("self_fraction applies to pairs within one set (no synthetic set)")
@@ -240,8 +240,8 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   source_index = None
   src = synth_bank.get("meta", {}).get("source_key")
   if src is not None:
-    pos = io.key_positions(real_bank["keys"], "the real image set")
-    source_index = np.array([pos.get(io.canonical_key(k), -1) for k in src])
+    pos = fileio.key_positions(real_bank["keys"], "the real image set")
+    source_index = np.array([pos.get(fileio.canonical_key(k), -1) for k in src])
   pool = int(round(num_pairs * pool_factor)) if balance_bins else num_pairs
   ia, ib, is_valid = sample_pairs(len(real_bank["keys"]), len(synth_bank["keys"]), pool,
                                   seed, source_index, matched_fraction, valid_fraction)

@@ -15,7 +15,7 @@ import grain
 import jax
 import numpy as np
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 
 
 def save_bank_arrays(folder: str, name: str, bank: dict) -> str:
@@ -26,7 +26,7 @@ def save_bank_arrays(folder: str, name: str, bank: dict) -> str:
   from deepssim_jax import banks  # local: keep this module light
   path = os.path.join(folder, f"{name}.npy")
   images = bank["images"]
-  fp = bank.get("fingerprint") or io.fingerprint(np.asarray(images, np.float32))
+  fp = bank.get("fingerprint") or fileio.fingerprint(np.asarray(images, np.float32))
   record = {"bank": fp, "shape": [int(s) for s in np.shape(images)]}
   if os.path.isfile(path) and banks.read_record(path) == record:
     try:
@@ -36,7 +36,7 @@ def save_bank_arrays(folder: str, name: str, bank: dict) -> str:
     except (OSError, ValueError):
       pass  # unreadable: written again
   banks.drop_record(path)
-  io.write_npy(path, np.ascontiguousarray(images, np.float32))
+  fileio.write_npy(path, np.ascontiguousarray(images, np.float32))
   banks.write_record(path, record)
   return path
 
@@ -85,7 +85,7 @@ def train_dataset(source: PairSource, *, global_batch: int, num_epochs: int, see
     raise ValueError(f"global batch {global_batch} is not divisible by "
                      f"{jax.process_count()} processes")
   if len(source) < global_batch:
-    raise io.InputError(f"only {len(source)} training pairs, fewer than one batch of "
+    raise fileio.InputError(f"only {len(source)} training pairs, fewer than one batch of "
                         f"{global_batch}: lower the batch size or add pairs")
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
   return _process_share(ds, global_batch)

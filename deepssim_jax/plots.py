@@ -3,7 +3,7 @@ backend change), byte-reproducible (no software/date metadata). Used by the eval
 histograms, the audit report and comparison, and the LDM trainers' plots.
 """
 
-import io as _io
+import io
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -26,7 +26,7 @@ def figure(size: Sequence[float], dpi: int = 100):
 def png(fig, pad: Optional[float] = None) -> bytes:
   """The figure, laid out tight, as PNG bytes."""
   fig.tight_layout(**({} if pad is None else {"pad": pad}))
-  buf = _io.BytesIO()
+  buf = io.BytesIO()
   fig.savefig(buf, format="png", metadata={"Software": None})
   return buf.getvalue()
 

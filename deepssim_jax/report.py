@@ -22,7 +22,7 @@ LayerCAM map laid over them: the colormap `overlay_colormap` of the map (0 dark 
 
 import base64
 import html
-import io as _io
+import io
 import math
 import os
 import pathlib
@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from deepssim_jax import io, plots
+from deepssim_jax import fileio, plots
 
 CLASS_NAMES = {0: "Different", 1: "Duplicate", 2: "Similar"}
 
@@ -106,7 +106,7 @@ def upscale(image: np.ndarray, scale: int) -> np.ndarray:
 
 def png_bytes(image: np.ndarray) -> bytes:
   """PNG bytes of a uint8 (H, W) grey or (H, W, 3) RGB image (deterministic: no metadata)."""
-  buf = _io.BytesIO()
+  buf = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=False)
   return buf.getvalue()
 
@@ -121,7 +121,7 @@ def pair_pngs(synth: np.ndarray, train: np.ndarray, scale: int = 2,
   synth = np.asarray(synth, np.float64)
   train = np.asarray(train, np.float64)
   if synth.shape != train.shape:
-    raise io.InputError(f"mismatched image sizes: synthetic {synth.shape} vs training "
+    raise fileio.InputError(f"mismatched image sizes: synthetic {synth.shape} vs training "
                         f"{train.shape}")
   diff = np.abs(synth - train)
   return {"synth": png_bytes(upscale(to_uint8(synth), scale)),
@@ -381,7 +381,7 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
   if explainer is not None and len(order):
     for a, b in zip(synth, train):
       if a.shape != b.shape:  # before stacking, as pair_pngs would say
-        raise io.InputError(f"mismatched image sizes: synthetic {a.shape} vs training "
+        raise fileio.InputError(f"mismatched image sizes: synthetic {a.shape} vs training "
                             f"{b.shape}")
     maps = dict(explainer(np.stack(synth), np.stack(train)))
   scale = int(cfg.gallery_scale)
@@ -406,7 +406,7 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
 
 def write_report(path: str, text: str) -> str:
   """Writes the HTML atomically. Returns path."""
-  io.write_text(path, text)
+  fileio.write_text(path, text)
   return path
 
 
@@ -474,7 +474,7 @@ def render_headless(html_path: str, screenshot_path: str, window: Sequence[int] 
     cut = text.rfind("</body>")
     text = text[:cut] + _PROBE + text[cut:] if cut >= 0 else text + _PROBE
     page = os.path.splitext(os.path.abspath(screenshot_path))[0] + ".probe.html"
-    io.write_text(page, text)
+    fileio.write_text(page, text)
   with tempfile.TemporaryDirectory(prefix="deepssim-chromium-") as profile:
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
            "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",

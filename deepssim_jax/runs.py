@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from deepssim_jax import io, parallel
+from deepssim_jax import fileio, parallel
 
 
 class MetricsLog:
@@ -23,7 +23,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.csv")
     self.rows = []
     if os.path.exists(self.path):  # keep what the interrupted run logged up to its checkpoint
-      t = io.read_csv(self.path, required=["step"])
+      t = fileio.read_csv(self.path, required=["step"])
       keys = list(t)
       for i in range(len(t["step"])):
         row = {k: t[k][i] for k in keys}
@@ -43,7 +43,7 @@ class MetricsLog:
       self.writer.add_scalar(k, float(v), step)
     self.writer.flush()
     cols = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
-    io.write_csv(self.path, cols, ([r.get(c, "") for c in cols] for r in self.rows))
+    fileio.write_csv(self.path, cols, ([r.get(c, "") for c in cols] for r in self.rows))
 
   def close(self):
     if self.writer is not None:
@@ -54,7 +54,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes <workdir>/config.json (process 0). Trainers call it once the run is accepted
   (after their config and resume checks), so a refused run leaves it as it was."""
   if parallel.is_main_process():
-    io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -65,7 +65,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise io.InputError(f"{path}: missing; every training workdir (deepssim_jax or ldm_jax) "
+    raise fileio.InputError(f"{path}: missing; every training workdir (deepssim_jax or ldm_jax) "
                         "has its config beside the checkpoints")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from deepssim_jax import api, audit, cli, config_lib, io
+from deepssim_jax import api, audit, cli, config_lib, fileio
 
 def score_pair(model: api.Model, a: str, b: str) -> dict:
   """{"score", "class"} of two single images."""
@@ -60,9 +60,9 @@ def score_folders(model: api.Model, train: str, synth: str, out_dir: str, k: int
     emb = api.embed_source(model, src, role, chunk, num_threads)
     sets[role] = {"name": role, "ids": ids, "emb": emb, "source": src,
                   "rows": np.arange(len(ids)), "shape": model.image_size,
-                  "fingerprint": io.fingerprint(os.path.abspath(path), ids,
+                  "fingerprint": fileio.fingerprint(os.path.abspath(path), ids,
                                                 str(model.image_size)),
-                  "emb_fingerprint": io.fingerprint(model.fingerprint, os.path.abspath(path),
+                  "emb_fingerprint": fileio.fingerprint(model.fingerprint, os.path.abspath(path),
                                                     ids)}
   known = audit.read_truth(truth, sets["synthetic"]["ids"]) if truth else None
   explainer = audit.make_explainer(config, "", lambda c, w: (model.model, model.variables))
@@ -78,18 +78,18 @@ def run(images: Sequence[str], *, model: str = "builtin", train: Optional[str] =
   """The command: two images (score_pair) or two folders (score_folders); prints the result.
 
   Raises:
-    io.InputError: arguments that do not fit together, and every input error below.
+    fileio.InputError: arguments that do not fit together, and every input error below.
   """
   folders = train or synth
   if folders and images:
-    raise io.InputError("give either two images (A B) or --train and --synth, not both")
+    raise fileio.InputError("give either two images (A B) or --train and --synth, not both")
   if not folders and len(images) != 2:
-    raise io.InputError("expected two images (python -m deepssim_jax.score A B) or "
+    raise fileio.InputError("expected two images (python -m deepssim_jax.score A B) or "
                         "--train=DIR --synth=DIR")
   if folders and not (train and synth):
-    raise io.InputError("--train and --synth go together")
+    raise fileio.InputError("--train and --synth go together")
   if k < 1:
-    raise io.InputError(f"--k must be >= 1, got {k}")
+    raise fileio.InputError(f"--k must be >= 1, got {k}")
   m = api.load(model, batch_size=batch_size)
   if not folders:
     r = score_pair(m, *images)

@@ -30,7 +30,7 @@ Two ways to compute it, tested equal to each other and to scikit-image (<= 1e-5)
   by rounding (variances are clamped at eps^2 as in dm-pix).
 
 z-scoring (`zscore`, `zscore_stack`) runs on the host and rejects what cannot be z-scored:
-a constant image (std 0) or any NaN/inf raises `deepssim_jax.io.InputError` (a ValueError)
+a constant image (std 0) or any NaN/inf raises `deepssim_jax.fileio.InputError` (a ValueError)
 naming the image; it never returns NaN. The JAX-level functions take images that are
 already z-scored (float, (B, H, W)) and check nothing, so they stay jittable.
 
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 
 Stats = dict  # see image_stats
 Bank = Union[jax.Array, np.ndarray, Stats]
@@ -63,16 +63,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _check_finite_and_varying(x: np.ndarray, name: str) -> None:
   if x.size == 0:
-    raise io.InputError(f"{name}: empty image {x.shape}")
+    raise fileio.InputError(f"{name}: empty image {x.shape}")
   finite = np.isfinite(x)
   if not finite.all():
     bad = x.size - int(finite.sum())
     kinds = [k for k, m in (("NaN", np.isnan(x)), ("inf", np.isinf(x))) if m.any()]
-    raise io.InputError(f"{name}: {bad} of {x.size} pixels are {'/'.join(kinds)}; an image "
+    raise fileio.InputError(f"{name}: {bad} of {x.size} pixels are {'/'.join(kinds)}; an image "
                         "with non-finite values cannot be z-scored")
   lo, hi = x.min(), x.max()
   if lo == hi:
-    raise io.InputError(f"{name}: constant image (every pixel is {float(lo)!r}); its standard "
+    raise fileio.InputError(f"{name}: constant image (every pixel is {float(lo)!r}); its standard "
                         "deviation is 0, so it cannot be z-scored and SSIM is undefined")
 
 
@@ -95,7 +95,7 @@ def zscore(x: np.ndarray, *, name: str = "image", dtype=np.float32) -> np.ndarra
   x = np.asarray(x)
   if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
           or x.dtype == bool):
-    raise io.InputError(f"{name}: expected a real-valued image, got dtype {x.dtype}")
+    raise fileio.InputError(f"{name}: expected a real-valued image, got dtype {x.dtype}")
   x = x.astype(np.float64)
   _check_finite_and_varying(x, name)
   return ((x - x.mean()) / x.std()).astype(dtype)
@@ -119,10 +119,10 @@ def zscore_stack(xs: np.ndarray, *, names: Optional[Sequence[str]] = None,
   """
   xs = np.asarray(xs)
   if xs.ndim != 3:
-    raise io.InputError(f"expected a stack of images (N, H, W), got shape {xs.shape}")
+    raise fileio.InputError(f"expected a stack of images (N, H, W), got shape {xs.shape}")
   if not (np.issubdtype(xs.dtype, np.integer) or np.issubdtype(xs.dtype, np.floating)
           or xs.dtype == bool):
-    raise io.InputError(f"expected real-valued images, got dtype {xs.dtype}")
+    raise fileio.InputError(f"expected real-valued images, got dtype {xs.dtype}")
   if names is not None and len(names) != len(xs):
     raise ValueError(f"{len(names)} names for {len(xs)} images")
   x = xs.astype(np.float64)
@@ -136,8 +136,8 @@ def zscore_stack(xs: np.ndarray, *, names: Optional[Sequence[str]] = None,
     others = f" ({bad.size - 1} more image(s) of {len(xs)} likewise)" if bad.size > 1 else ""
     try:
       _check_finite_and_varying(x[i], name)
-    except io.InputError as e:
-      raise io.InputError(str(e) + others) from None
+    except fileio.InputError as e:
+      raise fileio.InputError(str(e) + others) from None
   mean = x.mean(axis=(1, 2), keepdims=True)
   std = x.std(axis=(1, 2), keepdims=True)
   return ((x - mean) / std).astype(dtype)
@@ -535,9 +535,9 @@ def _check_pair_shapes(a: np.ndarray, b: np.ndarray, names: Sequence[str], ndim:
                        what: str) -> None:
   for x, name in zip((a, b), names):
     if x.ndim != ndim:
-      raise io.InputError(f"{name}: expected {what}, got shape {x.shape}")
+      raise fileio.InputError(f"{name}: expected {what}, got shape {x.shape}")
   if a.shape[-2:] != b.shape[-2:]:
-    raise io.InputError(f"{names[0]} and {names[1]}: image sizes differ: {a.shape[-2:]} vs "
+    raise fileio.InputError(f"{names[0]} and {names[1]}: image sizes differ: {a.shape[-2:]} vs "
                         f"{b.shape[-2:]}")
 
 
@@ -559,7 +559,7 @@ def ssim(a: np.ndarray, b: np.ndarray, *, names: Sequence[str] = ("a", "b"),
   a, b = np.asarray(a), np.asarray(b)
   _check_pair_shapes(a, b, names, 2, "a 2-D image (H, W)")
   if min(a.shape) < win_size:
-    raise io.InputError(f"{names[0]}: image {a.shape} is smaller than the {win_size}x"
+    raise fileio.InputError(f"{names[0]}: image {a.shape} is smaller than the {win_size}x"
                         f"{win_size} SSIM window")
   za = zscore(a, name=names[0])
   zb = zscore(b, name=names[1])
@@ -588,7 +588,7 @@ def ssim_matrix(a: np.ndarray, b: np.ndarray, *, names_a: Optional[Sequence[str]
   _check_pair_shapes(a, b, ("first image set", "second image set"), 3,
                      "a stack of images (N, H, W)")
   if min(a.shape[1:]) < win_size:
-    raise io.InputError(f"images {a.shape[1:]} are smaller than the {win_size}x{win_size} "
+    raise fileio.InputError(f"images {a.shape[1:]} are smaller than the {win_size}x{win_size} "
                         "SSIM window")
   za = zscore_stack(a, names=names_a)
   zb = zscore_stack(b, names=names_b)

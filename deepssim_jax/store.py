@@ -46,7 +46,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from absl import logging
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 
 INDEX = "index.json"
 FORMAT = "deepssim-embedding-store/1"
@@ -90,8 +90,8 @@ def write_shard(folder: str, shard_idx: int, ids: Sequence[str], emb: np.ndarray
     raise ValueError(f"{path}: empty id at row {int(np.flatnonzero(ids == '')[0])}")
   dup = _first_duplicate(ids)
   if dup is not None:
-    raise io.InputError(f"{path}: duplicate id {dup!r}")
-  io.write_npz(path, ids=ids, emb=emb)
+    raise fileio.InputError(f"{path}: duplicate id {dup!r}")
+  fileio.write_npz(path, ids=ids, emb=emb)
   return path
 
 
@@ -117,7 +117,7 @@ def _member_header(zf: zipfile.ZipFile, key: str, path: str) -> tuple[tuple[int,
               else np.lib.format.read_array_header_2_0)
       shape, _, dtype = read(f)
   except KeyError:
-    raise io.InputError(f"{path}: not a store shard (no {key!r} array)") from None
+    raise fileio.InputError(f"{path}: not a store shard (no {key!r} array)") from None
   return shape, dtype
 
 
@@ -131,19 +131,19 @@ def shard_info(path: str) -> dict[str, Any]:
     InputError: the file is missing, unreadable, or not a valid shard.
   """
   if not os.path.isfile(path):
-    raise io.InputError(f"{path}: shard file not found")
+    raise fileio.InputError(f"{path}: shard file not found")
   try:
     with zipfile.ZipFile(path) as zf:
       id_shape, id_dtype = _member_header(zf, "ids", path)
       emb_shape, emb_dtype = _member_header(zf, "emb", path)
   except (zipfile.BadZipFile, ValueError, OSError) as e:
-    raise io.InputError(f"{path}: unreadable shard ({e})") from None
+    raise fileio.InputError(f"{path}: unreadable shard ({e})") from None
   if len(emb_shape) != 2 or len(id_shape) != 1 or id_shape[0] != emb_shape[0]:
-    raise io.InputError(f"{path}: need ids (n,) and emb (n, d); got {id_shape} and {emb_shape}")
+    raise fileio.InputError(f"{path}: need ids (n,) and emb (n, d); got {id_shape} and {emb_shape}")
   if id_dtype.kind != "U":
-    raise io.InputError(f"{path}: ids must be strings, got {id_dtype}")
+    raise fileio.InputError(f"{path}: ids must be strings, got {id_dtype}")
   if emb_dtype.name not in _DTYPES:
-    raise io.InputError(f"{path}: emb dtype {emb_dtype} is not one of {_DTYPES}")
+    raise fileio.InputError(f"{path}: emb dtype {emb_dtype} is not one of {_DTYPES}")
   return {"rows": int(emb_shape[0]), "dim": int(emb_shape[1]), "dtype": emb_dtype.name}
 
 
@@ -155,9 +155,9 @@ def _read_index(folder: str) -> Optional[dict]:
     with open(path, encoding="utf-8") as f:
       index = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise io.InputError(f"{path}: not valid JSON ({e})") from None
+    raise fileio.InputError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(index, dict) or index.get("format") != FORMAT:
-    raise io.InputError(f"{path}: not an embedding-store index (format != {FORMAT!r})")
+    raise fileio.InputError(f"{path}: not an embedding-store index (format != {FORMAT!r})")
   return index
 
 
@@ -180,14 +180,14 @@ def completed_shards(folder: str, fingerprint: Optional[str] = None) -> list[int
   if fingerprint is not None and index is not None:
     old = index.get("meta", {}).get("fingerprint")
     if old is not None and old != fingerprint:
-      raise io.InputError(
+      raise fileio.InputError(
           f"{os.path.join(folder, INDEX)}: store was written with fingerprint {old!r}, not "
           f"{fingerprint!r}; use a new folder or delete this one")
   done = []
   for idx, path in sorted(_shard_files(folder).items()):
     try:
       shard_info(path)
-    except io.InputError:
+    except fileio.InputError:
       continue
     done.append(idx)
   return done
@@ -197,7 +197,7 @@ def ids_fingerprint(ids: Sequence[str]) -> str:
   """A fingerprint of ids in order (and so of their number), whatever the string width of
   the array holding them."""
   ids = np.asarray(ids, dtype=str)
-  return io.fingerprint(len(ids), "\x00".join(ids.tolist()))
+  return fileio.fingerprint(len(ids), "\x00".join(ids.tolist()))
 
 
 def identity(index: Mapping[str, Any]) -> dict:
@@ -258,7 +258,7 @@ def prepare_writer(folder: str, ident: Mapping[str, Any], meta: Mapping[str, Any
   index = _read_index(folder) if os.path.isdir(folder) else None
   if index is None:
     if os.path.isdir(folder) and _shard_files(folder):
-      raise io.InputError(f"{folder}: shard files but no {INDEX}; nothing says what made "
+      raise fileio.InputError(f"{folder}: shard files but no {INDEX}; nothing says what made "
                           "them. Use another folder or delete this one")
     os.makedirs(folder, exist_ok=True)
     finalize(folder, meta, complete=False)
@@ -276,7 +276,7 @@ def prepare_writer(folder: str, ident: Mapping[str, Any], meta: Mapping[str, Any
     return []
   hint = ("set " + ", ".join(f"embed.{k}={old[k]!r}" for k in changed) + " to use it, "
           if set(changed) <= set(LAYOUT_FIELDS) else "")
-  raise io.InputError(f"{path}: the store ({_describe(index)}) was made from other inputs or "
+  raise fileio.InputError(f"{path}: the store ({_describe(index)}) was made from other inputs or "
                       f"settings than these: {diff}; {hint}use another folder (embed.dir) or "
                       "delete this one")
 
@@ -304,15 +304,15 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True,
       are not the source's (count or ids), naming the folder and both counts.
   """
   if not os.path.isdir(folder):
-    raise io.InputError(f"{folder}: store folder not found")
+    raise fileio.InputError(f"{folder}: store folder not found")
   files = _shard_files(folder)
   infos = {i: shard_info(p) for i, p in sorted(files.items())}
   if complete:
     if not infos:
-      raise io.InputError(f"{folder}: no shard files (shard-00000.npz, ...)")
+      raise fileio.InputError(f"{folder}: no shard files (shard-00000.npz, ...)")
     missing = sorted(set(range(max(infos) + 1)) - set(infos))
     if missing:
-      raise io.InputError(f"{folder}: incomplete store, missing shard(s) "
+      raise fileio.InputError(f"{folder}: incomplete store, missing shard(s) "
                           f"{[shard_name(i) for i in missing[:5]]}")
   dim = dtype = None
   first = None
@@ -320,10 +320,10 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True,
     if dim is None:
       dim, dtype, first = info["dim"], info["dtype"], files[i]
     elif info["dim"] != dim:
-      raise io.InputError(f"{files[i]}: embedding dimension {info['dim']} differs from "
+      raise fileio.InputError(f"{files[i]}: embedding dimension {info['dim']} differs from "
                           f"{dim} in {first}")
     elif info["dtype"] != dtype:
-      raise io.InputError(f"{files[i]}: dtype {info['dtype']} differs from {dtype} in {first}")
+      raise fileio.InputError(f"{files[i]}: dtype {info['dtype']} differs from {dtype} in {first}")
   n_rows = int(sum(v["rows"] for v in infos.values()))
   if complete:
     seen: dict[str, int] = {}
@@ -333,18 +333,18 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True,
         ids = z["ids"]
       dup = _first_duplicate(ids)
       if dup is not None:
-        raise io.InputError(f"{files[i]}: duplicate id {dup!r}")
+        raise fileio.InputError(f"{files[i]}: duplicate id {dup!r}")
       for key in ids.tolist():
         j = seen.setdefault(key, i)
         if j != i:
-          raise io.InputError(f"{folder}: duplicate id {key!r} in {shard_name(j)} and "
+          raise fileio.InputError(f"{folder}: duplicate id {key!r} in {shard_name(j)} and "
                               f"{shard_name(i)}")
       all_ids.append(ids)
     n_source = (meta.get("identity") or {}).get("n_source")
     if source_ids is not None:
       check_rows(folder, np.concatenate(all_ids), source_ids)
     elif n_source is not None and n_rows != n_source:
-      raise io.InputError(f"{folder}: {n_rows} rows but the source has {n_source} images; "
+      raise fileio.InputError(f"{folder}: {n_rows} rows but the source has {n_source} images; "
                           "the store is not complete")
   index = {
       "format": FORMAT,
@@ -357,10 +357,10 @@ def finalize(folder: str, meta: Mapping[str, Any], complete: bool = True,
   }
   try:  # as JSON reads it back (tuples become lists)
     same = _read_index(folder) == json.loads(json.dumps(index, default=_plain))
-  except io.InputError:
+  except fileio.InputError:
     same = False
   if not same:
-    io.write_json(os.path.join(folder, INDEX), index)
+    fileio.write_json(os.path.join(folder, INDEX), index)
   return index
 
 
@@ -372,12 +372,12 @@ def check_rows(folder: str, ids: np.ndarray, source_ids: Sequence[str]) -> None:
   """InputError unless a store's ids are its source's, same number, same order."""
   source_ids = np.asarray(source_ids, dtype=str)
   if len(ids) != len(source_ids):
-    raise io.InputError(f"{folder}: the store has {len(ids)} rows but its source has "
+    raise fileio.InputError(f"{folder}: the store has {len(ids)} rows but its source has "
                         f"{len(source_ids)} images; it is not a store of this source")
   diff = np.flatnonzero(np.asarray(ids, dtype=str) != source_ids)
   if len(diff):
     r = int(diff[0])
-    raise io.InputError(f"{folder}: row {r} of the store's {len(ids)} is {str(ids[r])!r}, the "
+    raise fileio.InputError(f"{folder}: row {r} of the store's {len(ids)} is {str(ids[r])!r}, the "
                         f"source's image {r} (of {len(source_ids)}) is "
                         f"{str(source_ids[r])!r}; it is not a store of this source")
 
@@ -398,40 +398,40 @@ def read_index(folder: str, source_ids: Optional[Sequence[str]] = None) -> dict:
       the folder and the counts.
   """
   if not os.path.isdir(folder):
-    raise io.InputError(f"{folder}: store folder not found")
+    raise fileio.InputError(f"{folder}: store folder not found")
   index = _read_index(folder)
   path = os.path.join(folder, INDEX)
   if index is None:
-    raise io.InputError(f"{path}: not found; the store is incomplete (finalize was not run)")
+    raise fileio.InputError(f"{path}: not found; the store is incomplete (finalize was not run)")
   if index.get("status") != "complete":
-    raise io.InputError(f"{path}: store status is {index.get('status')!r}, not 'complete' "
+    raise fileio.InputError(f"{path}: store status is {index.get('status')!r}, not 'complete' "
                         f"({index.get('n_rows')} rows); run --mode=embed to finish it")
   ident = identity(index)
   n_rows = index.get("n_rows")
   if sum(s["rows"] for s in index["shards"]) != n_rows:
-    raise io.InputError(f"{path}: n_rows {n_rows} is not the sum of its shards' rows "
+    raise fileio.InputError(f"{path}: n_rows {n_rows} is not the sum of its shards' rows "
                         f"({sum(s['rows'] for s in index['shards'])})")
   if "n_source" in ident and n_rows != ident["n_source"]:
-    raise io.InputError(f"{folder}: marked complete but has {n_rows} rows for "
+    raise fileio.InputError(f"{folder}: marked complete but has {n_rows} rows for "
                         f"{ident['n_source']} source images; it is incomplete: run "
                         "--mode=embed to finish it, or delete it")
   if source_ids is not None:
     n = len(source_ids)
     if n != n_rows:
-      raise io.InputError(f"{folder}: the store has {n_rows} rows but its image set now has "
+      raise fileio.InputError(f"{folder}: the store has {n_rows} rows but its image set now has "
                           f"{n} images; it was made from other images: delete it or use "
                           "another folder (embed.dir)")
     if "source_ids" in ident and ident["source_ids"] != ids_fingerprint(source_ids):
-      raise io.InputError(f"{folder}: the store's {n_rows} ids are not the {n} ids of its "
+      raise fileio.InputError(f"{folder}: the store's {n_rows} ids are not the {n} ids of its "
                           "image set (other images, or another order); delete it or use "
                           "another folder (embed.dir)")
   for s in index["shards"]:
     info = shard_info(os.path.join(folder, s["file"]))
     if info["rows"] != s["rows"]:
-      raise io.InputError(f"{os.path.join(folder, s['file'])}: {info['rows']} rows, the "
+      raise fileio.InputError(f"{os.path.join(folder, s['file'])}: {info['rows']} rows, the "
                           f"index says {s['rows']}")
     if info["dim"] != index["dim"] or info["dtype"] != index["dtype"]:
-      raise io.InputError(f"{os.path.join(folder, s['file'])}: ({info['dim']}, "
+      raise fileio.InputError(f"{os.path.join(folder, s['file'])}: ({info['dim']}, "
                           f"{info['dtype']}) differs from the index ({index['dim']}, "
                           f"{index['dtype']})")
   return index
@@ -458,7 +458,7 @@ def load_store(folder: str, source_ids: Optional[Sequence[str]] = None
   emb = (np.concatenate(embs) if embs else np.zeros((0, index["dim"] or 0), index["dtype"]))
   dup = _first_duplicate(ids)
   if dup is not None:
-    raise io.InputError(f"{folder}: duplicate id {dup!r}")
+    raise fileio.InputError(f"{folder}: duplicate id {dup!r}")
   if source_ids is not None:
     check_rows(folder, ids, source_ids)
   return ids, emb

@@ -26,7 +26,7 @@ from flax import traverse_util
 from flax.training import train_state
 from tqdm import tqdm
 
-from deepssim_jax import augment, convert, io, models, parallel, pipeline, runs
+from deepssim_jax import augment, convert, fileio, models, parallel, pipeline, runs
 
 
 class TrainState(train_state.TrainState):
@@ -139,7 +139,7 @@ def check_freezing(config: ml_collections.ConfigDict) -> None:
   freezes = (m.get("freeze", "stages") == "reference"
              or (m.get("freeze", "stages") == "stages" and m.num_frozen_stages > 0))
   if freezes and not m.get("init_from", ""):
-    raise io.InputError(
+    raise fileio.InputError(
         "model.num_frozen_stages / model.freeze freeze backbone layers, but model.init_from "
         "is empty: frozen random layers cannot learn (and a frozen random stem cannot see "
         "local contrast). Pass --config.model.init_from=<torchvision convnext .pth, timm "
@@ -319,12 +319,12 @@ def restore_model(workdir: str, which: str = "best", step: Optional[int] = None,
     raise ValueError(f"which={which!r}: 'best' or 'latest' (with an optional step)")
   root = os.path.abspath(os.path.join(workdir, "checkpoints", which))
   if not os.path.isdir(root):
-    raise io.InputError(f"{root}: no checkpoints here (is {workdir} a training workdir?)")
+    raise fileio.InputError(f"{root}: no checkpoints here (is {workdir} a training workdir?)")
   mngr = ocp.CheckpointManager(root, item_names=("state",) if which == "best" else
                                ("state", "data"))
   step = step if step is not None else mngr.latest_step()
   if step is None or step not in mngr.all_steps():
-    raise io.InputError(f"{root}: no checkpoint at step {step}; have {mngr.all_steps()}")
+    raise fileio.InputError(f"{root}: no checkpoint at step {step}; have {mngr.all_steps()}")
   if which == "best":
     target = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -368,7 +368,7 @@ def check_model_unchanged(workdir: str, config) -> None:
   saved.pop("init_from", None), now.pop("init_from", None)
   diff = config_lib.config_changes(saved, now, "model.")
   if diff:
-    raise io.InputError(f"{workdir}: its checkpoints are of another model ({'; '.join(diff)})"
+    raise fileio.InputError(f"{workdir}: its checkpoints are of another model ({'; '.join(diff)})"
                         f"; use a new workdir, or set these back to the values in {path}")
 
 
@@ -392,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   if len(valid_source) == 0:
-    raise io.InputError("no validation pairs (split 'valid' of the pair table): the best "
+    raise fileio.InputError("no validation pairs (split 'valid' of the pair table): the best "
                         "checkpoint is chosen on them; raise pairs.valid_fraction")
   check_freezing(config)
   os.makedirs(workdir, exist_ok=True)
@@ -407,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
   valid_ds = pipeline.eval_dataset(valid_source, global_batch=tc.eval_batch_size)
   data_spec = {"pairs": len(train_source), "seed": config.seed, "batch": tc.batch_size,
                "epochs": tc.num_epochs,
-               "fingerprint": io.fingerprint(train_source.real_idx, train_source.synth_idx,
+               "fingerprint": fileio.fingerprint(train_source.real_idx, train_source.synth_idx,
                                              train_source.ssim)}
   if config.model.get("init_from", ""):
     data_spec["init_from"] = init_from_fingerprint(config)
@@ -434,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
       diff = [f"{k}: {old.get(k, '<unset>')!r} -> {data_spec.get(k, '<unset>')!r}"
               for k in sorted(set(old) | set(data_spec)) if old.get(k) != data_spec.get(k)]
       latest.close(), best.close()
-      raise io.InputError(f"{workdir}: its checkpoint was trained on other data/settings "
+      raise fileio.InputError(f"{workdir}: its checkpoint was trained on other data/settings "
                           f"({'; '.join(diff)}); use a new workdir")
     state, start = restored["state"], restored["data"]["batches_consumed"]
     logging.info("Resumed from %s at step %d", latest.directory, step)

@@ -17,10 +17,10 @@ field that does not exist is refused while the flags are parsed.
 import numbers
 from typing import Any, Optional
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 
 
-class ConfigError(io.InputError):
+class ConfigError(fileio.InputError):
   """A config value (or flag) that a job cannot run with; the message names the key(s).
   `hint`: what to do, printed under the error by the entrypoints (deepssim_jax.cli)."""
 

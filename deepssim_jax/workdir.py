@@ -12,7 +12,7 @@ Every writing mode of both entrypoints (deepssim_jax.main, ldm_jax.main) runs in
     host cannot be checked and is never taken over; the message says how to remove it.
   * Once the lock is held, temporaries left by killed jobs are removed and logged
     (clean_temporaries): hidden `.<name>.XXXXXXXX[.old]` folders of audit.publish, orbax
-    `*.orbax-checkpoint-tmp*` folders and `.<name>.XXXXXXXX.tmp` files of io.atomic_open.
+    `*.orbax-checkpoint-tmp*` folders and `.<name>.XXXXXXXX.tmp` files of fileio.atomic_open.
     A running job's temporaries are never touched: its lock stops the second job first.
 
 Multi-process runs (jax.distributed; all processes share the workdir): only process 0
@@ -43,7 +43,7 @@ _TAKEOVER_MAX_AGE_S = 60.0  # a takeover guard older than this was left by a kil
 
 # tempfile's random names: 8 characters of this alphabet (tempfile._RandomNameSequence).
 _RAND = r"[a-z0-9_]{8}"
-ATOMIC_TMP = re.compile(rf"^\..+\.{_RAND}\.tmp$")          # io.atomic_open
+ATOMIC_TMP = re.compile(rf"^\..+\.{_RAND}\.tmp$")          # fileio.atomic_open
 PUBLISH_TMP = re.compile(rf"^\..+\.{_RAND}(\.old)?$")      # audit.publish (folders)
 ORBAX_TMP = ".orbax-checkpoint-tmp"                        # orbax: <name>.orbax-checkpoint-tmp*
 

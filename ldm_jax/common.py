@@ -28,7 +28,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deepssim_jax import config_lib, io, parallel, plots, runs
+from deepssim_jax import config_lib, fileio, parallel, plots, runs
 
 # ----------------------------------------------------------------------------- data order
 
@@ -135,18 +135,18 @@ def restore_weights(workdir: str, which: str, latest_target: Any, weights_of: Ca
     restored = restore_latest(mngr, latest_target, mesh)
     mngr.close()
     if restored is None:
-      raise io.InputError(f"{workdir}: no {what} checkpoint; train it first (--mode={what})")
+      raise fileio.InputError(f"{workdir}: no {what} checkpoint; train it first (--mode={what})")
     return weights_of(restored[0]), restored[1]
   root = os.path.join(workdir, "best")
   if not os.path.isdir(root):
-    raise io.InputError(f"{root}: no best-validation {what} weights (the run has no "
+    raise fileio.InputError(f"{root}: no best-validation {what} weights (the run has no "
                         "validation split: set data.valid_fraction > 0 when training, or use "
                         "the latest checkpoint)")
   mngr = best_manager(workdir, create=False)
   step = mngr.best_step()
   if step is None:
     mngr.close()
-    raise io.InputError(f"{root}: no best-validation {what} weights yet")
+    raise fileio.InputError(f"{root}: no best-validation {what} weights yet")
   target = runs.abstract_like(jax.eval_shape(lambda: weights_of(latest_target)), mesh)
   restored = mngr.restore(step, args=ocp.args.Composite(
       weights=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -164,7 +164,7 @@ def params_fingerprint(params) -> str:
   """A hash of (replicated) weights, read from this process's first copy."""
   leaves = [np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
             for x in jax.tree.leaves(params)]
-  return io.fingerprint(*leaves)
+  return fileio.fingerprint(*leaves)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: dict) -> None:
@@ -187,7 +187,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any, mesh,
       data=ocp.args.JsonRestore()))
   data = restored["data"]
   if spec is not None and data.get("spec") != spec:
-    raise io.InputError(f"{workdir}: its checkpoint was trained with other data/settings "
+    raise fileio.InputError(f"{workdir}: its checkpoint was trained with other data/settings "
                         f"({data.get('spec')} vs {spec}); use a new workdir")
   logging.info("Resumed from %s at step %d", mngr.directory, step)
   return restored["state"], data
@@ -215,7 +215,7 @@ def check_config_unchanged(workdir: str, config: ml_collections.ConfigDict,
     new = {k: v for k, v in new.items() if k in old or k == "overrides"}
     diff += config_lib.config_changes(old, new, f"{name}.")
   if diff:
-    raise io.InputError(f"{workdir}: its checkpoints were trained with other network "
+    raise fileio.InputError(f"{workdir}: its checkpoints were trained with other network "
                         f"settings ({'; '.join(diff)}); use a new workdir, or set these back "
                         f"to the values in {path}")
 
@@ -254,7 +254,7 @@ def plot_losses(path: str, rows: Sequence[dict], keys: Sequence[str], title: str
   ax.set_xlabel("step")
   ax.set_title(title)
   ax.legend(fontsize="small")
-  io.write_bytes(path, plots.png(fig))
+  fileio.write_bytes(path, plots.png(fig))
   return path
 
 
@@ -272,7 +272,7 @@ def image_grid(path: str, images: np.ndarray, ncols: int = 8, titles=None) -> st
     ax.set_axis_off()
     if titles is not None:
       ax.set_title(str(titles[i]), fontsize=6)
-  io.write_bytes(path, plots.png(fig, pad=0.2))
+  fileio.write_bytes(path, plots.png(fig, pad=0.2))
   return path
 
 

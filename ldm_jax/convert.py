@@ -48,7 +48,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from flax import traverse_util
 
-from deepssim_jax import io, runs
+from deepssim_jax import fileio, runs
 from deepssim_jax import convert as deepssim_convert
 
 StateDict = Dict[str, Any]
@@ -205,7 +205,7 @@ def _monai_keys(kind: str, variables: Any) -> Dict[str, Tuple[Optional[Path], st
                                            else (leaves[(s[0], s[1])], s[2]))
         break
     else:
-      raise io.InputError(f"{kind}: no MONAI name for our module {name!r} "
+      raise fileio.InputError(f"{kind}: no MONAI name for our module {name!r} "
                           f"(leaves {sorted('/'.join(x) for x in leaves)})")
   return out
 
@@ -280,7 +280,7 @@ def from_monai(kind: str, state_dict: StateDict, target: Any,
     hint = (" (these are MONAI Generative 0.2.x names: convert with upgrade_old_keys or "
             "load, which rename them through MONAI's load_old_state_dict)"
             if is_old_style(kind, state) else "")
-    raise io.InputError(f"{source}: does not fit the {kind}: " + "; ".join(problems) + hint)
+    raise fileio.InputError(f"{source}: does not fit the {kind}: " + "; ".join(problems) + hint)
   out = {}
   for k, (path, transform) in expected.items():
     if path is not None:
@@ -426,20 +426,20 @@ def upgrade_old_keys(kind: str, state_dict: StateDict, model: Any, source: str =
   try:
     net.load_old_state_dict(old)
   except KeyError as e:
-    raise io.InputError(f"{source}: old-style {kind} state dict lacks key {e.args[0]!r}") from None
+    raise fileio.InputError(f"{source}: old-style {kind} state dict lacks key {e.args[0]!r}") from None
   except RuntimeError as e:  # load_state_dict: size mismatches, one line each
     bad = [f"{m[1]}: file ({m[2]}) vs model ({m[3]})" for m in re.finditer(
         r"size mismatch for (\S+): copying a param with shape torch.Size\(\[([^\]]*)\]\) from "
         r"checkpoint, the shape in current model is torch.Size\(\[([^\]]*)\]\)", str(e))]
     detail = f"{len(bad)} mis-shaped key(s) {bad[:8]}" if bad else str(e)[:2000]
-    raise io.InputError(f"{source}: old-style (MONAI Generative) {kind} state dict does not "
+    raise fileio.InputError(f"{source}: old-style (MONAI Generative) {kind} state dict does not "
                         f"fit the network: {detail}") from None
   new = {k: v.numpy() for k, v in net.state_dict().items()}
   unfilled = sorted(k for k, v in new.items() if v.dtype.kind == "f" and np.isnan(v).any())
   problems = ([f"{len(old)} unknown key(s) {sorted(old)[:8]}"] if old else []) + (
       [f"{len(unfilled)} missing key(s) {unfilled[:8]}"] if unfilled else [])
   if problems:
-    raise io.InputError(f"{source}: old-style (MONAI Generative) {kind} state dict does not "
+    raise fileio.InputError(f"{source}: old-style (MONAI Generative) {kind} state dict does not "
                         "fit the network: " + "; ".join(problems))
   return new
 
@@ -541,7 +541,7 @@ def make_model(kind: str, name: Optional[str] = None, overrides: Optional[dict] 
     raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
   name = name or DEFAULT_MODELS[kind]
   if name not in registry:
-    raise io.InputError(f"unknown {kind} model {name!r}; choose one of {sorted(registry)}")
+    raise fileio.InputError(f"unknown {kind} model {name!r}; choose one of {sorted(registry)}")
   kw = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
   return registry[name](**kw)
 
@@ -570,7 +570,7 @@ def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str
   # pylint: disable=g-import-not-at-top
   from ldm_jax import common, train_autoencoder, train_diffusion
   if common.has_checkpoints(workdir):
-    raise io.InputError(f"{workdir}: already holds checkpoints; choose a new folder")
+    raise fileio.InputError(f"{workdir}: already holds checkpoints; choose a new folder")
   state_dict = load_state_dict(path)
   key = jax.random.key(config.seed)
   mode = config.get("mode", "")
@@ -588,7 +588,7 @@ def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str
     found = infer_overrides("unet", state_dict)
     want = config.cond.kind != "none"
     if found["with_conditioning"] != want:
-      raise io.InputError(f"{path}: a {'conditioned' if found['with_conditioning'] else 'unconditioned'}"
+      raise fileio.InputError(f"{path}: a {'conditioned' if found['with_conditioning'] else 'unconditioned'}"
                           f" UNet, but config.cond.kind is {config.cond.kind!r}")
     dim = found["cross_attention_dim"]
     model = train_diffusion.make_unet(config, found["in_channels"], dim)
@@ -601,7 +601,7 @@ def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str
                           else None)
     kinds = {"unet": path}
   else:
-    raise io.InputError(f"config.mode {mode!r}: import needs an 'autoencoder' or 'diffusion' "
+    raise fileio.InputError(f"config.mode {mode!r}: import needs an 'autoencoder' or 'diffusion' "
                         "config (e.g. configs/ldm_ixi_autoencoder.py)")
   os.makedirs(workdir, exist_ok=True)
   mngr = common.checkpoint_manager(workdir, keep=1)
@@ -610,7 +610,7 @@ def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str
   mngr.wait_until_finished()
   mngr.close()
   runs.save_config(workdir, config)
-  io.write_json(os.path.join(workdir, "converted_from.json"), {
+  fileio.write_json(os.path.join(workdir, "converted_from.json"), {
       k: {"file": os.path.abspath(v), "sha256": deepssim_convert.file_sha256(v)}
       for k, v in kinds.items()} | {"proj_attn": proj_attn})
   return workdir
@@ -627,10 +627,10 @@ def export_run(workdir: str, which: str = "latest") -> Dict[str, StateDict]:
   config = runs.load_config(workdir)
   mode = config.get("mode", "")
   if mode not in ("autoencoder", "diffusion"):
-    raise io.InputError(f"{workdir}: config.json has mode {mode!r}; not an ldm_jax run")
+    raise fileio.InputError(f"{workdir}: config.json has mode {mode!r}; not an ldm_jax run")
   if which == "best":
     if not os.path.isdir(os.path.join(workdir, "best")):
-      raise io.InputError(f"{workdir}: no best-validation weights (trained without a "
+      raise fileio.InputError(f"{workdir}: no best-validation weights (trained without a "
                           "validation split); export the latest checkpoint")
     mngr = common.best_manager(workdir, create=False)
     step, item = mngr.best_step(), "weights"
@@ -639,7 +639,7 @@ def export_run(workdir: str, which: str = "latest") -> Dict[str, StateDict]:
     step, item = mngr.latest_step(), "state"
   if step is None:
     mngr.close()
-    raise io.InputError(f"{workdir}: no {which} checkpoint")
+    raise fileio.InputError(f"{workdir}: no {which} checkpoint")
   tree = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
   mngr.close()
   ema = float(config.get("train", {}).get("ema_decay", 0.0)) > 0
@@ -659,7 +659,7 @@ def export_run(workdir: str, which: str = "latest") -> Dict[str, StateDict]:
 def save_npz(path: str, variables: Any) -> None:
   """Writes variables as one .npz, keys "<collection>/<module>/.../<leaf>" (atomic)."""
   flat = traverse_util.flatten_dict(_as_variables(variables))
-  io.write_npz(path, **{"/".join(p): np.asarray(v) for p, v in flat.items()})
+  fileio.write_npz(path, **{"/".join(p): np.asarray(v) for p, v in flat.items()})
 
 
 def load_npz(path: str) -> dict:
@@ -668,13 +668,13 @@ def load_npz(path: str) -> dict:
     with np.load(path) as z:
       return traverse_util.unflatten_dict({tuple(k.split("/")): z[k] for k in z.files})
   except (OSError, ValueError) as e:
-    raise io.InputError(f"{path}: unreadable .npz ({e})") from None
+    raise fileio.InputError(f"{path}: unreadable .npz ({e})") from None
 
 
 def save_state_dict(path: str, state_dict: StateDict) -> None:
   """torch.save of a state dict (torch tensors), written atomically."""
   import torch  # pylint: disable=g-import-not-at-top
-  with io.atomic_open(path, "wb") as f:
+  with fileio.atomic_open(path, "wb") as f:
     torch.save(state_dict, f)
 
 
@@ -740,7 +740,7 @@ def main(argv):
       save_npz(f.to, variables)
     if f.to_monai:
       save_state_dict(f.to_monai, to_monai(f.kind, variables))
-  except io.InputError as e:
+  except fileio.InputError as e:
     raise SystemExit(f"convert: {e}") from None
 
 

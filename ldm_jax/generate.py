@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from deepssim_jax import config_lib, io, parallel
+from deepssim_jax import config_lib, fileio, parallel
 from deepssim_jax.data import write_png
 from ldm_jax import common, train_diffusion
 
@@ -72,11 +72,11 @@ def output_folders(keys, uids) -> list[str]:
     uid = str(uid)
     if (not uid or uid in (".", "..") or uid.startswith(".")
         or any(c in uid for c in ("/", "\\", "\0"))):
-      raise io.InputError(f"training record {str(key)!r}: its output folder name {uid!r} is "
+      raise fileio.InputError(f"training record {str(key)!r}: its output folder name {uid!r} is "
                           "not a plain folder name (no path separators, not '.' or '..', no "
                           "leading '.'); rename the image (key)")
     if uid in seen:
-      raise io.InputError(f"training records {seen[uid]!r} and {str(key)!r} map to one output "
+      raise fileio.InputError(f"training records {seen[uid]!r} and {str(key)!r} map to one output "
                           f"folder {uid!r}; rename one of the images (keys)")
     seen[uid] = str(key)
   return [str(u) for u in uids]
@@ -97,7 +97,7 @@ def generation_record(config: ml_collections.ConfigDict, run: dict, step: int,
          "latent_pad_mode": config.latent.get("pad_mode", "end"),
          "schedule": {k: v for k, v in config.schedule.to_dict().items()},
          "cond": config.cond.kind,
-         "records": io.fingerprint(records["images"], *records["keys"])}
+         "records": fileio.fingerprint(records["images"], *records["keys"])}
   return json.loads(json.dumps(rec, sort_keys=True, default=str))
 
 
@@ -122,11 +122,11 @@ def check_out_dir(out_dir: str, record: dict) -> dict | None:
       with open(path, encoding="utf-8") as f:
         old = json.load(f)
     except ValueError:
-      raise io.InputError(f"{path}: unreadable record of the samples in {out_dir}; "
+      raise fileio.InputError(f"{path}: unreadable record of the samples in {out_dir}; "
                           f"{hint}") from None
     diff = generation_changes(old, record)
     if diff:
-      raise io.InputError(f"{out_dir}: holds samples generated with other settings "
+      raise fileio.InputError(f"{out_dir}: holds samples generated with other settings "
                           f"({'; '.join(diff)}); {hint}")
     return old
   if os.path.isdir(out_dir):
@@ -134,7 +134,7 @@ def check_out_dir(out_dir: str, record: dict) -> dict | None:
       folder = os.path.join(out_dir, name)
       if os.path.isdir(folder) and any(n == "training.png" or n.startswith("gen-")
                                        for n in os.listdir(folder)):
-        raise io.InputError(f"{out_dir}: holds generated samples ({folder}) but no record "
+        raise fileio.InputError(f"{out_dir}: holds generated samples ({folder}) but no record "
                             f"({path}) of the settings they were made with; {hint}")
   return None
 
@@ -174,7 +174,7 @@ def generate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   record = generation_record(config, run, step, common.params_fingerprint(params), which)
   if check_out_dir(out_dir, record) != record and parallel.is_main_process():
     # before any sample, so an interrupted run's samples are attributed to their settings
-    io.write_json(record_path(out_dir), record)
+    fileio.write_json(record_path(out_dir), record)
   parallel.sync("generation record written")
   params = parallel.replicate(params, mesh)
   n_samples = gc.num_samples

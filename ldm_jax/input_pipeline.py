@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import banks, io, parallel
+from deepssim_jax import banks, fileio, parallel
 
 COVARIATES = ("age", "sex", "sequence", "csf", "wm", "gm")
 SEXES = {"m": 0.0, "male": 0.0, "f": 1.0, "female": 1.0}
@@ -103,7 +103,7 @@ def load_records(config: ml_collections.ConfigDict, workdir: str, split: str = "
   held = valid_subjects(keys, config.data.get("valid_fraction", 0.0), config.seed)
   rows = [i for i, k in enumerate(keys) if (subject_of(k) in held) == (split == "valid")]
   if not rows:
-    raise io.InputError(f"{workdir}: no {'training' if split == 'train' else 'validation'} "
+    raise fileio.InputError(f"{workdir}: no {'training' if split == 'train' else 'validation'} "
                         "images" + ("" if split == "train" else
                                     " (set config.data.valid_fraction > 0)"))
   keys = [keys[i] for i in rows]
@@ -125,13 +125,13 @@ def _read_npz_data(f: str, key: str) -> np.ndarray:
   try:
     z = np.load(f, allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise io.InputError(f"{f}: cannot read the caption embedding of {key!r} ({e})") from None
+    raise fileio.InputError(f"{f}: cannot read the caption embedding of {key!r} ({e})") from None
   if not isinstance(z, np.lib.npyio.NpzFile):
-    raise io.InputError(f"{f}: not an .npz archive; the caption embedding of {key!r} must be "
+    raise fileio.InputError(f"{f}: not an .npz archive; the caption embedding of {key!r} must be "
                         "an .npz with an array 'data'")
   with z:
     if "data" not in z.files:
-      raise io.InputError(f"{f}: no array 'data' (has {sorted(z.files)}); the caption "
+      raise fileio.InputError(f"{f}: no array 'data' (has {sorted(z.files)}); the caption "
                           f"embedding of {key!r} must be stored under 'data'")
     return np.asarray(z["data"], np.float32).reshape(-1)
 
@@ -152,19 +152,19 @@ def read_text_embeddings(path: str, keys: Sequence[str]) -> np.ndarray:
   Raises:
     InputError: a missing row, file or "data" array, unequal sizes or non-finite values.
   """
-  table = io.read_csv(path, required=("key", "caption_emb_path"))
+  table = fileio.read_csv(path, required=("key", "caption_emb_path"))
   index = {k: i for i, k in enumerate(table["key"])}
   root = os.path.dirname(os.path.abspath(path))
   out = []
   for key in keys:
     if key not in index:
-      raise io.InputError(f"{path}: no row for training image {key!r} (column key)")
+      raise fileio.InputError(f"{path}: no row for training image {key!r} (column key)")
     f = os.path.join(root, table["caption_emb_path"][index[key]])
     emb = _read_npz_data(f, key)
     if out and emb.size != out[0].size:
-      raise io.InputError(f"{f}: {emb.size} values, the first embedding has {out[0].size}")
+      raise fileio.InputError(f"{f}: {emb.size} values, the first embedding has {out[0].size}")
     if not np.all(np.isfinite(emb)):
-      raise io.InputError(f"{f}: non-finite values in the caption embedding of {key!r}")
+      raise fileio.InputError(f"{f}: non-finite values in the caption embedding of {key!r}")
     out.append(emb)
   return np.stack(out)[:, None, :]
 
@@ -205,7 +205,7 @@ def synthetic_covariates(keys: Sequence[str], images: np.ndarray, seed: int,
 
 
 def write_covariates_csv(path: str, keys: Sequence[str], cov: Mapping[str, np.ndarray]) -> None:
-  io.write_csv(path, ["key", *COVARIATES],
+  fileio.write_csv(path, ["key", *COVARIATES],
                ([k] + [float(cov[c][i]) for c in COVARIATES] for i, k in enumerate(keys)))
 
 
@@ -219,7 +219,7 @@ def _parse(path: str, column: str, line: int, value: str, names: Sequence[str]) 
     return SEXES[v.lower()]
   if column == "sequence" and v.upper() in [s.upper() for s in names]:
     return float([s.upper() for s in names].index(v.upper()))
-  raise io.InputError(f"{path}: line {line}: column {column!r}: cannot read {value!r} "
+  raise fileio.InputError(f"{path}: line {line}: column {column!r}: cannot read {value!r} "
                       f"(numbers{', M/F' if column == 'sex' else ''}"
                       f"{', ' + '/'.join(names) if column == 'sequence' else ''})")
 
@@ -231,17 +231,17 @@ def read_covariates(path: str, keys: Sequence[str],
   Raises:
     InputError: missing file/columns, a bad value, or a key without a row.
   """
-  table = io.read_csv(path, required=("key", *COVARIATES))
+  table = fileio.read_csv(path, required=("key", *COVARIATES))
   index = {k: i for i, k in enumerate(table["key"])}
   out = np.zeros((len(keys), len(COVARIATES)), np.float32)
   for n, key in enumerate(keys):
     if key not in index:
-      raise io.InputError(f"{path}: no row for training image {key!r} (column key)")
+      raise fileio.InputError(f"{path}: no row for training image {key!r} (column key)")
     i = index[key]
     for j, c in enumerate(COVARIATES):
       out[n, j] = _parse(path, c, i + 2, table[c][i], sequences)
   if not np.all(np.isfinite(out)):
-    raise io.InputError(f"{path}: non-finite covariates (e.g. an unknown age)")
+    raise fileio.InputError(f"{path}: non-finite covariates (e.g. an unknown age)")
   return out
 
 
@@ -251,7 +251,7 @@ def covariates(config: ml_collections.ConfigDict, records: dict, workdir: str) -
   path = config.data.get("covariates_csv", "")
   if not path:
     if config.data.train.kind != "demo":
-      raise io.InputError(
+      raise fileio.InputError(
           "conditioning 'covariates' needs config.data.covariates_csv: a CSV with columns "
           f"key,{','.join(COVARIATES)} (one row per training slice key; tissue fractions "
           "from a segmentation such as FSL FAST or SynthSeg)")
@@ -295,7 +295,7 @@ def duplication_counts(num_images: int, mode: str, ranges: Mapping[str, Sequence
 
 
 def write_duplication_csv(path: str, keys: Sequence[str], counts: np.ndarray) -> None:
-  io.write_csv(path, ["key", "uid", "count"],
+  fileio.write_csv(path, ["key", "uid", "count"],
                ([k, uid_of(k), int(c)] for k, c in zip(keys, counts)))
 
 

@@ -14,7 +14,7 @@ mode runs holding the workdir's lock after the temporaries of killed jobs are re
 import jax
 from absl import app, logging
 
-from deepssim_jax import cli, io, parallel, validate, workdir as workdir_lib
+from deepssim_jax import cli, fileio, parallel, validate, workdir as workdir_lib
 from ldm_jax import generate, nearest, train_autoencoder, train_diffusion
 
 MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
@@ -29,7 +29,7 @@ def check_data(config) -> None:
   """Stops with download instructions when the training images are missing."""
   spec = config.data.train
   if spec.kind != "demo":
-    io.require_path(spec.root, f"training images ({spec.kind})",
+    fileio.require_path(spec.root, f"training images ({spec.kind})",
                                  config.data.get("download_hint", ""))
 
 

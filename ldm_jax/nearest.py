@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import io, parallel, ssim
+from deepssim_jax import fileio, parallel, ssim
 from deepssim_jax.data.images import read_png
 from ldm_jax import common, generate, input_pipeline
 
@@ -71,7 +71,7 @@ def nearest(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   missing = [u for u in records["uids"]
              if not generate.is_complete(os.path.join(out_dir, u), n)]
   if missing:
-    raise io.InputError(f"{out_dir}: {len(missing)} of {len(records['uids'])} records lack "
+    raise fileio.InputError(f"{out_dir}: {len(missing)} of {len(records['uids'])} records lack "
                         f"their {n} samples (e.g. {missing[0]}); run --mode=generate first "
                         "(it resumes)")
   paths = [(r, i, os.path.join(out_dir, u, generate.gen_name(i)))
@@ -91,11 +91,11 @@ def nearest(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   result = {**summary(best), "noise_median": float(np.median(noise_best)),
             "samples_per_record": n, "records": len(training), "out_dir": out_dir}
   if parallel.is_main_process():
-    io.write_csv(f"{out_dir}.nearest.csv",
+    fileio.write_csv(f"{out_dir}.nearest.csv",
                  ["uid", "sample", "nearest_key", "nearest_ssim", "own_ssim"],
                  ([records["uids"][r], i, records["keys"][idx[k]], f"{best[k]:.6f}",
                    f"{own[k]:.6f}"] for k, (r, i, _) in enumerate(paths)))
-    io.write_json(f"{out_dir}.nearest.json", result)
+    fileio.write_json(f"{out_dir}.nearest.json", result)
     order = np.argsort(-best)
     pick = np.unique(order[np.linspace(0, len(order) - 1, min(8, len(order))).round()
                            .astype(int)])

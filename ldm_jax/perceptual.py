@@ -60,7 +60,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from deepssim_jax import convert, io
+from deepssim_jax import convert, fileio
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -206,7 +206,7 @@ def flat_weights(params: dict) -> Dict[str, np.ndarray]:
 
 def save_weights(path: str, params: dict) -> None:
   """Writes LPIPSSqueeze params (the tree under "params") as the .npz, atomically."""
-  io.write_npz(path, **flat_weights(params))
+  fileio.write_npz(path, **flat_weights(params))
 
 
 def _check(what: str, unknown: Sequence[str], missing: Sequence[str],
@@ -216,7 +216,7 @@ def _check(what: str, unknown: Sequence[str], missing: Sequence[str],
       [f"missing keys {list(missing[:8])}"] if missing else []) + (
       [f"mis-shaped {list(bad[:8])}"] if bad else [])
   if problems:
-    raise io.InputError(f"{what}: " + "; ".join(problems))
+    raise fileio.InputError(f"{what}: " + "; ".join(problems))
 
 
 def load_weights(path: str) -> dict:
@@ -226,17 +226,17 @@ def load_weights(path: str) -> dict:
     InputError: no such file, or keys unknown / missing / mis-shaped (named).
   """
   if not path or not os.path.isfile(path):
-    raise io.InputError(f"LPIPS-squeeze weights {path or '(not set)'}: file not found; "
+    raise fileio.InputError(f"LPIPS-squeeze weights {path or '(not set)'}: file not found; "
                         "convert them with `python -m ldm_jax.perceptual --squeezenet=... "
                         "--out=...` (see ldm_jax/perceptual.py)")
   if path.endswith((".pth", ".pt")):
-    raise io.InputError(f"{path}: a PyTorch file; convert it to an .npz first with "
+    raise fileio.InputError(f"{path}: a PyTorch file; convert it to an .npz first with "
                         "`python -m ldm_jax.perceptual --squeezenet=... --out=...`")
   try:
     with np.load(path) as z:
       arrays = {k: np.asarray(z[k]) for k in z.files}
   except Exception as e:  # pylint: disable=broad-except
-    raise io.InputError(f"{path}: unreadable .npz ({type(e).__name__}: {e})") from None
+    raise fileio.InputError(f"{path}: unreadable .npz ({type(e).__name__}: {e})") from None
   want = weight_shapes()
   _check(f"{path}: not LPIPS-squeeze weights", sorted(set(arrays) - set(want)),
          sorted(set(want) - set(arrays)),
@@ -345,7 +345,7 @@ def map_state(state: Dict[str, np.ndarray], source: str, path: str) -> Dict[str,
       unknown.append(key)
       continue
     if canon in seen:
-      raise io.InputError(f"{path}: key {key!r} given twice (as {canon!r})")
+      raise fileio.InputError(f"{path}: key {key!r} given twice (as {canon!r})")
     seen.add(canon)
     ours, kind = rows[canon]
     value = np.asarray(value, np.float32)
@@ -363,12 +363,12 @@ def default_lpips_path() -> str:
   """lpips/weights/v0.1/squeeze.pth inside the installed lpips package (not imported)."""
   spec = importlib.util.find_spec("lpips")
   if spec is None or not spec.submodule_search_locations:
-    raise io.InputError("no --lpips file given and the lpips package is not installed: "
+    raise fileio.InputError("no --lpips file given and the lpips package is not installed: "
                         "pip install lpips, or pass --lpips=/path/to/weights/v0.1/squeeze.pth")
   path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1",
                       "squeeze.pth")
   if not os.path.isfile(path):
-    raise io.InputError(f"{path}: not in the installed lpips package; pass --lpips=FILE")
+    raise fileio.InputError(f"{path}: not in the installed lpips package; pass --lpips=FILE")
   return path
 
 
@@ -406,9 +406,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--squeezenet=FILE and --out=FILE.npz are required")
   try:
     arrays = convert_weights(f.squeezenet, f.lpips)
-  except io.InputError as e:
+  except fileio.InputError as e:
     raise SystemExit(f"perceptual: {e}") from None
-  io.write_npz(f.out, **arrays)
+  fileio.write_npz(f.out, **arrays)
   logging.info("LPIPS-squeeze weights from %s and %s -> %s", f.squeezenet,
                f.lpips or default_lpips_path(), f.out)
 

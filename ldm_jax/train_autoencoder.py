@@ -46,7 +46,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from deepssim_jax import io, parallel, runs
+from deepssim_jax import fileio, parallel, runs
 from ldm_jax import autoencoder, common, discriminator, input_pipeline, perceptual
 
 AUTOENCODERS = {"AutoencoderKL_ref": autoencoder.AutoencoderKL_ref,
@@ -249,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
                   if input_pipeline.has_valid(config) else None)
   total = common.num_steps(tc, len(images), tc.batch_size)
   spec = {"images": len(images), "seed": config.seed, "batch": tc.batch_size,
-          "fingerprint": io.fingerprint(images, *records["keys"])}
+          "fingerprint": fileio.fingerprint(images, *records["keys"])}
 
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state = parallel.replicate(create_state(config, init_rng), mesh)

@@ -53,7 +53,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from deepssim_jax import config_lib, io, parallel, runs
+from deepssim_jax import config_lib, fileio, parallel, runs
 from ldm_jax import common, diffusion, input_pipeline, unet
 
 UNETS = {"DiffusionModelUNet_ref": unet.DiffusionModelUNet_ref,
@@ -81,7 +81,7 @@ def kl_stage(config: ml_collections.ConfigDict, mesh) -> dict:
   theirs, ours = seen(ae_config), seen(config)
   for field in ours:
     if theirs[field] != ours[field]:
-      raise io.InputError(f"{config.autoencoder.workdir}: the autoencoder was trained with "
+      raise fileio.InputError(f"{config.autoencoder.workdir}: the autoencoder was trained with "
                           f"data.{field} = {theirs[field]!r}, this run has {ours[field]!r}")
   encode = lambda x: model.apply({"params": params}, x, method="encode")
   decode = lambda z: model.apply({"params": params}, z, method="decode")
@@ -127,8 +127,8 @@ def latent_key(config: ml_collections.ConfigDict, stage: dict, records: dict,
   """What cached latents depend on (JSON-ready): a change of any of these rebuilds them."""
   lc = config.latent
   return {"first_stage": str(stage["fingerprint"]),
-          "records": io.fingerprint(records["images"], *records["keys"]),
-          "valid": None if valid is None else io.fingerprint(valid["images"], *valid["keys"]),
+          "records": fileio.fingerprint(records["images"], *records["keys"]),
+          "valid": None if valid is None else fileio.fingerprint(valid["images"], *valid["keys"]),
           "intensity": config.data.get("intensity", "zscore"),
           "scale_factor": float(lc.scale_factor), "pad_multiple": int(lc.pad_multiple),
           "pad_mode": lc.get("pad_mode", "end"), "sample": bool(lc.sample)}
@@ -152,7 +152,7 @@ def latents(config: ml_collections.ConfigDict, workdir: str, records: dict, stag
     changes = "; ".join(config_lib.config_changes(old, key, "") if old else
                         ["no key (an older cache)"])
     if common.has_checkpoints(workdir):
-      raise io.InputError(f"{path}: the latents this run was trained on are out of date "
+      raise fileio.InputError(f"{path}: the latents this run was trained on are out of date "
                           f"({changes}); use a new workdir (or restore the autoencoder and "
                           "settings it was trained with)")
     logging.warning("%s: cached latents are out of date (%s); encoding again", path, changes)
@@ -170,7 +170,7 @@ def latents(config: ml_collections.ConfigDict, workdir: str, records: dict, stag
                                                      config.train.encode_batch_size, mesh)
   out = {k: (np.asarray(pad(v)[0]) * scale).astype(np.float32) for k, v in out.items()}
   if parallel.is_main_process():
-    io.write_npz(path, **out, hw=np.asarray(hw), scale=np.float64(scale),
+    fileio.write_npz(path, **out, hw=np.asarray(hw), scale=np.float64(scale),
                  key=np.asarray(json.dumps(key, sort_keys=True)))
   return {**out, "hw": tuple(int(v) for v in hw), "scale": float(scale), "key": key}
 
@@ -257,7 +257,7 @@ def contexts(config, records: dict, workdir: str) -> Optional[np.ndarray]:
   if kind == "text":
     path = config.data.get("text_csv", "")
     if not path:
-      raise io.InputError("conditioning 'text' needs config.data.text_csv: a CSV with columns "
+      raise fileio.InputError("conditioning 'text' needs config.data.text_csv: a CSV with columns "
                           "key,caption_emb_path (an .npz per training slice whose array "
                           "'data' is its caption embedding)")
     return input_pipeline.read_text_embeddings(path, records["keys"])
@@ -360,7 +360,7 @@ def check_ema_unchanged(workdir: str, config: ml_collections.ConfigDict) -> None
     return
   old = float(runs.load_config(workdir).get("train", {}).get("ema_decay", 0.0)) > 0
   if old != uses_ema(config):
-    raise io.InputError(f"{workdir}: its checkpoints were trained "
+    raise fileio.InputError(f"{workdir}: its checkpoints were trained "
                         f"{'with' if old else 'without'} EMA weights (train.ema_decay); use a "
                         "new workdir, or set it back")
 
@@ -421,7 +421,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   total = common.num_steps(tc, len(train_list), tc.batch_size)
   spec = {"records": n, "train_list": int(len(train_list)), "seed": config.seed,
           "batch": tc.batch_size,
-          "fingerprint": io.fingerprint(train_list, lat["mu"], *records["keys"])}
+          "fingerprint": fileio.fingerprint(train_list, lat["mu"], *records["keys"])}
   logging.info("Diffusion: %d unique images, %d with duplication %r, %d steps", n,
                len(train_list), dup.mode, total)
 

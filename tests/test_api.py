@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import deepssim_jax
-from deepssim_jax import api, convert, io, pretrained
+from deepssim_jax import api, convert, fileio, pretrained
 from deepssim_jax.data import demo
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -110,31 +110,31 @@ def test_classify_is_the_papers_rule():
     (np.zeros((0, 20, 20)), "no images"),
 ])
 def test_bad_arrays_are_refused_by_name(model, bad, message):
-  with pytest.raises(io.InputError, match=message):
+  with pytest.raises(fileio.InputError, match=message):
     model.embed(bad)
 
 
 def test_bad_files_and_specs_are_refused_by_name(model, tmp_path):
   junk = tmp_path / "junk.png"
   junk.write_bytes(b"not a png")
-  with pytest.raises(io.InputError, match="junk.png: not a readable image"):
+  with pytest.raises(fileio.InputError, match="junk.png: not a readable image"):
     model.embed(str(junk))
   broken = tmp_path / "broken.nii.gz"
   broken.write_bytes(b"\x1f\x8b garbage")
-  with pytest.raises(io.InputError, match="broken.nii.gz"):
+  with pytest.raises(fileio.InputError, match="broken.nii.gz"):
     model.embed(str(broken))
-  with pytest.raises(io.InputError, match="file not found"):
+  with pytest.raises(fileio.InputError, match="file not found"):
     model.embed(str(tmp_path / "missing.png"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(io.InputError, match="no .png, .nii or .nii.gz"):
+  with pytest.raises(fileio.InputError, match="no .png, .nii or .nii.gz"):
     model.embed(str(tmp_path / "empty"))
-  with pytest.raises(io.InputError, match="not 'builtin'"):
+  with pytest.raises(fileio.InputError, match="not 'builtin'"):
     deepssim_jax.load(str(tmp_path / "no_such_run:best"))
-  with pytest.raises(io.InputError, match="no config.json"):
+  with pytest.raises(fileio.InputError, match="no config.json"):
     deepssim_jax.load(str(tmp_path / "empty"))
-  with pytest.raises(io.InputError, match="one image for a"):
+  with pytest.raises(fileio.InputError, match="one image for a"):
     model.explain(np.stack([np.eye(20)] * 2), np.eye(20))
-  with pytest.raises(io.InputError, match="holds 2 images"):
+  with pytest.raises(fileio.InputError, match="holds 2 images"):
     model.score(np.stack([np.eye(20) + 1, np.eye(20)]), np.eye(20))
 
 
@@ -160,10 +160,10 @@ def test_checkpoint_folders_and_exported_files_load_the_same_model(model, slices
   arrays[first] = arrays[first] + 1
   damaged = str(tmp_path / "damaged.npz")
   np.savez(damaged, **arrays)
-  with pytest.raises(io.InputError, match="damaged file"):
+  with pytest.raises(fileio.InputError, match="damaged file"):
     deepssim_jax.load(damaged)
   np.savez(str(tmp_path / "other.npz"), data=np.zeros(3))
-  with pytest.raises(io.InputError, match="not an exported DeepSSIM model"):
+  with pytest.raises(fileio.InputError, match="not an exported DeepSSIM model"):
     deepssim_jax.load(str(tmp_path / "other.npz"))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import audit, config_lib, embed, io, models
+from deepssim_jax import audit, config_lib, embed, fileio, models
 from test_report import _decode, _parse  # pytest puts tests/ on sys.path
 
 SIZE = (40, 32)
@@ -61,19 +61,19 @@ def test_audit_writes_csv_summary_and_report(model_fn, tmp_path):
   folder = out["out_dir"]
   assert sorted(os.listdir(folder)) == sorted(audit.FILES)
   assert sorted(os.listdir(tmp_path)) == ["audit", "work"]  # no staging folder left
-  table = io.read_csv(os.path.join(folder, "audit.csv"),
+  table = fileio.read_csv(os.path.join(folder, "audit.csv"),
                       ["synth_id", "train_id_1", "score_1", "train_id_5", "score_5", "class",
                        "class_name", "dar_memorized", "mi", "oni", "mi_memorized",
                        "carlini_ratio", "carlini_memorized"])
   n = 12 + 8 + 6
   assert len(table["synth_id"]) == n
-  s1 = io.float_column("audit.csv", table, "score_1")
-  s5 = io.float_column("audit.csv", table, "score_5")
+  s1 = fileio.float_column("audit.csv", table, "score_1")
+  s5 = fileio.float_column("audit.csv", table, "score_5")
   assert np.all(s1 >= s5)
   cls = np.asarray([int(v) for v in table["class"]])
   np.testing.assert_array_equal(cls, np.where(s1 <= 0.6, 0, np.where(s1 > 0.85, 1, 2)))
-  mi = io.float_column("audit.csv", table, "mi")
-  np.testing.assert_allclose(io.float_column("audit.csv", table, "oni"), -np.tanh(mi),
+  mi = fileio.float_column("audit.csv", table, "mi")
+  np.testing.assert_allclose(fileio.float_column("audit.csv", table, "oni"), -np.tanh(mi),
                              atol=1e-12)
   with open(os.path.join(folder, "summary.json")) as f:
     s = json.load(f)
@@ -130,8 +130,8 @@ def test_report_shows_explanation_maps_of_the_checkpoint_model(model_fn, tiny_mo
     assert im.mode == "RGB" and im.size == (SIZE[1] * 2, SIZE[0] * 2)
   assert "LayerCAM" in text
   # The maps are those of explain for the shown pairs (here: the most similar pair's).
-  table = io.read_csv(os.path.join(folder, "audit.csv"), ["synth_id", "train_id_1", "score_1"])
-  top = int(np.argmax(io.float_column("audit.csv", table, "score_1")))
+  table = fileio.read_csv(os.path.join(folder, "audit.csv"), ["synth_id", "train_id_1", "score_1"])
+  top = int(np.argmax(fileio.float_column("audit.csv", table, "score_1")))
   assert overlays[0]["alt"] == f"synthetic {table['synth_id'][top]} similarity map"
   assert overlays[1]["alt"] == f"training {table['train_id_1'][top]} similarity map"
 
@@ -195,17 +195,17 @@ def test_bad_inputs_fail_cleanly_and_keep_the_previous_report(model_fn, tmp_path
       (dict(embeddings=model_fn, images=cropped_images), "mismatched image sizes"),
   ]
   for kw, msg in cases:
-    with pytest.raises(io.InputError, match=msg):
+    with pytest.raises(fileio.InputError, match=msg):
       audit.audit_job(c, work, **kw)
     assert _snapshot(folder) == before  # untouched
   # Dar et al. without a held-out set.
   c.audit.heldout = ""
-  with pytest.raises(io.InputError, match="held-out"):
+  with pytest.raises(fileio.InputError, match="held-out"):
     audit.audit_job(c, work, model_fn)
   assert _snapshot(folder) == before
   # A fresh output folder is not created by a failing audit.
   c.audit.out_dir = str(tmp_path / "fresh")
-  with pytest.raises(io.InputError):
+  with pytest.raises(fileio.InputError):
     audit.audit_job(c, work, model_fn)
   assert not os.path.exists(tmp_path / "fresh")
   assert sorted(os.listdir(tmp_path)) == ["audit", "work"]
@@ -215,7 +215,7 @@ def test_bad_inputs_fail_cleanly_and_keep_the_previous_report(model_fn, tmp_path
   s = audit.audit_job(c, work, model_fn)["summary"]
   assert set(s["calibration"]) == {"mi", "carlini"} and "dar" not in s["thresholds"]
   assert s["calibration"]["carlini"]["space"] == "pixels"
-  table = io.read_csv(os.path.join(str(tmp_path / "fresh"), "audit.csv"), ["carlini_ratio"])
+  table = fileio.read_csv(os.path.join(str(tmp_path / "fresh"), "audit.csv"), ["carlini_ratio"])
   assert "dar_memorized" not in table
   with pytest.raises(ValueError, match="embeddings function"):
     audit.audit_job(c, work)
@@ -224,7 +224,7 @@ def test_bad_inputs_fail_cleanly_and_keep_the_previous_report(model_fn, tmp_path
 def test_publish_refuses_foreign_folders(tmp_path):
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "thesis.tex").write_text("x")
-  with pytest.raises(io.InputError, match="refusing to replace"):
+  with pytest.raises(fileio.InputError, match="refusing to replace"):
     audit.publish(str(tmp_path / "mine"), {"summary.json": "{}"})
   assert os.listdir(tmp_path / "mine") == ["thesis.tex"]
   out = audit.publish(str(tmp_path / "new"), {"summary.json": "{}", "a.txt": "a"})
@@ -236,17 +236,17 @@ def test_compare_tabulates_and_plots(model_fn, tmp_path):
   c.calibrate.dar.enabled = False
   c.compare.synthetic = ("synth", "real")  # the training set audited against itself
   out = audit.compare_job(c, str(tmp_path / "work"), model_fn)
-  table = io.read_csv(out["csv"], audit.COMPARE_COLUMNS)
+  table = fileio.read_csv(out["csv"], audit.COMPARE_COLUMNS)
   assert table["name"] == ["synth", "real"]
-  rates = io.float_column(out["csv"], table, "memorization_rate")
+  rates = fileio.float_column(out["csv"], table, "memorization_rate")
   assert rates[1] == 1.0  # every training image is its own Duplicate
   assert table["dar_rate"] == ["", ""]
-  assert io.float_column(out["csv"], table, "share_training_copied")[1] == 1.0
+  assert fileio.float_column(out["csv"], table, "share_training_copied")[1] == 1.0
   with Image.open(out["png"]) as im:
     assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 300
   for name in ("synth", "real"):
     assert os.path.exists(tmp_path / "work" / "compare" / name / "report.html")
-  with pytest.raises(io.InputError, match="summary.json: not found"):
+  with pytest.raises(fileio.InputError, match="summary.json: not found"):
     audit.compare_runs({"x": str(tmp_path / "nowhere")}, str(tmp_path / "cmp"))
 
 
@@ -289,7 +289,7 @@ def test_truth_csv_is_read_in_synthetic_order_and_bad_files_are_named(tmp_path):
       ("synth_id,memorized\ns0,1\ns1,0\n", "1 synthetic images have no row"),
       ("synth_id,memorized\ns0,1\ns1,0\ns2,0\nzz,1\n", "1 rows name no synthetic image")]:
     path.write_text(text)
-    with pytest.raises(io.InputError, match=message) as e:
+    with pytest.raises(fileio.InputError, match=message) as e:
       audit.read_truth(str(path), ids)
     assert str(path) in str(e.value)
 
@@ -298,7 +298,7 @@ def test_audit_validates_against_demo_labels_and_a_truth_csv(model_fn, tmp_path)
   c = _config(tmp_path)
   work = str(tmp_path / "work")
   s = audit.audit_job(c, work, model_fn)["summary"]
-  table = io.read_csv(os.path.join(c.audit.out_dir, "audit.csv"),
+  table = fileio.read_csv(os.path.join(c.audit.out_dir, "audit.csv"),
                       ["synth_id", "class", "carlini_memorized"])
   from deepssim_jax import banks
   b = banks.bank(c.data.synth, c, os.path.join(work, "data"), "synth")
@@ -324,7 +324,7 @@ def test_audit_validates_against_demo_labels_and_a_truth_csv(model_fn, tmp_path)
   # Mismatched ids: a clear error, and the audit already written stays as it was.
   before = _snapshot(c.audit.out_dir)
   truth.write_text("synth_id,memorized\nnot-an-id,1\n")
-  with pytest.raises(io.InputError, match="ids do not match"):
+  with pytest.raises(fileio.InputError, match="ids do not match"):
     audit.audit_job(c, work, model_fn)
   assert _snapshot(c.audit.out_dir) == before
   # No known answers: no validation.

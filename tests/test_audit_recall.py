@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from deepssim_jax import banks, io
+from deepssim_jax import banks, fileio
 import run_cli  # tests/run_cli.py (pytest puts tests/ on sys.path)
 
 CONFIG = os.path.join(run_cli.ROOT, "configs", "audit_demo.py")
@@ -37,7 +37,7 @@ def test_audit_flags_augmented_copies_and_not_neighbours_or_other_heads(tmp_path
   _cli(wd)
   assert "Duplicate" in _cli(wd, "--mode=audit")
 
-  rows = io.read_csv(os.path.join(wd, "audit", "audit.csv"),
+  rows = fileio.read_csv(os.path.join(wd, "audit", "audit.csv"),
                      ["synth_id", "train_id_1", "class"])
   synth = banks.bank(c.data.synth, c, os.path.join(wd, "data"), "synth")
   meta = {k: dict(zip(synth["keys"].tolist(), np.asarray(v).tolist()))

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 
-from deepssim_jax import config_lib, io, jobs, pairs, train
+from deepssim_jax import config_lib, fileio, jobs, pairs, train
 from deepssim_jax.data import write_png
 from ldm_jax import generate, input_pipeline, train_diffusion
 
@@ -42,7 +42,7 @@ def snapshot(folder: str, skip=("eval", "tensorboard")) -> dict:
       st = os.stat(p)
       with open(p, "rb") as fh:
         out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns,
-                                           io.fingerprint(fh.read()))
+                                           fileio.fingerprint(fh.read()))
   return out
 
 
@@ -75,7 +75,7 @@ def test_refused_training_leaves_config_and_checkpoints(trained, change, message
   before = snapshot(wd)
   c = tiny_config()
   change(c)
-  with pytest.raises(io.InputError, match=message):
+  with pytest.raises(fileio.InputError, match=message):
     jobs.train_job(c, wd)
   assert snapshot(wd) == before
   with open(os.path.join(wd, "config.json")) as f:
@@ -91,11 +91,11 @@ def test_stale_pair_table_of_a_trained_workdir_is_refused(trained):
   before = snapshot(wd)
   c = tiny_config()
   c.pairs.num_pairs = 40
-  with pytest.raises(io.InputError, match=r"num_pairs: 48 -> 40.*trained on it.*pairs_csv"):
+  with pytest.raises(fileio.InputError, match=r"num_pairs: 48 -> 40.*trained on it.*pairs_csv"):
     jobs.prepare_data(c, wd)
   c = tiny_config()
   c.data.demo.num_copies = 6  # another synthetic bank
-  with pytest.raises(io.InputError, match=r"pair table.*synth:"):
+  with pytest.raises(fileio.InputError, match=r"pair table.*synth:"):
     jobs.prepare_data(c, wd)
   assert snapshot(wd) == before  # the banks were not rebuilt either
   # The escape hatch: the table as it is, read and never written.
@@ -177,10 +177,10 @@ def test_output_folder_names_are_checked():
   assert generate.output_folders(keys, [input_pipeline.uid_of(k) for k in keys]) == [
       "h1-z001", "h2-z001"]
   keys = ["a/b", "x/y", "a-b"]
-  with pytest.raises(io.InputError, match=r"'a/b' and 'a-b' map to one output folder 'a-b'"):
+  with pytest.raises(fileio.InputError, match=r"'a/b' and 'a-b' map to one output folder 'a-b'"):
     generate.output_folders(keys, [input_pipeline.uid_of(k) for k in keys])
   for key in ("..", ".", ".hidden/x", "a\\b", ""):
-    with pytest.raises(io.InputError, match="not a plain folder name"):
+    with pytest.raises(fileio.InputError, match="not a plain folder name"):
       generate.output_folders([key], [input_pipeline.uid_of(key)])
 
 
@@ -223,7 +223,7 @@ def test_generation_refuses_other_settings_and_checkpoints(tmp_path):
                                 ("num_inference_steps", 3, r"num_inference_steps: 2 -> 3")):
     c2 = dm_config()
     (c2.generate if field == "seed" else c2.sample)[field] = value
-    with pytest.raises(io.InputError, match=rf"other settings \({message}\)"):
+    with pytest.raises(fileio.InputError, match=rf"other settings \({message}\)"):
       generate.generate(c2, wd, out_dir=out)
     assert snapshot(str(tmp_path)) == before
 
@@ -231,13 +231,13 @@ def test_generation_refuses_other_settings_and_checkpoints(tmp_path):
   wd_before = snapshot(wd, skip=())
   c3 = dm_config()
   c3.model.overrides.norm_num_groups = 4
-  with pytest.raises(io.InputError, match=r"overrides\.norm_num_groups: '<unset>' -> 4"):
+  with pytest.raises(fileio.InputError, match=r"overrides\.norm_num_groups: '<unset>' -> 4"):
     train_diffusion.train(c3, wd)
   assert snapshot(wd, skip=()) == wd_before
 
   # Samples without a record (made before records, or by hand) are refused as well.
   os.remove(out + ".record.json")
-  with pytest.raises(io.InputError, match="no record"):
+  with pytest.raises(fileio.InputError, match="no record"):
     generate.generate(c, wd, out_dir=out)
   # A newer checkpoint is another checkpoint_step / weights fingerprint: refused the same way.
   newer = dict(first["record"], checkpoint_step=4, checkpoint="0123")

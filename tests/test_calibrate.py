@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from deepssim_jax import calibrate, io
+from deepssim_jax import calibrate, fileio
 
 
 def _unit(deg):
@@ -218,30 +218,30 @@ def test_relative_distance_formula():
 
 def test_bad_inputs_give_clear_errors():
   train = _unit([0, 90, 180])
-  with pytest.raises(io.InputError, match="synthetic embeddings: empty"):
+  with pytest.raises(fileio.InputError, match="synthetic embeddings: empty"):
     calibrate.context(train, np.zeros((0, 2), np.float32))
-  with pytest.raises(io.InputError, match="training embeddings: empty"):
+  with pytest.raises(fileio.InputError, match="training embeddings: empty"):
     calibrate.context(np.zeros((0, 2), np.float32), train)
-  with pytest.raises(io.InputError, match="dimension 3 differs"):
+  with pytest.raises(fileio.InputError, match="dimension 3 differs"):
     calibrate.context(train, np.ones((2, 3), np.float32))
-  with pytest.raises(io.InputError, match="dimension 3 differs"):
+  with pytest.raises(fileio.InputError, match="dimension 3 differs"):
     calibrate.context(train, train, heldout_emb=np.ones((2, 3), np.float32))
-  with pytest.raises(io.InputError, match="NaN"):
+  with pytest.raises(fileio.InputError, match="NaN"):
     calibrate.context(train, np.full((1, 2), np.nan, np.float32))
   ctx = calibrate.context(train, _unit([10]))
-  with pytest.raises(io.InputError, match="held-out"):
+  with pytest.raises(fileio.InputError, match="held-out"):
     calibrate.run_all(_cfg(dar=True), ctx)
-  with pytest.raises(io.InputError, match=">= 2 training images"):
+  with pytest.raises(fileio.InputError, match=">= 2 training images"):
     calibrate.run_all(_cfg(mi=True), calibrate.context(train[:1], _unit([10])))
   with pytest.raises(ValueError, match="zero spread"):
     calibrate.run_all(_cfg(mi=True), calibrate.context(_unit([0, 0, 0, 0]), _unit([10])))
   cfg = _cfg(carlini=True)
   cfg.carlini.space = "pixels"
-  with pytest.raises(io.InputError, match="needs the training and synthetic images"):
+  with pytest.raises(fileio.InputError, match="needs the training and synthetic images"):
     calibrate.run_all(cfg, ctx)
   ctx = calibrate.context(train, _unit([10]), train_images=np.zeros((3, 4, 4)),
                           synth_images=np.zeros((1, 4, 5)))
-  with pytest.raises(io.InputError, match="mismatched image sizes"):
+  with pytest.raises(fileio.InputError, match="mismatched image sizes"):
     calibrate.run_all(cfg, ctx)
   cfg.carlini.space = "voxels"
   with pytest.raises(ValueError, match="'embedding' or 'pixels'"):
@@ -250,7 +250,7 @@ def test_bad_inputs_give_clear_errors():
   bad.nope = {"enabled": True}
   with pytest.raises(ValueError, match="unknown calibration"):
     calibrate.enabled(bad)
-  with pytest.raises(io.InputError, match="empty held-out"):
+  with pytest.raises(fileio.InputError, match="empty held-out"):
     calibrate.percentile_threshold([], 95)
 
 

@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from deepssim_jax import cli, io, validate, workdir as workdir_lib
+from deepssim_jax import cli, fileio, validate, workdir as workdir_lib
 
 import run_cli  # tests/run_cli.py (pytest puts tests/ on sys.path)
 
@@ -81,7 +81,7 @@ def dead_pid() -> int:
 def write_lock(wd: str, **info) -> dict:
   info = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2024-05-01T10:00:00",
           "mode": "train", **info}
-  io.write_json(os.path.join(wd, workdir_lib.LOCK_NAME), info)
+  fileio.write_json(os.path.join(wd, workdir_lib.LOCK_NAME), info)
   return info
 
 
@@ -280,7 +280,7 @@ def test_unwritable_workdir_is_one_line(tmp_path, capsys):
 
 def test_verbose_shows_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
   def bad_input():
-    raise io.InputError("pairs.csv: line 3: not a number")
+    raise fileio.InputError("pairs.csv: line 3: not a number")
   with pytest.raises(SystemExit) as e:
     cli.run_guarded(bad_input, verbose=cli.verbose_requested(False))
   assert e.value.code == 2
@@ -392,7 +392,7 @@ def test_ldm_main_locks_cleans_and_reports(ldm_main, monkeypatch, tmp_path, caps
     seen["lock"] = workdir_lib.read_lock(os.path.join(workdir, workdir_lib.LOCK_NAME))
     seen["temps"] = workdir_lib.temporaries(workdir)
     if config.train.log_every_steps == 7:
-      raise io.InputError("bad images")
+      raise fileio.InputError("bad images")
 
   monkeypatch.setitem(ldm_main.MODES, "autoencoder", job)
   argv = ["ldm_jax.main", f"--config={os.path.join(ROOT, LDM_AE)}", f"--workdir={wd}"]

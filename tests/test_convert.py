@@ -17,7 +17,7 @@ torchvision = pytest.importorskip("torchvision")
 from torch import nn  # pylint: disable=g-import-not-at-top
 from torchvision.models import convnext as tv_convnext  # pylint: disable=g-import-not-at-top
 
-from deepssim_jax import convert, io, models  # noqa: E402
+from deepssim_jax import convert, fileio, models  # noqa: E402
 
 RTOL = 1e-5  # largest |ours - torch| / max |torch| allowed (float32)
 
@@ -190,7 +190,7 @@ def test_reference_torchscript_embeddings_match(tmp_path, variant):
     net = PlusPlusEmbedder(torchvision.models.convnext_tiny(), (96, 192, 384, 768))
   net = randomize(net, seed=4)
   path = scripted(net, str(tmp_path / "best_model_jit.pt"))
-  with pytest.raises(io.InputError, match="TorchScript"):
+  with pytest.raises(fileio.InputError, match="TorchScript"):
     convert.load(path)  # runs code: only with the explicit flag
   kw, variables = convert.load(path, torchscript=True, image_size=(64, 48))
   assert kw["format"] == ("wacv" if variant == "wacv_base" else "pp")
@@ -243,7 +243,7 @@ def test_convert_cli_writes_a_checkpoint_every_mode_reads(tmp_path):
     want = l2n(net(xt))
   got = np.asarray(ck["model"].apply(ck["variables"], x))
   report("converted checkpoint folder (wacv, tiny)", got, want)
-  with pytest.raises(io.InputError, match="already holds a checkpoint"):
+  with pytest.raises(fileio.InputError, match="already holds a checkpoint"):
     convert.convert(path, out, torchscript=True, image_size=(32, 32))
 
 
@@ -370,15 +370,15 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
   loaded = load(good, "good")
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params["backbone"])):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(io.InputError, match=r"unknown key.*features\.1\.0\.block\.9\.weight"):
+  with pytest.raises(fileio.InputError, match=r"unknown key.*features\.1\.0\.block\.9\.weight"):
     load({**good, "features.1.0.block.9.weight": np.zeros(3, np.float32)}, "extra")
   missing = {k: v for k, v in good.items() if k != "features.3.0.layer_scale"}
-  with pytest.raises(io.InputError, match="missing.*stages_1/block_0/layer_scale"):
+  with pytest.raises(fileio.InputError, match="missing.*stages_1/block_0/layer_scale"):
     load(missing, "missing")
   bad = {**good, "features.0.1.weight": np.zeros(5, np.float32)}
-  with pytest.raises(io.InputError, match=r"shape mismatch.*stem/norm/scale.*\(5,\)"):
+  with pytest.raises(fileio.InputError, match=r"shape mismatch.*stem/norm/scale.*\(5,\)"):
     load(bad, "bad")
-  with pytest.raises(io.InputError, match="none of the ConvNeXt key prefixes"):
+  with pytest.raises(fileio.InputError, match="none of the ConvNeXt key prefixes"):
     load({"encoder.weight": np.zeros(2, np.float32)}, "foreign")
-  with pytest.raises(io.InputError, match="no such file"):
+  with pytest.raises(fileio.InputError, match="no such file"):
     convert.backbone_params(str(tmp_path / "absent.pth"), model, (32, 32))

@@ -8,7 +8,7 @@ import pytest
 from skimage.metrics import structural_similarity
 from skimage.transform import rotate
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 from deepssim_jax.data import demo
 from deepssim_jax.data import images
 from deepssim_jax.data import volumes
@@ -165,7 +165,7 @@ def test_write_demo_layout_round_trip(tmp_path):
   assert len(training) == 12 and len(generated) == 9
   assert sorted(training.keys) == sorted(
       f"{demo.layout_uid(k)}/training" for k in sets["training"]["keys"])
-  labels = io.read_csv(out["labels"], ("real_key", "synth_key", "label"))
+  labels = fileio.read_csv(out["labels"], ("real_key", "synth_key", "label"))
   assert sorted(labels["synth_key"]) == sorted(generated.keys)
   for real, synth in zip(labels["real_key"], labels["synth_key"]):
     assert real.split("/")[0] == synth.split("/")[0]
@@ -179,5 +179,5 @@ def test_write_demo_layout_round_trip(tmp_path):
     step = float(x.max() - x.min()) / 255
     assert np.abs(got - x).max() <= 0.6 * step + 1e-3
     assert int(label) == demo.LABELS[kind]
-  with pytest.raises(io.InputError, match=re.escape(root) + ".*empty"):
+  with pytest.raises(fileio.InputError, match=re.escape(root) + ".*empty"):
     demo.write_demo_layout(root, **SMALL)

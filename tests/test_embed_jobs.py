@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from deepssim_jax import config_lib, embed, io, jobs, metrics, models, parallel, store
+from deepssim_jax import config_lib, embed, fileio, jobs, metrics, models, parallel, store
 
 SIZE = (32, 32)
 
@@ -63,7 +63,7 @@ def test_store_equals_embed_array_and_resume_equals_uninterrupted(model_vars, tm
   part = str(tmp_path / "part")
   r1 = run_store(model_vars, part, embed.BankSource(keys, x), mesh, stop_after_shards=1)
   assert not r1["complete"] and r1["written"] == 1
-  with pytest.raises(io.InputError, match="partial"):
+  with pytest.raises(fileio.InputError, match="partial"):
     store.load_store(part)
   # ...and the resumed run reads only the missing rows and ends equal to the whole run.
   src = CountingSource(keys, x)
@@ -74,7 +74,7 @@ def test_store_equals_embed_array_and_resume_equals_uninterrupted(model_vars, tm
   assert ids2.tolist() == keys
   np.testing.assert_array_equal(emb2, emb)
   # A different model (fingerprint) may not continue this store.
-  with pytest.raises(io.InputError, match="fingerprint"):
+  with pytest.raises(fileio.InputError, match="fingerprint"):
     embed.embed_to_store(embed.make_embed_fn(model), v, src, part, batch_size=8,
                          shard_rows=12, fingerprint="other", mesh=mesh, progress=False)
 
@@ -97,7 +97,7 @@ def test_four_devices_give_the_same_store_as_one(model_vars, tmp_path):
 
 def test_embed_rejects_empty_set_and_bad_settings(model_vars, tmp_path):
   empty = embed.BankSource([], np.zeros((0, *SIZE), np.float32))
-  with pytest.raises(io.InputError, match="empty"):
+  with pytest.raises(fileio.InputError, match="empty"):
     run_store(model_vars, str(tmp_path / "e"), empty, parallel.make_mesh())
   src = embed.BankSource(["a"], images(1, 3))
   with pytest.raises(ValueError, match="shard_rows"):
@@ -115,7 +115,7 @@ def test_pearson_equals_numpy_corrcoef():
   want = [np.corrcoef(a[i].ravel(), b[i].ravel())[0, 1] for i in range(5)]
   np.testing.assert_allclose(got, want, atol=1e-12)
   assert got[0] == pytest.approx(1.0)
-  with pytest.raises(io.InputError, match="constant image"):
+  with pytest.raises(fileio.InputError, match="constant image"):
     metrics.pearson(a[:1], np.ones_like(a[:1]))
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from deepssim_jax import evaluate, io
+from deepssim_jax import evaluate, fileio
 
 
 def _fixed_case():
@@ -134,7 +134,7 @@ def test_read_labelled_pairs_and_errors(tmp_path):
   for name, (text, needle) in cases.items():
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(io.InputError, match=needle) as e:
+    with pytest.raises(fileio.InputError, match=needle) as e:
       evaluate.read_labelled_pairs(str(path))
     assert name in str(e.value)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import (audit, config_lib, evaluate, io, jobs, match, pairs, parallel,
+from deepssim_jax import (audit, config_lib, evaluate, fileio, jobs, match, pairs, parallel,
                           pipeline)
 
 UIDS = ("IXI002-Guys-0828-T1_s070", "IXI012-HH-1211-T1_s064", "colin27_s080")
@@ -110,20 +110,20 @@ def _eval_py_scores(paths, test_csv):
 
 
 def test_key_spellings():
-  assert io.canonical_key("IXI002-Guys-0828-T1_s070___gen-3") == "IXI002-Guys-0828-T1_s070/gen-3"
-  assert io.canonical_key("IXI002-Guys-0828-T1_s070/gen-3") == "IXI002-Guys-0828-T1_s070/gen-3"
-  assert io.canonical_key("flat_key") == "flat_key"
-  assert io.canonical_key("a___b___c") == "a/b___c"  # the first ___ only
-  assert io.canonical_key("a___training.png") == "a/training.png"  # .png is kept
-  assert io.reference_key("uid/gen-3") == "uid___gen-3"
-  assert io.reference_key("uid___gen-3") == "uid___gen-3"
-  assert io.reference_key("site/uid/gen-3") == "site/uid___gen-3"  # uid: the parent folder
-  assert io.reference_key("flat_key") == "flat_key"
+  assert fileio.canonical_key("IXI002-Guys-0828-T1_s070___gen-3") == "IXI002-Guys-0828-T1_s070/gen-3"
+  assert fileio.canonical_key("IXI002-Guys-0828-T1_s070/gen-3") == "IXI002-Guys-0828-T1_s070/gen-3"
+  assert fileio.canonical_key("flat_key") == "flat_key"
+  assert fileio.canonical_key("a___b___c") == "a/b___c"  # the first ___ only
+  assert fileio.canonical_key("a___training.png") == "a/training.png"  # .png is kept
+  assert fileio.reference_key("uid/gen-3") == "uid___gen-3"
+  assert fileio.reference_key("uid___gen-3") == "uid___gen-3"
+  assert fileio.reference_key("site/uid/gen-3") == "site/uid___gen-3"  # uid: the parent folder
+  assert fileio.reference_key("flat_key") == "flat_key"
   for k in ("uid/gen-3", "site/uid/gen-3", "flat", "head/z070"):
-    assert io.canonical_key(io.reference_key(k)) == k
-  assert io.key_positions(["a/b", "c___d"], "set") == {"a/b": 0, "c/d": 1}
-  with pytest.raises(io.InputError, match=r"bank\.npz: ids 'a/b' and 'a___b' name the same"):
-    io.key_positions(["a/b", "x", "a___b"], "bank.npz")
+    assert fileio.canonical_key(fileio.reference_key(k)) == k
+  assert fileio.key_positions(["a/b", "c___d"], "set") == {"a/b": 0, "c/d": 1}
+  with pytest.raises(fileio.InputError, match=r"bank\.npz: ids 'a/b' and 'a___b' name the same"):
+    fileio.key_positions(["a/b", "x", "a___b"], "bank.npz")
 
 
 def test_reference_keys_find_the_same_images(layout, tmp_path):
@@ -140,7 +140,7 @@ def test_reference_keys_find_the_same_images(layout, tmp_path):
     np.testing.assert_array_equal(
         pairs.key_index(keys, getattr(table, which), "x", "ref.csv"), want)
     # Ids in the reference's spelling and keys in ours: the same rows again.
-    ref_ids = np.array([io.reference_key(k) for k in keys.tolist()])
+    ref_ids = np.array([fileio.reference_key(k) for k in keys.tolist()])
     np.testing.assert_array_equal(pairs.key_index(ref_ids, getattr(ours, which), "x", "o"),
                                   want)
     np.testing.assert_array_equal(match.positions(keys, getattr(table, which), "t"), want)
@@ -157,11 +157,11 @@ def test_reference_keys_find_the_same_images(layout, tmp_path):
   bad = tmp_path / "bad_test.csv"
   bad.write_text("real_key,synth_key,label\n"
                  f"{_ref(UIDS[0], 'training')},{_ref(UIDS[0], 'gen-9')},1\n")
-  with pytest.raises(io.InputError, match=rf"bad_test\.csv: synthetic key "
+  with pytest.raises(fileio.InputError, match=rf"bad_test\.csv: synthetic key "
                      rf"'{UIDS[0]}___gen-9' \(row 2\)"):
     pairs.key_index(synth_keys, evaluate.read_labelled_pairs(str(bad))["synth_key"],
                     "synthetic", str(bad))
-  with pytest.raises(io.InputError, match=r"store: key 'nobody___training' not found"):
+  with pytest.raises(fileio.InputError, match=r"store: key 'nobody___training' not found"):
     match.positions(real_keys, ["nobody___training"], "store")
 
 
@@ -202,7 +202,7 @@ def test_evaluate_scores_reference_test_set_and_matrix(layout, tmp_path):
   for m in c.eval.metrics:
     assert out[m]["fixed"]["macro_f1"] == pytest.approx(want["macro_f1"])
   for entry in ("matrix:", "matrix:a.npz,b.npz"):
-    with pytest.raises(io.InputError, match="expected 'matrix:<matrix.npz>'"):
+    with pytest.raises(fileio.InputError, match="expected 'matrix:<matrix.npz>'"):
       jobs.matrix_metric_paths(entry)
 
 
@@ -224,7 +224,7 @@ def test_our_matrix_reads_with_plain_numpy_like_eval_py(tmp_path):
           for a in range(3) for b in range(3) for i in range(NUM_GEN)]
   test_csv.write_text("real_key,synth_key,label\n" + "".join(f"{r},{s},0\n" for r, s in keys))
   got = _eval_py_scores((paths["matrix"], paths["real"], paths["synth"]), test_csv)
-  want = np.array([m[real_ids.index(io.canonical_key(r)), synth_ids.index(io.canonical_key(s))]
+  want = np.array([m[real_ids.index(fileio.canonical_key(r)), synth_ids.index(fileio.canonical_key(s))]
                    for r, s in keys])
   np.testing.assert_array_equal(got, want)
   cosine = match.pair_scores(real_ids, real_emb, synth_ids, synth_emb,
@@ -245,8 +245,8 @@ def test_reference_matrix_round_trips(tmp_path):
   synth = [_ref(u, f"gen-{i}") for u in UIDS[::-1] for i in range(NUM_GEN)]
   paths = _write_reference_matrix(tmp_path, real, synth)
   real_ids, synth_ids, matrix = match.read_reference_matrix(*paths)
-  assert real_ids.tolist() == [io.canonical_key(k) for k in real]
-  assert synth_ids.tolist() == [io.canonical_key(k) for k in synth]
+  assert real_ids.tolist() == [fileio.canonical_key(k) for k in real]
+  assert synth_ids.tolist() == [fileio.canonical_key(k) for k in synth]
   raw = np.load(paths[0])["data"]
   assert matrix.dtype == np.float16
   np.testing.assert_array_equal(matrix, raw)
@@ -255,9 +255,9 @@ def test_reference_matrix_round_trips(tmp_path):
   want = [raw[2, 4], raw[0, 1]]
   np.testing.assert_array_equal(match.matrix_scores(real_ids, synth_ids, matrix, rk, sk), want)
   np.testing.assert_array_equal(
-      match.matrix_scores(real_ids, synth_ids, matrix, [io.canonical_key(k) for k in rk],
-                          [io.canonical_key(k) for k in sk]), want)
-  with pytest.raises(io.InputError, match=r"test\.csv: key 'x___gen-0' not found"):
+      match.matrix_scores(real_ids, synth_ids, matrix, [fileio.canonical_key(k) for k in rk],
+                          [fileio.canonical_key(k) for k in sk]), want)
+  with pytest.raises(fileio.InputError, match=r"test\.csv: key 'x___gen-0' not found"):
     match.matrix_scores(real_ids, synth_ids, matrix, rk, [synth[0], "x___gen-0"],
                         synth_name="test.csv")
   # Our writer, then the reader: the same again.
@@ -273,7 +273,7 @@ def test_bad_reference_matrices_are_named(tmp_path):
   m, r, s = _write_reference_matrix(tmp_path, real, synth)
 
   def fails(message, matrix=m, real_path=r, synth_path=s):
-    with pytest.raises(io.InputError, match=message):
+    with pytest.raises(fileio.InputError, match=message):
       match.read_reference_matrix(matrix, real_path, synth_path)
 
   bad = str(tmp_path / "bad.npz")
@@ -289,7 +289,7 @@ def test_bad_reference_matrices_are_named(tmp_path):
   fails(r"bad\.npz: no 'data' array", m, bad)
   np.savez(bad, data=np.array([real[0], real[1], real[0]]))
   fails(rf"bad\.npz: real id '{real[0]}' occurs 2 times", m, bad)
-  np.savez(bad, data=np.array([real[0], real[1], io.canonical_key(real[0])]))  # one image
+  np.savez(bad, data=np.array([real[0], real[1], fileio.canonical_key(real[0])]))  # one image
   fails(rf"bad\.npz: real id '{real[0]}' occurs 2 times", m, bad)
   np.savez(bad, data=np.array([[k] for k in synth]))
   fails(r"bad\.npz: synthetic ids must be a 1-D array of strings", m, r, bad)
@@ -319,9 +319,9 @@ def test_truth_csv_in_reference_spelling(tmp_path):
   path.write_text("synth_id,memorized\n" + "".join(
       f"{k},0\n" for k in [_ref(UIDS[0], "gen-0"), _ours(UIDS[0], "gen-0"),
                            _ref(UIDS[1], "gen-0"), _ref(UIDS[2], "gen-1")]))
-  with pytest.raises(io.InputError, match=rf"truth\.csv: synth_id '{UIDS[0]}___gen-0' appears"):
+  with pytest.raises(fileio.InputError, match=rf"truth\.csv: synth_id '{UIDS[0]}___gen-0' appears"):
     audit.read_truth(str(path), ids)
   path.write_text("synth_id,memorized\n" + "".join(
       f"{k},0\n" for k in [_ref(UIDS[0], "gen-0"), _ref(UIDS[1], "gen-0"), "ghost___gen-1"]))
-  with pytest.raises(io.InputError, match=r"truth\.csv: ids do not match.*'ghost___gen-1'"):
+  with pytest.raises(fileio.InputError, match=r"truth\.csv: ids do not match.*'ghost___gen-1'"):
     audit.read_truth(str(path), ids)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 from deepssim_jax.data import images
 
 SIZE = (136, 112)
@@ -65,9 +65,9 @@ def test_zscore_and_errors():
   z = images.zscore(x)
   assert z.dtype == np.float32
   assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-5
-  with pytest.raises(io.InputError, match="flat.png.*constant"):
+  with pytest.raises(fileio.InputError, match="flat.png.*constant"):
     images.zscore(np.full((4, 4), 3.0), "flat.png")
-  with pytest.raises(io.InputError, match="nan.png.*non-finite"):
+  with pytest.raises(fileio.InputError, match="nan.png.*non-finite"):
     images.zscore(np.array([[0.0, np.nan]]), "nan.png")
 
 
@@ -135,15 +135,15 @@ def test_reference_layout(tmp_path):
 
 
 def test_reference_layout_errors(tmp_path):
-  with pytest.raises(io.InputError, match="folder not found"):
+  with pytest.raises(fileio.InputError, match="folder not found"):
     images.find_reference_layout(str(tmp_path / "missing"))
-  with pytest.raises(io.InputError, match=re.escape(str(tmp_path))):
+  with pytest.raises(fileio.InputError, match=re.escape(str(tmp_path))):
     images.find_reference_layout(str(tmp_path))  # empty
   rng = np.random.default_rng(5)
   _write_layout(str(tmp_path), ["a"], 2, rng)
   images.write_png(str(tmp_path / "b" / "gen-0.png"), _smooth(rng))
   folder = re.escape(os.path.join(str(tmp_path), "b"))
-  with pytest.raises(io.InputError, match=folder + ".*no training"):
+  with pytest.raises(fileio.InputError, match=folder + ".*no training"):
     images.find_reference_layout(str(tmp_path))
 
 
@@ -154,9 +154,9 @@ def test_png_errors_name_the_file(tmp_path):
   flat = tmp_path / "u" / "training.png"
   Image.fromarray(np.full((8, 8), 9, np.uint8)).save(flat)
   training, generated = images.find_reference_layout(str(tmp_path), SIZE)
-  with pytest.raises(io.InputError, match=re.escape(str(bad)) + ".*not a readable image"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(bad)) + ".*not a readable image"):
     generated[0]
-  with pytest.raises(io.InputError, match=re.escape(str(flat)) + ".*constant"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(flat)) + ".*constant"):
     training[0]
 
 
@@ -173,7 +173,7 @@ def test_size_mismatch_resize_modes(tmp_path):
   assert stretch.shape == SIZE and np.ptp(stretch[0]) > 0
   native = images.PngSource(["k"], [path], None)[0]
   assert native.shape == (64, 64)
-  with pytest.raises(io.InputError, match=re.escape(path) + ".*64x64, expected 136x112"):
+  with pytest.raises(fileio.InputError, match=re.escape(path) + ".*64x64, expected 136x112"):
     images.PngSource(["k"], [path], SIZE, resize="error")[0]
 
 
@@ -190,15 +190,15 @@ def test_manifest_source(tmp_path):
   assert src[1].shape == SIZE
   dup = tmp_path / "dup.csv"
   dup.write_text("key,path\nx,imgs/a.png\nx,imgs/b.png\n")
-  with pytest.raises(io.InputError, match=re.escape(str(dup)) + ".*duplicated key 'x'"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(dup)) + ".*duplicated key 'x'"):
     images.manifest_source(str(dup))
   missing = tmp_path / "missing.csv"
   missing.write_text("key,path\nx,imgs/zz.png\n")
-  with pytest.raises(io.InputError, match=re.escape(str(missing)) + ".*line 2.*zz.png"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(missing)) + ".*line 2.*zz.png"):
     images.manifest_source(str(missing))
   empty = tmp_path / "empty.csv"
   empty.write_text("key,path\n")
-  with pytest.raises(io.InputError, match=re.escape(str(empty)) + ".*no rows"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(empty)) + ".*no rows"):
     images.manifest_source(str(empty))
 
 
@@ -210,10 +210,10 @@ def test_folder_source(tmp_path):
   src = images.folder_source(str(tmp_path), SIZE)
   assert src.keys == ["img1", "img2", "img10"]
   images.write_png(str(tmp_path / "img1.PNG"), _smooth(rng))
-  with pytest.raises(io.InputError, match=re.escape(str(tmp_path)) + ".*duplicated key 'img1'"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(tmp_path)) + ".*duplicated key 'img1'"):
     images.folder_source(str(tmp_path), SIZE)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(io.InputError, match=re.escape(str(tmp_path / "empty")) + ".*no .png"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(tmp_path / "empty")) + ".*no .png"):
     images.folder_source(str(tmp_path / "empty"))
 
 
@@ -239,7 +239,7 @@ def test_pickle_threads_and_bank_round_trip(tmp_path):
     np.testing.assert_array_equal(back["meta"][k], v)
   garbage = tmp_path / "g.npz"
   garbage.write_bytes(b"nope")
-  with pytest.raises(io.InputError, match=re.escape(str(garbage))):
+  with pytest.raises(fileio.InputError, match=re.escape(str(garbage))):
     images.load_bank(str(garbage))
 
 

@@ -25,7 +25,7 @@ monai = pytest.importorskip("monai")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from deepssim_jax import io  # noqa: E402
+from deepssim_jax import fileio  # noqa: E402
 from ldm_jax import autoencoder, convert, diffusion, discriminator, unet  # noqa: E402
 from monai.inferers import DiffusionInferer  # noqa: E402
 from monai.networks import nets  # noqa: E402
@@ -306,7 +306,7 @@ def test_old_monai_generative_keys_convert_through_load_old_state_dict(kind, cls
   assert convert.is_old_style(kind, old) and not convert.is_old_style(kind, state)
   model = {"autoencoder": autoencoder.AutoencoderKL, "unet": unet.DiffusionModelUNet}[kind](**kw)
   target = convert.abstract_variables(kind, model)
-  with pytest.raises(io.InputError, match="MONAI Generative"):
+  with pytest.raises(fileio.InputError, match="MONAI Generative"):
     convert.from_monai(kind, old, target)
   path = str(tmp_path / "old.pth")
   torch.save(old, path)
@@ -330,11 +330,11 @@ def test_old_monai_generative_keys_convert_through_load_old_state_dict(kind, cls
   lacking = dict(old)
   dropped = next(k for k in lacking if k.endswith("conv2.conv.weight"))
   del lacking[dropped]
-  with pytest.raises(io.InputError, match=dropped.replace(".", r"\.")):
+  with pytest.raises(fileio.InputError, match=dropped.replace(".", r"\.")):
     convert.upgrade_old_keys(kind, lacking, model, source="old.pth")
-  with pytest.raises(io.InputError, match="unknown.*extra\\.weight"):
+  with pytest.raises(fileio.InputError, match="unknown.*extra\\.weight"):
     convert.upgrade_old_keys(kind, {**old, "extra.weight": torch.zeros(1)}, model)
-  with pytest.raises(io.InputError, match=dropped.replace(".", r"\.") + r": file \(1, 2\)"):
+  with pytest.raises(fileio.InputError, match=dropped.replace(".", r"\.") + r": file \(1, 2\)"):
     convert.upgrade_old_keys(kind, {**old, dropped: torch.zeros(1, 2)}, model)
 
 
@@ -347,7 +347,7 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
   key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
   path = str(tmp_path / "unknown.pth")
   torch.save({**state, "time_embed.4.weight": torch.zeros(3, 3)}, path)
-  with pytest.raises(io.InputError, match=r"unknown key.*time_embed\.4\.weight") as e:
+  with pytest.raises(fileio.InputError, match=r"unknown key.*time_embed\.4\.weight") as e:
     convert.load("unet", path, model)
   assert str(e.value).startswith(path)
   cases = {
@@ -356,14 +356,14 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
                      key.replace(".", r"\.") + r": file \(64, 7\) vs model \(64, 6\)"),
   }
   for what, (bad, pattern) in cases.items():
-    with pytest.raises(io.InputError, match=f"^net.pth: .*{what} key.*{pattern}"):
+    with pytest.raises(fileio.InputError, match=f"^net.pth: .*{what} key.*{pattern}"):
       convert.from_monai("unet", bad, target, source="net.pth")
   # A discriminator's weights are not a UNet's; a UNet's cross-attention has its context width.
-  with pytest.raises(io.InputError, match="unknown key.*missing key"):
+  with pytest.raises(fileio.InputError, match="unknown key.*missing key"):
     convert.from_monai("unet", _monai(nets.PatchDiscriminator, 0, **DISC_REF).state_dict(),
                        target)
   other = unet.DiffusionModelUNet(**UNET_SMALL, with_conditioning=True, cross_attention_dim=5)
-  with pytest.raises(io.InputError, match=r"mis-shaped.*attn2\.to_k"):
+  with pytest.raises(fileio.InputError, match=r"mis-shaped.*attn2\.to_k"):
     convert.from_monai("unet", state, convert.abstract_variables("unet", other))
 
 
@@ -490,8 +490,8 @@ def test_reference_files_import_into_runs_that_generate_and_export_back(tmp_path
   for name, sd in {**convert.export_run(str(tmp_path / "ae")),
                    **convert.export_run(str(tmp_path / "dm"))}.items():
     _assert_same_state(sd, torch.load(files[name]))
-  with pytest.raises(io.InputError, match="already holds checkpoints"):
+  with pytest.raises(fileio.InputError, match="already holds checkpoints"):
     convert.import_run(dm_cfg, str(tmp_path / "dm"), files["unet"])
   dm_cfg.cond.kind = "none"
-  with pytest.raises(io.InputError, match="conditioned UNet, but config.cond.kind is 'none'"):
+  with pytest.raises(fileio.InputError, match="conditioned UNet, but config.cond.kind is 'none'"):
     convert.import_run(dm_cfg, str(tmp_path / "dm2"), files["unet"])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 from ldm_jax import (common, diffusion, generate, input_pipeline, train_autoencoder,
                      train_diffusion)
 from test_ldm_train import ae_config, close_trees, dm_config, one_device
@@ -89,7 +89,7 @@ def _text_files(tmp_path, keys, dim=8, bad=None):
       np.savez(tmp_path / name, data=arr[None])  # (1, D), as a saved embedding may be
     rows.append([k, name])
   path = str(tmp_path / "captions.csv")
-  io.write_csv(path, ["key", "caption_emb_path"], rows[:-1] if bad == "row" else rows)
+  fileio.write_csv(path, ["key", "caption_emb_path"], rows[:-1] if bad == "row" else rows)
   return path
 
 
@@ -103,10 +103,10 @@ def test_text_embeddings_read_as_one_context_token_and_bad_files_are_named(tmp_p
                    ("row", "no row for training image 'b/z1'")):
     d = tmp_path / bad
     d.mkdir()
-    with pytest.raises(io.InputError, match=msg):
+    with pytest.raises(fileio.InputError, match=msg):
       input_pipeline.read_text_embeddings(_text_files(d, keys, bad=bad), keys)
   (tmp_path / "cap0.npz").write_bytes(b"not an archive")
-  with pytest.raises(io.InputError, match="cap0.npz"):
+  with pytest.raises(fileio.InputError, match="cap0.npz"):
     input_pipeline.read_text_embeddings(path, keys)
 
 
@@ -142,7 +142,7 @@ def test_ema_update_and_mixed_precision_step():
 
 
 def _logged(wd, key):
-  t = io.read_csv(os.path.join(wd, "metrics.csv"))
+  t = fileio.read_csv(os.path.join(wd, "metrics.csv"))
   return [(int(s), float(v)) for s, v in zip(t["step"], t.get(key, [])) if v != ""]
 
 
@@ -173,7 +173,7 @@ def test_autoencoder_validation_and_best_checkpoint(tmp_path):
   assert data["step"] == 4
   close_trees(latest, out["state"]["g"].params, atol=0)
   shutil.rmtree(os.path.join(wd, "best"))  # as a run without a validation split
-  with pytest.raises(io.InputError, match="no best-validation"):
+  with pytest.raises(fileio.InputError, match="no best-validation"):
     train_autoencoder.load_autoencoder(wd, one_device(), "best")
 
 
@@ -206,7 +206,7 @@ def test_diffusion_validation_ema_best_and_generation_from_best(tmp_path):
   # switching EMA off in this workdir is refused before anything is written
   config.train.ema_decay = 0.0
   before = open(os.path.join(wd, "config.json")).read()
-  with pytest.raises(io.InputError, match="EMA"):
+  with pytest.raises(fileio.InputError, match="EMA"):
     train_diffusion.train(config, wd)
   assert open(os.path.join(wd, "config.json")).read() == before
 
@@ -227,7 +227,7 @@ def test_text_conditioned_diffusion_trains_and_generates(tmp_path):
   res = generate.generate(config, str(tmp_path / "dm"), out_dir=str(tmp_path / "gen"))
   assert len(res["written"]) == len(keys)
   config.data.text_csv = ""
-  with pytest.raises(io.InputError, match="text_csv"):
+  with pytest.raises(fileio.InputError, match="text_csv"):
     train_diffusion.contexts(config, {"keys": keys}, str(tmp_path))
 
 
@@ -259,7 +259,7 @@ def test_latent_cache_rebuilds_when_the_autoencoder_or_settings_change(tmp_path)
   # checkpoints were trained on the old latents: refused, the cache left as it was.
   ae.train.num_steps = 4
   train_autoencoder.train_and_evaluate(ae, ae_wd)
-  with pytest.raises(io.InputError, match="out of date.*first_stage"):
+  with pytest.raises(fileio.InputError, match="out of date.*first_stage"):
     train_diffusion.train(config, wd)
   np.testing.assert_array_equal(cached()[0], mu1)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import io, parallel
+from deepssim_jax import fileio, parallel
 from deepssim_jax.data import demo_sets
 from ldm_jax import (common, config_lib, generate, input_pipeline, perceptual,
                      train_autoencoder, train_diffusion)
@@ -95,7 +95,7 @@ def test_duplication_counts_follow_ranges(tmp_path):
     input_pipeline.duplication_counts(5, "extreme", ranges, 0)
   path = str(tmp_path / "dup.csv")
   input_pipeline.write_duplication_csv(path, ["a/z1", "b/z2"], np.array([3, 1]))
-  t = io.read_csv(path, required=("key", "uid", "count"))
+  t = fileio.read_csv(path, required=("key", "uid", "count"))
   assert t["uid"] == ["a-z1", "b-z2"] and t["count"] == ["3", "1"]
 
 
@@ -122,10 +122,10 @@ def test_covariates_synthetic_csv_roundtrip(tmp_path, images):
   got = input_pipeline.read_covariates(path, keys[::-1])
   np.testing.assert_allclose(got[-1], [cov[c][0] for c in input_pipeline.COVARIATES],
                              rtol=1e-6)
-  io.write_csv(path, ["key", *input_pipeline.COVARIATES], [["a", 40, "F", "T2", .2, .5, .3]])
+  fileio.write_csv(path, ["key", *input_pipeline.COVARIATES], [["a", 40, "F", "T2", .2, .5, .3]])
   np.testing.assert_allclose(input_pipeline.read_covariates(path, ["a"])[0],
                              [40, 1, 1, .2, .5, .3], rtol=1e-6)
-  with pytest.raises(io.InputError, match="no row"):
+  with pytest.raises(fileio.InputError, match="no row"):
     input_pipeline.read_covariates(path, ["b"])
 
 
@@ -142,7 +142,7 @@ def test_perceptual_terms(tmp_path):
     assert float(fn(y, x)) > 1e-3
     g = jax.grad(lambda a: fn(a, x))(y)
     assert np.all(np.isfinite(np.asarray(g)))
-  with pytest.raises(io.InputError, match="not found"):
+  with pytest.raises(fileio.InputError, match="not found"):
     perceptual.make("lpips_squeeze", weights=str(tmp_path / "missing.npz"))
 
 
@@ -238,7 +238,7 @@ def test_autoencoder_run_resumes_after_interruption(tmp_path):
   close_trees(resumed["state"]["d"].params, full["state"]["d"].params, atol=1e-6)
   for name in ("loss.png", "metrics.csv", "config.json", "samples/recon-000004.png"):
     assert os.path.isfile(os.path.join(wd, name)), name
-  steps = io.read_csv(os.path.join(wd, "metrics.csv"))["step"]
+  steps = fileio.read_csv(os.path.join(wd, "metrics.csv"))["step"]
   assert steps == ["2", "4"]
   # the trained autoencoder loads for the diffusion stage
   model, params, cfg, data = train_autoencoder.load_autoencoder(wd, one_device())
@@ -260,11 +260,11 @@ def test_diffusion_run_resumes_and_generation_layout_resumes(tmp_path):
   resumed = train_diffusion.train(config, wd)
   assert resumed["step"] == 4
   close_trees(resumed["state"].params, full["state"].params, atol=1e-6)
-  dup = io.read_csv(os.path.join(wd, "duplication.csv"), required=("key", "uid", "count"))
+  dup = fileio.read_csv(os.path.join(wd, "duplication.csv"), required=("key", "uid", "count"))
   counts = np.asarray(dup["count"], int)
   assert len(counts) == 8 and counts.min() >= 1 and counts.max() <= 4
   np.testing.assert_array_equal(counts, full["counts"])
-  cov = io.read_csv(os.path.join(wd, "covariates.csv"), required=input_pipeline.COVARIATES)
+  cov = fileio.read_csv(os.path.join(wd, "covariates.csv"), required=input_pipeline.COVARIATES)
   assert len(cov["key"]) == 8
   for name in ("loss.png", "samples/samples-000004.png", "latents.npz"):
     assert os.path.isfile(os.path.join(wd, name)), name

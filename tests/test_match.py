@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepssim_jax import io, match, parallel, store
+from deepssim_jax import fileio, match, parallel, store
 
 
 def _dyadic(rng, n, d=16, nnz=4):
@@ -141,7 +141,7 @@ def test_match_stores_csv_and_npz(tmp_path, meshes):
     np.testing.assert_array_equal(z["scores"], want_s.astype(np.float32))
   # Queries and references of different dimensions are refused, naming the store.
   _write_store(str(tmp_path / "r8"), r_ids, r[:, :8], 30)
-  with pytest.raises(io.InputError, match="r8"):
+  with pytest.raises(fileio.InputError, match="r8"):
     match.match_stores(str(tmp_path / "q"), str(tmp_path / "r8"), str(tmp_path / "x.csv"), 3,
                        progress=False)
 
@@ -177,7 +177,7 @@ def test_lookup_pair_scores_and_errors(meshes):
   emb = rng.normal(size=(3, 5)).astype(np.float32)
   np.testing.assert_array_equal(match.lookup(ids, emb, ["c", "a"], "train-store"),
                                 emb[[2, 0]])
-  with pytest.raises(io.InputError, match="train-store.*'zz'"):
+  with pytest.raises(fileio.InputError, match="train-store.*'zz'"):
     match.lookup(ids, emb, ["a", "zz"], "train-store")
   s = match.pair_scores(ids, emb, ids, emb[::-1], ["a", "b"], ["a", "c"])
   u = emb / np.linalg.norm(emb, axis=1, keepdims=True)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepssim_jax import io, jobs, pairs as pairs_lib, parallel, store, train
+from deepssim_jax import fileio, jobs, pairs as pairs_lib, parallel, store, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny_multihost.py")
@@ -98,8 +98,8 @@ def test_two_processes_train_like_one(runs):
   np.testing.assert_allclose(t1.ssim, t2.ssim, rtol=1e-6, atol=1e-6)
   # Step by step the same losses (metrics.csv is written by process 0 alone: no duplicates).
   cols = ["step", "loss", "grad_norm", "val_loss"]
-  m1 = io.read_csv(os.path.join(one, "metrics.csv"), required=cols)
-  m2 = io.read_csv(os.path.join(two, "metrics.csv"), required=cols)
+  m1 = fileio.read_csv(os.path.join(one, "metrics.csv"), required=cols)
+  m2 = fileio.read_csv(os.path.join(two, "metrics.csv"), required=cols)
   steps = runs["out_one"]["step"]
   assert [int(s) for s in m1["step"]] == [int(s) for s in m2["step"]] == \
       list(range(1, steps + 1))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from deepssim_jax import io, jobs, match, pairs
+from deepssim_jax import fileio, jobs, match, pairs
 from deepssim_jax.data import images
 
 
@@ -111,12 +111,12 @@ def test_self_fraction_pairs_images_with_themselves_within_one_set():
 def test_bad_pair_tables_name_file_and_problem(tmp_path, text, message):
   path = tmp_path / "bad.csv"
   path.write_text(text)
-  with pytest.raises(io.InputError, match=rf"bad\.csv.*{message}"):
+  with pytest.raises(fileio.InputError, match=rf"bad\.csv.*{message}"):
     pairs.read_pairs(path)
 
 
 def test_missing_key_is_named():
-  with pytest.raises(io.InputError, match=r"t\.csv: synthetic key 'zz' \(row 3\)"):
+  with pytest.raises(fileio.InputError, match=r"t\.csv: synthetic key 'zz' \(row 3\)"):
     pairs.key_index(np.array(["a", "b"]), np.array(["a", "zz"]), "synthetic", "t.csv")
 
 
@@ -126,10 +126,10 @@ def test_build_refuses_empty_and_mismatched_sets():
   full = {"keys": np.array(["a", "b"]), "images": x}
   kw = dict(num_pairs=4, seed=0, matched_fraction=0, valid_fraction=0, batch_size=4,
             align=False, align_angles=(), align_flips=False)
-  with pytest.raises(io.InputError, match="synthetic image set is empty"):
+  with pytest.raises(fileio.InputError, match="synthetic image set is empty"):
     pairs.build_pair_table(full, empty, **kw)
   other = {"keys": np.array(["c"]), "images": np.zeros((1, 9, 8), np.float32)}
-  with pytest.raises(io.InputError, match="image sizes differ"):
+  with pytest.raises(fileio.InputError, match="image sizes differ"):
     pairs.build_pair_table(full, other, **kw)
 
 
@@ -194,7 +194,7 @@ def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
             "eval/table.txt"):
     assert os.path.exists(os.path.join(workdir, f)), f
   table = pairs.read_pairs(os.path.join(workdir, "pairs.csv"))
-  test = io.read_csv(os.path.join(workdir, "test_pairs.csv"), ["synth_key", "label"])
+  test = fileio.read_csv(os.path.join(workdir, "test_pairs.csv"), ["synth_key", "label"])
   assert not set(test["synth_key"]) & set(table.synth_key)  # held out from training
   assert set(test["label"]) == {"0", "1", "2"}
   with open(os.path.join(workdir, "eval", "results.json")) as f:
@@ -218,7 +218,7 @@ def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
   assert jobs.embed_job(c, workdir)["real"]["written"] == 0  # everything already on disk
   res = jobs.match_job(c, workdir)
   assert res["n_query"] == n_synth and res["n_ref"] == n_real
-  top = io.read_csv(os.path.join(workdir, "match", "top3.csv"),
+  top = fileio.read_csv(os.path.join(workdir, "match", "top3.csv"),
                     ["synth_id", "rank", "train_id", "score"])
   assert len(top["synth_id"]) == 3 * n_synth
   real_ids, synth_ids, matrix = match.read_reference_npz(os.path.join(workdir, "match"))

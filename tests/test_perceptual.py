@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 lpips = pytest.importorskip("lpips")
 
-from deepssim_jax import io  # noqa: E402
+from deepssim_jax import fileio  # noqa: E402
 from ldm_jax import perceptual  # noqa: E402
 
 # float32 on both sides; measured relative differences are ~1e-6 (each side is about as
@@ -150,13 +150,13 @@ def test_converter_names_bad_keys(setup):
 
   state = dict(setup["state"])
   del state["features.6.expand3x3.bias"]
-  with pytest.raises(io.InputError, match=r"bad\.pth.*missing.*features\.6\.expand3x3\.bias"):
+  with pytest.raises(fileio.InputError, match=r"bad\.pth.*missing.*features\.6\.expand3x3\.bias"):
     convert_with(state)
   state = dict(setup["state"], **{"features.9.squeeze.weight": torch.zeros(48, 256, 3, 3)})
-  with pytest.raises(io.InputError, match=r"bad\.pth.*mis-shaped.*features\.9\.squeeze\.weight"):
+  with pytest.raises(fileio.InputError, match=r"bad\.pth.*mis-shaped.*features\.9\.squeeze\.weight"):
     convert_with(state)
   state = dict(setup["state"], **{"features.13.weight": torch.zeros(1)})
-  with pytest.raises(io.InputError, match=r"bad\.pth.*unknown.*features\.13\.weight"):
+  with pytest.raises(fileio.InputError, match=r"bad\.pth.*unknown.*features\.13\.weight"):
     convert_with(state)
   # LPIPS's own spelling of the trunk, and a missing head in the lpips file.
   ref_state = {"net." + k: v for k, v in setup["ref"].net.state_dict().items()}
@@ -164,13 +164,13 @@ def test_converter_names_bad_keys(setup):
   heads = torch.load(lin, map_location="cpu", weights_only=True)
   del heads["lin3.model.1.weight"]
   torch.save(heads, str(tmp / "heads.pth"))
-  with pytest.raises(io.InputError, match=r"heads\.pth.*missing.*lin3\.model\.1\.weight"):
+  with pytest.raises(fileio.InputError, match=r"heads\.pth.*missing.*lin3\.model\.1\.weight"):
     perceptual.convert_weights(setup["pth"], str(tmp / "heads.pth"))
   # The .npz reader checks its keys too.
   arrays = dict(np.load(setup["npz"]))
   arrays["lin0/kernel"] = arrays["lin0/kernel"][:10]
-  io.write_npz(str(tmp / "bad.npz"), **arrays)
-  with pytest.raises(io.InputError, match=r"bad\.npz.*lin0/kernel"):
+  fileio.write_npz(str(tmp / "bad.npz"), **arrays)
+  with pytest.raises(fileio.InputError, match=r"bad\.npz.*lin0/kernel"):
     perceptual.load_weights(str(tmp / "bad.npz"))
   with pytest.raises(ValueError, match="at least 25"):
     setup["loss"](jnp.zeros((1, 24, 40, 1)), jnp.zeros((1, 24, 40, 1)))

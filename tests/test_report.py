@@ -2,14 +2,14 @@
 
 import base64
 import html.parser
-import io as _io
+import io
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import io, report
+from deepssim_jax import fileio, report
 
 H, W = 12, 10
 VOID = {"meta", "link", "img", "br", "hr", "input"}
@@ -55,7 +55,7 @@ def _parse(text):
 def _decode(src):
   prefix = "data:image/png;base64,"
   assert src.startswith(prefix), src[:40]
-  return Image.open(_io.BytesIO(base64.b64decode(src[len(prefix):], validate=True)))
+  return Image.open(io.BytesIO(base64.b64decode(src[len(prefix):], validate=True)))
 
 
 def _inputs(n=10, seed=0):
@@ -206,14 +206,14 @@ def test_text_is_escaped():
 def test_pair_pngs_difference_image():
   a = np.arange(12, dtype=np.float32).reshape(3, 4)
   pngs = report.pair_pngs(a, a, scale=1, diff_vmax=2.0)
-  diff = np.asarray(Image.open(_io.BytesIO(pngs["diff"])))
+  diff = np.asarray(Image.open(io.BytesIO(pngs["diff"])))
   assert diff.shape == (3, 4) and (diff == 0).all()
   pngs = report.pair_pngs(a + 1.0, a, scale=3, diff_vmax=2.0)
-  diff = np.asarray(Image.open(_io.BytesIO(pngs["diff"])))
+  diff = np.asarray(Image.open(io.BytesIO(pngs["diff"])))
   assert diff.shape == (9, 12) and (diff == 128).all()  # |1| / 2 of full scale
-  synth = np.asarray(Image.open(_io.BytesIO(pngs["synth"])))
+  synth = np.asarray(Image.open(io.BytesIO(pngs["synth"])))
   assert synth.min() == 0 and synth.max() == 255
-  with pytest.raises(io.InputError, match="mismatched image sizes"):
+  with pytest.raises(fileio.InputError, match="mismatched image sizes"):
     report.pair_pngs(a, a[:, :3])
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from deepssim_jax import api, evaluate, io, score
+from deepssim_jax import api, evaluate, fileio, score
 from deepssim_jax.data import demo, images
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -86,7 +86,7 @@ def test_command_line_two_images_and_bad_arguments(folders, tmp_path, capsys):
                             ([], {"train": "x"}, "go together"),
                             ([], {"train": "x", "synth": "y", "k": 0}, "--k must be"),
                             ([a, flipped], {"model": "no/such/run:best"}, "not 'builtin'")):
-    with pytest.raises(io.InputError, match=message):
+    with pytest.raises(fileio.InputError, match=message):
       score.run(args, **kw)
 
 
@@ -116,5 +116,5 @@ def test_demo_folders_hold_the_sets_and_their_truth(folders):
   assert len(copies) == 6
   assert all(r["source_id"] + ".png" in train for r in copies)
   assert all(r["source_id"] == "" for r in rows if r["memorized"] == "0")
-  with pytest.raises(io.InputError, match="must be empty or absent"):
+  with pytest.raises(fileio.InputError, match="must be empty or absent"):
     demo.write_demo_folders(root)

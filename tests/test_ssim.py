@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
-from deepssim_jax import io, parallel
+from deepssim_jax import fileio, parallel
 from deepssim_jax import ssim as S
 
 MRI_DIR = os.path.join(os.path.dirname(S.__file__), "data", "mri")
@@ -155,11 +155,11 @@ def test_zscore_semantics_and_errors():
   np.testing.assert_allclose(S.zscore_jax(jnp.asarray(xs, jnp.float32)), S.zscore_stack(xs),
                              atol=1e-5)
 
-  with pytest.raises(io.InputError, match=r"scan7\.png.*constant image"):
+  with pytest.raises(fileio.InputError, match=r"scan7\.png.*constant image"):
     S.zscore(np.full((10, 10), 3.0), name="scan7.png")
   nan = x.astype(np.float32)
   nan[2, 3] = np.nan
-  with pytest.raises(io.InputError, match=r"key/z050: 1 of 320 pixels are NaN"):
+  with pytest.raises(fileio.InputError, match=r"key/z050: 1 of 320 pixels are NaN"):
     S.zscore(nan, name="key/z050")
   inf = x.astype(np.float32)
   inf[0, 0] = np.inf
@@ -168,15 +168,15 @@ def test_zscore_semantics_and_errors():
   bad = xs.copy()
   bad[1] = 7.0
   bad[2, 0, 0] = np.nan
-  with pytest.raises(io.InputError, match=r"s1: constant image.*1 more image"):
+  with pytest.raises(fileio.InputError, match=r"s1: constant image.*1 more image"):
     S.zscore_stack(bad, names=["s0", "s1", "s2"])
-  with pytest.raises(io.InputError, match=r"b\.png: constant image"):
+  with pytest.raises(fileio.InputError, match=r"b\.png: constant image"):
     S.ssim(x, np.zeros_like(x), names=("a.png", "b.png"))
-  with pytest.raises(io.InputError, match="NaN"):
+  with pytest.raises(fileio.InputError, match="NaN"):
     S.ssim_matrix(xs, bad[2:], names_b=["synth-9"])
-  with pytest.raises(io.InputError, match="sizes differ"):
+  with pytest.raises(fileio.InputError, match="sizes differ"):
     S.ssim(x, x[:, :10])
-  with pytest.raises(io.InputError, match="2-D"):
+  with pytest.raises(fileio.InputError, match="2-D"):
     S.ssim(xs, xs)
 
 

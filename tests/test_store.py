@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from deepssim_jax import io, store
+from deepssim_jax import fileio, store
 
 
 def _make(folder, sizes, d=8, dtype=np.float32, seed=0, meta=None):
@@ -52,13 +52,13 @@ def test_resume_semantics(tmp_path):
   open(os.path.join(folder, ".shard-00001.npz.x.tmp"), "wb").write(b"partial")
   open(os.path.join(folder, "shard-00003.npz"), "wb").write(b"garbage")
   assert store.completed_shards(folder, fingerprint="model-a") == [0, 2]
-  with pytest.raises(io.InputError, match="model-a"):
+  with pytest.raises(fileio.InputError, match="model-a"):
     store.completed_shards(folder, fingerprint="model-b")
   # Partial stores are refused by readers, and finalize refuses a gap in the shards.
-  with pytest.raises(io.InputError, match="partial"):
+  with pytest.raises(fileio.InputError, match="partial"):
     store.load_store(folder)
   os.remove(os.path.join(folder, "shard-00003.npz"))
-  with pytest.raises(io.InputError, match="shard-00001"):
+  with pytest.raises(fileio.InputError, match="shard-00001"):
     store.finalize(folder, {"fingerprint": "model-a"})
   store.write_shard(folder, 1, ["c", "d"], np.zeros((2, 4)) + 2)
   store.finalize(folder, {"fingerprint": "model-a"})
@@ -68,32 +68,32 @@ def test_resume_semantics(tmp_path):
 
 
 def test_bad_stores(tmp_path):
-  with pytest.raises(io.InputError, match="not found"):
+  with pytest.raises(fileio.InputError, match="not found"):
     store.load_store(str(tmp_path / "missing"))
   # No index: finalize never ran.
   noidx = str(tmp_path / "noidx")
   store.write_shard(noidx, 0, ["a"], np.ones((1, 4)))
-  with pytest.raises(io.InputError, match="index.json"):
+  with pytest.raises(fileio.InputError, match="index.json"):
     store.load_store(noidx)
   # Mismatched dimensions across shards.
   dims = str(tmp_path / "dims")
   store.write_shard(dims, 0, ["a"], np.ones((1, 4)))
   store.write_shard(dims, 1, ["b"], np.ones((1, 5)))
-  with pytest.raises(io.InputError, match="shard-00001.npz.*dimension 5"):
+  with pytest.raises(fileio.InputError, match="shard-00001.npz.*dimension 5"):
     store.finalize(dims, {})
   # Duplicate ids within a shard and across shards.
-  with pytest.raises(io.InputError, match="duplicate id 'a'"):
+  with pytest.raises(fileio.InputError, match="duplicate id 'a'"):
     store.write_shard(str(tmp_path / "dup1"), 0, ["a", "a"], np.ones((2, 4)))
   dup = str(tmp_path / "dup2")
   store.write_shard(dup, 0, ["a", "b"], np.ones((2, 4)))
   store.write_shard(dup, 1, ["c", "b"], np.ones((2, 4)))
-  with pytest.raises(io.InputError, match="duplicate id 'b'.*shard-00000.*shard-00001"):
+  with pytest.raises(fileio.InputError, match="duplicate id 'b'.*shard-00000.*shard-00001"):
     store.finalize(dup, {})
   # A shard replaced after finalize no longer matches the index.
   ok = str(tmp_path / "ok")
   _make(ok, [3, 3])
   store.write_shard(ok, 1, ["x", "y"], np.ones((2, 8)))
-  with pytest.raises(io.InputError, match="shard-00001.npz: 2 rows"):
+  with pytest.raises(fileio.InputError, match="shard-00001.npz: 2 rows"):
     list(store.iter_store_blocks(ok, 2))
   with pytest.raises(ValueError, match="NaN"):
     store.write_shard(str(tmp_path / "nan"), 0, ["a"], np.full((1, 4), np.nan))

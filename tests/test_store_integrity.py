@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepssim_jax import convert, embed, io, jobs, match, models, store
+from deepssim_jax import convert, embed, fileio, jobs, match, models, store
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CONFIG = os.path.join(ROOT, "configs", "tiny_multihost.py")
@@ -42,7 +42,7 @@ def checkpoint(tmp_path_factory):
   with open(os.path.join(out, "config.json")) as f:
     c = json.load(f)
   c["model"]["overrides"]["depthwise_impl"] = "conv"  # compiles ~5x faster on CPU
-  io.write_json(os.path.join(out, "config.json"), c)
+  fileio.write_json(os.path.join(out, "config.json"), c)
   return out
 
 
@@ -91,18 +91,18 @@ def test_killed_embed_rerun_with_another_shard_rows_rebuilds_complete(checkpoint
   assert index["status"] == "partial" and index["n_rows"] == 8
   assert index["meta"]["identity"]["n_source"] == 16
   assert index["meta"]["identity"]["shard_rows"] == 4
-  with pytest.raises(io.InputError, match="partial"):
+  with pytest.raises(fileio.InputError, match="partial"):
     store.load_store(folder)
 
   # The issue's store: an older version marked it complete with 8 of 16 rows and no
   # identity. Every reader refuses it, naming the folder and both counts...
   legacy = dict(index, status="complete",
                 meta={k: v for k, v in index["meta"].items() if k != "identity"})
-  io.write_json(os.path.join(folder, "index.json"), legacy)
+  fileio.write_json(os.path.join(folder, "index.json"), legacy)
   before = _snapshot(folder)
   for read in (store.load_store, store.read_index, lambda f: list(store.iter_store_blocks(f, 4)),
                lambda f: match.match_stores(f, f, str(tmp_path / "m.csv"), 1)):
-    with pytest.raises(io.InputError,
+    with pytest.raises(fileio.InputError,
                        match=re.escape(f"{folder}: marked complete but has 8 rows for 16")):
       read(folder)
   assert _snapshot(folder) == before and not os.path.exists(tmp_path / "m.csv")
@@ -122,7 +122,7 @@ def test_killed_embed_rerun_with_another_shard_rows_rebuilds_complete(checkpoint
   # untouched.
   before = _snapshot(folder)
   c.embed.shard_rows = 4
-  with pytest.raises(io.InputError,
+  with pytest.raises(fileio.InputError,
                      match="shard_rows 4096 -> 4; set embed.shard_rows=4096 to use it"):
     jobs.embed_job(c, workdir)
   assert _snapshot(folder) == before
@@ -147,7 +147,7 @@ def test_store_of_other_rows_than_its_source_is_refused(checkpoint, tmp_path):
   for run in (lambda: jobs.embed_job(c, workdir),
               lambda: jobs.set_embeddings(c, workdir, "real"),
               lambda: jobs.match_job(c, workdir)):
-    with pytest.raises(io.InputError, match=re.escape(folder) + ".*n_source 16 -> 20"):
+    with pytest.raises(fileio.InputError, match=re.escape(folder) + ".*n_source 16 -> 20"):
       run()
   assert _snapshot(folder) == before
 
@@ -155,22 +155,22 @@ def test_store_of_other_rows_than_its_source_is_refused(checkpoint, tmp_path):
   for ids, want in ((src[:-2], " has 16 rows but its image set now has 14"),
                     (np.append(src, "extra/z999"), " has 16 rows but its image set now has 17"),
                     (src[::-1], "'s 16 ids are not the 16 ids")):
-    with pytest.raises(io.InputError, match=re.escape(f"{folder}: the store{want}")):
+    with pytest.raises(fileio.InputError, match=re.escape(f"{folder}: the store{want}")):
       store.load_store(folder, source_ids=ids)
-    with pytest.raises(io.InputError, match=re.escape(f"{folder}: the store{want}")):
+    with pytest.raises(fileio.InputError, match=re.escape(f"{folder}: the store{want}")):
       match.match_stores(folder, folder, str(tmp_path / "m.csv"), 1, ref_ids=ids)
   # An index that says complete while a shard is gone: n_rows differs from the source.
   index = _index(folder)
   index["shards"], index["n_rows"] = index["shards"][:-1], 12
-  io.write_json(os.path.join(folder, "index.json"), index)
+  fileio.write_json(os.path.join(folder, "index.json"), index)
   short = re.escape(f"{folder}: marked complete but has 12 rows for 16")
-  with pytest.raises(io.InputError, match=short):
+  with pytest.raises(fileio.InputError, match=short):
     store.load_store(folder)
-  with pytest.raises(io.InputError, match=short):
+  with pytest.raises(fileio.InputError, match=short):
     match.match_stores(folder, folder, str(tmp_path / "m.csv"), 1)
   assert not os.path.exists(tmp_path / "m.csv")
   # finalize never marks a store complete whose rows are not its source's.
-  with pytest.raises(io.InputError, match="16 rows but its source has 20 images"):
+  with pytest.raises(fileio.InputError, match="16 rows but its source has 20 images"):
     store.finalize(folder, index["meta"], source_ids=np.append(src, ["a", "b", "c", "d"]))
 
 

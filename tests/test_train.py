@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from deepssim_jax import augment, config_lib, io, parallel, pipeline, runs, train
+from deepssim_jax import augment, config_lib, fileio, parallel, pipeline, runs, train
 
 SIZE = (32, 32)
 
@@ -123,14 +123,14 @@ def test_checkpoint_round_trip_and_outputs(tmp_path, sources):
         np.testing.assert_array_equal(a, b)
   assert os.path.exists(tmp_path / "config.json")
   assert runs.load_config(str(tmp_path)).model.name == "convnext_atto"
-  table = io.read_csv(tmp_path / "metrics.csv", required=["step", "loss", "val_loss", "val_mae"])
+  table = fileio.read_csv(tmp_path / "metrics.csv", required=["step", "loss", "val_loss", "val_mae"])
   assert [int(s) for s in table["step"]] == [2, 4, 6, 8]
   assert os.listdir(tmp_path / "tensorboard")
   # The best checkpoint is the epoch with the lowest validation loss.
   val = {int(s): float(v) for s, v in zip(table["step"], table["val_loss"]) if v}
   _, _, best_step = train.restore_model(str(tmp_path), "best")
   assert best_step == min(val, key=val.get)
-  with pytest.raises(io.InputError, match="no checkpoint at step 3"):
+  with pytest.raises(fileio.InputError, match="no checkpoint at step 3"):
     train.restore_model(str(tmp_path), "latest", step=3)
 
 
@@ -146,7 +146,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, sources):
                   jax.tree.leaves((resumed["params"], resumed["batch_stats"]))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
-  rows = io.read_csv(tmp_path / "b" / "metrics.csv")["step"]
+  rows = fileio.read_csv(tmp_path / "b" / "metrics.csv")["step"]
   assert [int(s) for s in rows] == [2, 4, 6, 8]  # no duplicated or lost rows
 
 
@@ -156,7 +156,7 @@ def test_resume_refuses_other_data(tmp_path, sources):
   tr, va = sources
   other = pipeline.PairSource(tr.real_path, tr.synth_path, tr.real_idx, tr.synth_idx,
                               tr.ssim[::-1].copy())
-  with pytest.raises(io.InputError, match="other data"):
+  with pytest.raises(fileio.InputError, match="other data"):
     train.train_and_evaluate(config, str(tmp_path), other, va)
 
 
@@ -177,10 +177,10 @@ def _backbone_file(tmp_path, seed=5):
 def test_frozen_random_layers_are_refused_and_nothing_is_written(tmp_path, sources):
   config = tiny_config()
   config.model.num_frozen_stages = 2
-  with pytest.raises(io.InputError, match="model.init_from"):
+  with pytest.raises(fileio.InputError, match="model.init_from"):
     train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
   config.model.num_frozen_stages, config.model.freeze = 0, "reference"
-  with pytest.raises(io.InputError, match="model.init_from"):
+  with pytest.raises(fileio.InputError, match="model.init_from"):
     train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
   assert not os.path.exists(tmp_path / "run")
 
@@ -200,7 +200,7 @@ def test_init_from_loads_the_backbone_and_frozen_stages_keep_it(tmp_path, source
   # A different file on the same workdir is other settings: refused, not silently resumed.
   other, _ = _backbone_file(tmp_path / "..", seed=6)
   config.model.init_from = other
-  with pytest.raises(io.InputError, match="other data/settings"):
+  with pytest.raises(fileio.InputError, match="other data/settings"):
     train.train_and_evaluate(config, str(tmp_path / "run"), *sources)
 
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 from deepssim_jax.data import images
 from deepssim_jax.data import volumes
 
@@ -215,36 +215,36 @@ def test_find_folder_and_empty(tmp_path):
   assert volumes.find_volumes(root)[0] == "folder"
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(io.InputError, match=re.escape(str(empty)) + ".*no NIfTI"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(empty)) + ".*no NIfTI"):
     volumes.find_volumes(str(empty))
-  with pytest.raises(io.InputError, match=re.escape(str(empty)) + ".*'ixi'"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(empty)) + ".*'ixi'"):
     volumes.find_volumes(str(empty), "ixi")
-  with pytest.raises(io.InputError, match="folder not found"):
+  with pytest.raises(fileio.InputError, match="folder not found"):
     volumes.find_volumes(str(tmp_path / "nope"))
-  with pytest.raises(io.InputError, match="unknown volume layout"):
+  with pytest.raises(fileio.InputError, match="unknown volume layout"):
     volumes.find_volumes(root, "adni")
 
 
 def test_bad_volumes_name_the_file(tmp_path):
   garbage = tmp_path / "garbage.nii.gz"
   garbage.write_bytes(os.urandom(300))
-  with pytest.raises(io.InputError, match=re.escape(str(garbage)) + ".*not a readable"):
+  with pytest.raises(fileio.InputError, match=re.escape(str(garbage)) + ".*not a readable"):
     volumes.VolumeSliceSource([{"path": str(garbage)}])
 
   nan = _noise_volume()
   nan[2, 3, :] = np.nan
   nan_path = _save(str(tmp_path / "nan.nii.gz"), nan)
   src = volumes.VolumeSliceSource([{"path": nan_path}], SIZE, (0.5, 0.5))
-  with pytest.raises(io.InputError, match=re.escape(nan_path) + ".*slice 5.*non-finite"):
+  with pytest.raises(fileio.InputError, match=re.escape(nan_path) + ".*slice 5.*non-finite"):
     images.load_all(src, progress=False)
 
   flat_path = _save(str(tmp_path / "flat.nii.gz"), np.full((8, 8, 8), 3, np.uint8))
   src = volumes.VolumeSliceSource([{"path": flat_path}], SIZE, (0.5, 0.5))
-  with pytest.raises(io.InputError, match=re.escape(flat_path) + ".*constant"):
+  with pytest.raises(fileio.InputError, match=re.escape(flat_path) + ".*constant"):
     src[0]
 
   four = _save(str(tmp_path / "four.nii.gz"), np.zeros((6, 6, 6, 2), np.float32))
-  with pytest.raises(io.InputError, match=re.escape(four) + ".*3-D"):
+  with pytest.raises(fileio.InputError, match=re.escape(four) + ".*3-D"):
     volumes.VolumeSliceSource([{"path": four}])
   single = _save(str(tmp_path / "single.nii.gz"), _noise_volume()[..., None])
   assert volumes.VolumeSliceSource([{"path": single}], SIZE, (0.5, 0.5))[0].shape == SIZE
@@ -255,10 +255,10 @@ def test_bad_volumes_name_the_file(tmp_path):
   with open(whole, "rb") as f, gzip.open(truncated, "wb") as g:
     g.write(f.read()[:5000])
   src = volumes.VolumeSliceSource([{"path": truncated}], SIZE, (0.5, 0.5))
-  with pytest.raises(io.InputError, match=re.escape(truncated)):
+  with pytest.raises(fileio.InputError, match=re.escape(truncated)):
     src[0]
 
-  with pytest.raises(io.InputError, match="duplicated key 'x'"):
+  with pytest.raises(fileio.InputError, match="duplicated key 'x'"):
     volumes.VolumeSliceSource([{"path": single, "id": "x"}, {"path": nan_path, "id": "x"}])
-  with pytest.raises(io.InputError, match="no volumes"):
+  with pytest.raises(fileio.InputError, match="no volumes"):
     volumes.VolumeSliceSource([])

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 from deepssim_jax.data import images
 from deepssim_jax.data import volumes
 
@@ -117,7 +117,7 @@ def _draw(pool: int, n: int, rng: np.random.Generator, what: str,
 def _head_path(data_dir: str, head: str) -> str:
   path = os.path.join(data_dir, f"{head}-T1.nii.gz")
   if not os.path.isfile(path):
-    raise io.InputError(f"{path}: demo volume not found")
+    raise fileio.InputError(f"{path}: demo volume not found")
   return path
 
 
@@ -281,7 +281,7 @@ def _sets_for(root, what: str, kwargs) -> tuple[str, dict]:
   """(root, demo_sets(**kwargs)) once root is known to be absent or empty."""
   root = os.fspath(root)
   if os.path.isdir(root) and os.listdir(root):
-    raise io.InputError(f"{root}: {what} destination must be empty or absent")
+    raise fileio.InputError(f"{root}: {what} destination must be empty or absent")
   return root, demo_sets(**kwargs)
 
 
@@ -325,7 +325,7 @@ def write_demo_layout(root: str, **kwargs) -> dict:
     rows.append((f"{uid}/training", f"{uid}/gen-{i}", LABELS[str(kind)], str(kind),
                  str(key)))
   labels = os.path.join(root, "labels.csv")
-  io.write_csv(labels, ("real_key", "synth_key", "label", "kind", "demo_key"), rows)
+  fileio.write_csv(labels, ("real_key", "synth_key", "label", "kind", "demo_key"), rows)
   return {"root": root, "labels": labels, "num_training": len(tkeys),
           "num_generated": len(rows), "sets": sets}
 
@@ -348,7 +348,7 @@ def write_demo_folders(root: str, **kwargs) -> dict:
     images.write_png(os.path.join(root, "synthetic", f"{key}.png"), x)
   meta = synthetic["meta"]
   truth = os.path.join(root, "truth.csv")
-  io.write_csv(truth, ("synth_id", "memorized", "source_id"),
+  fileio.write_csv(truth, ("synth_id", "memorized", "source_id"),
                [(str(k), int(int(lab) == LABELS["copy"]),
                  layout_uid(str(s)) if int(lab) == LABELS["copy"] else "")
                 for k, lab, s in zip(synthetic["keys"], meta["label"], meta["source_key"])])

@@ -22,7 +22,7 @@ This module holds the pieces every reader shares and the PNG readers:
 """
 
 import concurrent.futures
-import io as _io
+import io
 import logging
 import os
 import re
@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 
 RESIZE_MODES = ("fit", "stretch", "error")
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -135,10 +135,10 @@ def zscore(image: np.ndarray, name: str = "image") -> np.ndarray:
   """
   x = np.asarray(image, np.float64)
   if not np.all(np.isfinite(x)):
-    raise io.InputError(f"{name}: image holds non-finite values (NaN/inf)")
+    raise fileio.InputError(f"{name}: image holds non-finite values (NaN/inf)")
   std = x.std()
   if not std > 0:
-    raise io.InputError(f"{name}: constant image (std 0): cannot be z-scored")
+    raise fileio.InputError(f"{name}: constant image (std 0): cannot be z-scored")
   return ((x - x.mean()) / std).astype(np.float32)
 
 
@@ -149,9 +149,9 @@ def check_not_constant(image: np.ndarray, name: str) -> None:
   look slightly non-constant).
   """
   if not np.all(np.isfinite(image)):
-    raise io.InputError(f"{name}: image holds non-finite values (NaN/inf)")
+    raise fileio.InputError(f"{name}: image holds non-finite values (NaN/inf)")
   if np.ptp(image) == 0:
-    raise io.InputError(f"{name}: constant image (all pixels {image.flat[0]}): cannot be "
+    raise fileio.InputError(f"{name}: constant image (all pixels {image.flat[0]}): cannot be "
                         "z-scored")
 
 
@@ -172,9 +172,9 @@ def read_png(path: str) -> np.ndarray:
         im = im.convert("L")
       return np.asarray(im, dtype=np.float32)
   except FileNotFoundError:
-    raise io.InputError(f"{path}: file not found") from None
+    raise fileio.InputError(f"{path}: file not found") from None
   except (OSError, ValueError, SyntaxError) as e:
-    raise io.InputError(f"{path}: not a readable image ({e})") from None
+    raise fileio.InputError(f"{path}: not a readable image ({e})") from None
 
 
 def write_png(path: str, image: np.ndarray) -> None:
@@ -201,9 +201,9 @@ def write_png(path: str, image: np.ndarray) -> None:
   else:
     logging.warning("%s: constant image written as zeros", path)
     u8 = np.zeros(x.shape, np.uint8)
-  buf = _io.BytesIO()
+  buf = io.BytesIO()
   Image.fromarray(u8, mode="L").save(buf, format="PNG")
-  io.write_bytes(path, buf.getvalue())
+  fileio.write_bytes(path, buf.getvalue())
 
 
 class PngSource:
@@ -243,11 +243,11 @@ class PngSource:
       raise ValueError(f"{len(self.keys)} keys but {len(self.paths)} paths")
     where = origin or "PngSource"
     if not self.keys:
-      raise io.InputError(f"{where}: no images")
+      raise fileio.InputError(f"{where}: no images")
     check_unique(self.keys, self.paths, where)
     for p in self.paths:
       if not os.path.isfile(p):
-        raise io.InputError(f"{p}: file not found (listed by {where})")
+        raise fileio.InputError(f"{p}: file not found (listed by {where})")
     self.size = None if size is None else (int(size[0]), int(size[1]))
     self.resize = resize
     self.meta = meta_columns(meta or {}, len(self.keys))
@@ -261,7 +261,7 @@ class PngSource:
     check_not_constant(x, path)
     if self.size is not None and x.shape != self.size:
       if self.resize == "error":
-        raise io.InputError(f"{path}: image is {x.shape[0]}x{x.shape[1]}, expected "
+        raise fileio.InputError(f"{path}: image is {x.shape[0]}x{x.shape[1]}, expected "
                             f"{self.size[0]}x{self.size[1]} (set resize='fit' or 'stretch' "
                             "or the configured image size)")
       x = resample(x, self.size, mode=self.resize)
@@ -298,7 +298,7 @@ def find_reference_layout(root: str, size: Sequence[int] | None = (136, 112),
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
-    raise io.InputError(f"{root}: folder not found")
+    raise fileio.InputError(f"{root}: folder not found")
   t_keys, t_paths, t_uid = [], [], []
   g_keys, g_paths, g_uid, g_idx = [], [], [], []
   skipped = 0
@@ -310,7 +310,7 @@ def find_reference_layout(root: str, size: Sequence[int] | None = (136, 112),
     gens = sorted(((int(m.group(1)), n) for n in names if (m := _GEN_RE.match(n))))
     has_training = os.path.isfile(os.path.join(folder, "training.png"))
     if gens and not has_training:
-      raise io.InputError(f"{folder}: {len(gens)} generated image(s) but no training.png "
+      raise fileio.InputError(f"{folder}: {len(gens)} generated image(s) but no training.png "
                           "(every uid folder needs its training image)")
     if not has_training:
       skipped += 1
@@ -327,9 +327,9 @@ def find_reference_layout(root: str, size: Sequence[int] | None = (136, 112),
     logging.info("%s: skipped %d folder(s) without training.png or gen-<i>.png", root,
                  skipped)
   if not t_keys:
-    raise io.InputError(f"{root}: no <uid>/training.png found (reference layout expected)")
+    raise fileio.InputError(f"{root}: no <uid>/training.png found (reference layout expected)")
   if not g_keys:
-    raise io.InputError(f"{root}: no <uid>/gen-<i>.png found (reference layout expected)")
+    raise fileio.InputError(f"{root}: no <uid>/gen-<i>.png found (reference layout expected)")
   training = PngSource(t_keys, t_paths, size, resize, {"uid": t_uid}, origin=root)
   generated = PngSource(g_keys, g_paths, size, resize,
                         {"uid": g_uid, "gen_index": g_idx,
@@ -347,16 +347,16 @@ def manifest_source(csv_path: str, size: Sequence[int] | None = (136, 112),
     InputError: missing columns, no rows, duplicated keys, or a listed file missing.
   """
   csv_path = os.fspath(csv_path)
-  table = io.read_csv(csv_path, required=("key", "path"))
+  table = fileio.read_csv(csv_path, required=("key", "path"))
   if not table["key"]:
-    raise io.InputError(f"{csv_path}: manifest has no rows")
+    raise fileio.InputError(f"{csv_path}: manifest has no rows")
   base = os.path.dirname(os.path.abspath(csv_path))
   paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in table["path"]]
   lines = [f"line {i + 2}" for i in range(len(paths))]
   check_unique(table["key"], lines, csv_path)
   for line, p in zip(lines, paths):
     if not os.path.isfile(p):
-      raise io.InputError(f"{csv_path}: {line}: file not found: {p}")
+      raise fileio.InputError(f"{csv_path}: {line}: file not found: {p}")
   meta = {k: v for k, v in table.items() if k not in ("key", "path")}
   return PngSource(table["key"], paths, size, resize, meta, origin=csv_path)
 
@@ -371,7 +371,7 @@ def folder_source(root: str, size: Sequence[int] | None = (136, 112), resize: st
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
-    raise io.InputError(f"{root}: folder not found")
+    raise fileio.InputError(f"{root}: folder not found")
   paths = []
   if recursive:
     for dirpath, dirnames, filenames in os.walk(root):
@@ -381,7 +381,7 @@ def folder_source(root: str, size: Sequence[int] | None = (136, 112), resize: st
     paths = [os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(".png")
              and os.path.isfile(os.path.join(root, f))]
   if not paths:
-    raise io.InputError(f"{root}: no .png files found")
+    raise fileio.InputError(f"{root}: no .png files found")
   paths.sort(key=lambda p: _natural_key(os.path.relpath(p, root)))
   keys = [os.path.relpath(p, root)[:-4].replace(os.sep, "/") for p in paths]
   return PngSource(keys, paths, size, resize, origin=root)
@@ -396,7 +396,7 @@ def check_unique(keys: Sequence[str], where: Sequence[str], origin: str) -> None
   seen = {}
   for k, w in zip(keys, where):
     if k in seen:
-      raise io.InputError(f"{origin}: duplicated key {k!r} ({seen[k]} and {w})")
+      raise fileio.InputError(f"{origin}: duplicated key {k!r} ({seen[k]} and {w})")
     seen[k] = w
 
 
@@ -454,7 +454,7 @@ def load_all(source, progress: bool = True, num_threads: int = 0) -> dict:
   bar.close()
   shapes = {x.shape for x in images}
   if len(shapes) != 1:
-    raise io.InputError(f"images of different shapes {sorted(shapes)}: set an image size")
+    raise fileio.InputError(f"images of different shapes {sorted(shapes)}: set an image size")
   return {"keys": np.asarray(list(source.keys), dtype=str),
           "images": np.stack(images).astype(np.float32, copy=False),
           "meta": {k: np.asarray(v) for k, v in source.meta.items()}}
@@ -467,7 +467,7 @@ def save_bank(path: str, bank: Mapping) -> None:
   for k, v in bank.get("meta", {}).items():
     v = np.asarray(v)
     arrays["meta." + k] = v.astype(str) if v.dtype == object else v
-  io.write_npz(path, **arrays)
+  fileio.write_npz(path, **arrays)
 
 
 def load_bank(path: str) -> dict:
@@ -478,20 +478,20 @@ def load_bank(path: str) -> dict:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise io.InputError(f"{path}: file not found")
+    raise fileio.InputError(f"{path}: file not found")
   try:
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except Exception as e:  # pylint: disable=broad-except
-    raise io.InputError(f"{path}: not a readable image bank ({e})") from None
+    raise fileio.InputError(f"{path}: not a readable image bank ({e})") from None
   if "keys" not in arrays or "images" not in arrays:
-    raise io.InputError(f"{path}: not an image bank (needs arrays 'keys' and 'images')")
+    raise fileio.InputError(f"{path}: not an image bank (needs arrays 'keys' and 'images')")
   keys, images = arrays.pop("keys"), arrays.pop("images")
   if images.ndim != 3 or len(keys) != len(images):
-    raise io.InputError(f"{path}: {len(keys)} keys for images of shape {images.shape}")
+    raise fileio.InputError(f"{path}: {len(keys)} keys for images of shape {images.shape}")
   meta = {k[5:]: v for k, v in arrays.items() if k.startswith("meta.")}
   for k, v in meta.items():
     if len(v) != len(keys):
-      raise io.InputError(f"{path}: meta column {k!r} has {len(v)} values for {len(keys)} "
+      raise fileio.InputError(f"{path}: meta column {k!r} has {len(v)} values for {len(keys)} "
                           "images")
   return {"keys": keys, "images": images, "meta": meta}

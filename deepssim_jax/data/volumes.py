@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 from deepssim_jax.data import images
 
 _NII_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
@@ -48,7 +48,7 @@ def _strip_nii(name: str) -> str:
 def _check_root(root: str) -> str:
   root = os.fspath(root)
   if not os.path.isdir(root):
-    raise io.InputError(f"{root}: folder not found")
+    raise fileio.InputError(f"{root}: folder not found")
   return root
 
 
@@ -210,13 +210,13 @@ def find_volumes(root: str, layout: str = "auto") -> tuple[str, list[dict]]:
       if records:
         logging.info("%s: %d volume(s), %s layout", root, len(records), name)
         return name, records
-    raise io.InputError(f"{root}: no NIfTI (.nii / .nii.gz) files found")
+    raise fileio.InputError(f"{root}: no NIfTI (.nii / .nii.gz) files found")
   if layout not in LAYOUTS:
-    raise io.InputError(f"unknown volume layout {layout!r}; expected auto or one of "
+    raise fileio.InputError(f"unknown volume layout {layout!r}; expected auto or one of "
                         f"{sorted(LAYOUTS)}")
   records = LAYOUTS[layout](root)
   if not records:
-    raise io.InputError(f"{root}: no volumes of the {layout!r} layout found")
+    raise fileio.InputError(f"{root}: no volumes of the {layout!r} layout found")
   return layout, records
 
 
@@ -233,16 +233,16 @@ def open_volume(path: str) -> nib.Nifti1Image:
   try:
     img = nib.load(path)
   except FileNotFoundError:
-    raise io.InputError(f"{path}: file not found") from None
+    raise fileio.InputError(f"{path}: file not found") from None
   except Exception as e:  # pylint: disable=broad-except
-    raise io.InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") \
+    raise fileio.InputError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") \
         from None
   shape = img.shape
   if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-    raise io.InputError(f"{path}: expected a 3-D volume (or 4-D with one volume), got "
+    raise fileio.InputError(f"{path}: expected a 3-D volume (or 4-D with one volume), got "
                         f"shape {shape}")
   if min(shape[:3]) < 2:
-    raise io.InputError(f"{path}: volume of shape {shape} is too small")
+    raise fileio.InputError(f"{path}: volume of shape {shape} is too small")
   return img
 
 
@@ -272,10 +272,10 @@ def load_canonical(path: str, img=None) -> tuple[np.ndarray, np.ndarray]:
       img = img.slicer[..., 0]
     canon = nib.as_closest_canonical(img)
     data = canon.get_fdata(dtype=np.float32, caching="unchanged")
-  except io.InputError:
+  except fileio.InputError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise io.InputError(f"{path}: cannot read the image data ({type(e).__name__}: {e})") \
+    raise fileio.InputError(f"{path}: cannot read the image data ({type(e).__name__}: {e})") \
         from None
   return data, nib.affines.voxel_sizes(canon.affine)
 
@@ -370,7 +370,7 @@ class VolumeSliceSource:
       InputError: no records, duplicated ids, or an unreadable / non-volume file.
     """
     if not records:
-      raise io.InputError("VolumeSliceSource: no volumes given")
+      raise fileio.InputError("VolumeSliceSource: no volumes given")
     self.records = [dict(r) for r in records]
     for r in self.records:
       if "id" not in r:
@@ -395,7 +395,7 @@ class VolumeSliceSource:
         ks = band_slices(depth, self.band, self.num_slices, self.stride)
       for k in ks:
         if not 0 <= k < depth:
-          raise io.InputError(f"{r['path']}: slice {k} outside the volume's {depth} axial "
+          raise fileio.InputError(f"{r['path']}: slice {k} outside the volume's {depth} axial "
                               "slices")
         self.keys.append(slice_key(r["id"], int(k)))
         self._index.append((j, int(k)))

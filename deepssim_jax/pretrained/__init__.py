@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from deepssim_jax import io
+from deepssim_jax import fileio
 
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin.npz")
 PREFIX = "variables/"
@@ -51,7 +51,7 @@ def export(workdir: str, which: str = "best", out: str = BUILTIN, step=None) -> 
           "step": int(step), "source": f"{os.path.abspath(workdir)}:{which}",
           "weights_sha256": weights_sha256(flat)}
   arrays = {PREFIX + k: v for k, v in flat.items()}
-  with io.atomic_open(out, "wb") as f:
+  with fileio.atomic_open(out, "wb") as f:
     np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)
   return meta
 
@@ -60,27 +60,27 @@ def load(path: str = BUILTIN):
   """(config, model, variables, step) of an exported model file.
 
   Raises:
-    io.InputError: a missing or unreadable file, a file that is not an exported model, or
+    fileio.InputError: a missing or unreadable file, a file that is not an exported model, or
       weights whose sha256 differs from the one recorded (a damaged file).
   """
   from deepssim_jax import train  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     hint = (" (the built-in model ships with the package: reinstall it, or export one with "
             "python -m deepssim_jax.pretrained)" if path == BUILTIN else "")
-    raise io.InputError(f"{path}: model file not found{hint}")
+    raise fileio.InputError(f"{path}: model file not found{hint}")
   try:
     with np.load(path, allow_pickle=False) as z:
       meta = json.loads(str(z["meta"])) if "meta" in z.files else None
       flat = {k[len(PREFIX):]: z[k] for k in z.files if k.startswith(PREFIX)}
   except (OSError, ValueError, json.JSONDecodeError) as e:
-    raise io.InputError(f"{path}: not a readable model file ({e})") from None
+    raise fileio.InputError(f"{path}: not a readable model file ({e})") from None
   if meta is None or not flat:
-    raise io.InputError(f"{path}: not an exported DeepSSIM model (no meta / variables)")
+    raise fileio.InputError(f"{path}: not an exported DeepSSIM model (no meta / variables)")
   if meta.get("format_version") != FORMAT_VERSION:
-    raise io.InputError(f"{path}: model file format {meta.get('format_version')!r}, this "
+    raise fileio.InputError(f"{path}: model file format {meta.get('format_version')!r}, this "
                         f"version reads {FORMAT_VERSION}")
   if weights_sha256(flat) != meta["weights_sha256"]:
-    raise io.InputError(f"{path}: weights do not match their recorded sha256 (damaged file)")
+    raise fileio.InputError(f"{path}: weights do not match their recorded sha256 (damaged file)")
   config = ml_collections.ConfigDict(meta["config"])
   model = train.model_from_config(config)
   variables = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
@@ -92,6 +92,6 @@ def load(path: str = BUILTIN):
   have = {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:5]
-    raise io.InputError(f"{path}: weights do not fit the model its config describes "
+    raise fileio.InputError(f"{path}: weights do not fit the model its config describes "
                         f"(first differences: {diff})")
   return config, model, variables, int(meta["step"])

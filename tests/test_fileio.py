@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from deepssim_jax import io, parallel
+from deepssim_jax import fileio, parallel
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
   path = tmp_path / "out.csv"
-  io.write_csv(path, ["a", "b"], [[1, 0.5]])
+  fileio.write_csv(path, ["a", "b"], [[1, 0.5]])
   before = path.read_text()
 
   def rows():
@@ -19,7 +19,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     raise RuntimeError("killed mid-write")
 
   with pytest.raises(RuntimeError):
-    io.write_csv(path, ["a", "b"], rows())
+    fileio.write_csv(path, ["a", "b"], rows())
   assert path.read_text() == before
   assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temp file left behind
 
@@ -27,35 +27,35 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_csv_round_trip_and_float_precision(tmp_path):
   path = tmp_path / "t.csv"
   x = 0.1234567890123
-  io.write_csv(path, ["key", "v"], [["k0", x], ["k1", np.float32(2.5)]])
-  table = io.read_csv(path, required=["key", "v"])
+  fileio.write_csv(path, ["key", "v"], [["k0", x], ["k1", np.float32(2.5)]])
+  table = fileio.read_csv(path, required=["key", "v"])
   assert table["key"] == ["k0", "k1"]
-  np.testing.assert_array_equal(io.float_column(path, table, "v"), [x, 2.5])
+  np.testing.assert_array_equal(fileio.float_column(path, table, "v"), [x, 2.5])
 
 
 def test_read_csv_errors_name_file_and_problem(tmp_path):
   path = tmp_path / "pairs.csv"
   path.write_text("real_key,ssim\nA,0.5\n")
-  with pytest.raises(io.InputError, match=r"pairs\.csv.*missing column.*synth_key"):
-    io.read_csv(path, required=["real_key", "synth_key"])
-  with pytest.raises(io.InputError, match="file not found"):
-    io.read_csv(tmp_path / "nope.csv")
+  with pytest.raises(fileio.InputError, match=r"pairs\.csv.*missing column.*synth_key"):
+    fileio.read_csv(path, required=["real_key", "synth_key"])
+  with pytest.raises(fileio.InputError, match="file not found"):
+    fileio.read_csv(tmp_path / "nope.csv")
   (tmp_path / "empty.csv").write_text("")
-  with pytest.raises(io.InputError, match=r"empty\.csv.*empty"):
-    io.read_csv(tmp_path / "empty.csv")
+  with pytest.raises(fileio.InputError, match=r"empty\.csv.*empty"):
+    fileio.read_csv(tmp_path / "empty.csv")
   path.write_text("k,v\nA,nan\n")
-  with pytest.raises(io.InputError, match="line 2.*non-finite"):
-    io.float_column(path, io.read_csv(path), "v")
+  with pytest.raises(fileio.InputError, match="line 2.*non-finite"):
+    fileio.float_column(path, fileio.read_csv(path), "v")
   path.write_text("k,v\nA,abc\n")
-  with pytest.raises(io.InputError, match="not a number"):
-    io.float_column(path, io.read_csv(path), "v")
+  with pytest.raises(fileio.InputError, match="not a number"):
+    fileio.float_column(path, fileio.read_csv(path), "v")
 
 
 def test_fingerprint_is_stable_and_content_sensitive():
   a = np.arange(6, dtype=np.float32)
-  assert io.fingerprint("x", a) == io.fingerprint("x", a.copy())
-  assert io.fingerprint("x", a) != io.fingerprint("x", a + 1)
-  assert io.fingerprint("x", a) != io.fingerprint("x", a.astype(np.float64))
+  assert fileio.fingerprint("x", a) == fileio.fingerprint("x", a.copy())
+  assert fileio.fingerprint("x", a) != fileio.fingerprint("x", a + 1)
+  assert fileio.fingerprint("x", a) != fileio.fingerprint("x", a.astype(np.float64))
 
 
 def test_pad_to_repeats_last_row():
@@ -81,7 +81,7 @@ def test_shard_batch_spreads_rows_over_the_mesh():
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):
   path = tmp_path / "report.html"
-  io.write_text(str(path), "<p>hi</p>")
+  fileio.write_text(str(path), "<p>hi</p>")
   mask = os.umask(0o022)
   os.umask(mask)
   assert (path.stat().st_mode & 0o777) == 0o666 & ~mask  # not mkstemp's 0600
@@ -93,7 +93,7 @@ def test_json_ready_makes_results_strict_json():
   import json
   obj = {1: np.float32(0.5), "a": [np.int64(3), float("nan"), (np.float64(np.inf), 2)],
          "arr": np.array([[1.5, np.nan]]), "s": "x", "none": None, "b": np.bool_(True)}
-  out = io.json_ready(obj)
+  out = fileio.json_ready(obj)
   text = json.dumps(out, allow_nan=False)
   assert json.loads(text) == {"1": 0.5, "a": [3, None, [None, 2]], "arr": [[1.5, None]],
                               "s": "x", "none": None, "b": True}

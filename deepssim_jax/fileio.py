@@ -3,7 +3,8 @@
 Every output is written to a temporary file in the destination folder and moved into
 place with os.replace, so a killed job never leaves a half-written file behind and
 nothing written earlier is lost. Readers validate what they read and name the file and
-the problem in their errors.
+the problem in their errors. (Named fileio, not io, so that the standard library's io stays
+importable under its own name.)
 """
 
 import contextlib
