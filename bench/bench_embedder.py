@@ -1,53 +1,57 @@
-"""Benchmark: DeepSSIM embedder (ConvNeXt) forward and Siamese train step on this CPU.
+"""Benchmark: the DeepSSIM embedder (ConvNeXt) forward and Siamese train step, side by side
+with the PyTorch reference's network in the same run.
 
-The figure is the achieved FLOP rate of the jitted model as a fraction of this machine's
-dense float32 matmul rate (a jnp 2048^2 matmul, measured interleaved with every repetition,
-since the machine is shared). The anchor is the PyTorch reference's fraction on the same
-machine (torch eager, 2 threads, measured for this project earlier): ConvNeXt-B eval forward, 3x136x112, batch 32: 14.9 img/s x
-8.78 GFLOP/img = 131 GFLOP/s, ~69% of the 189-197 GFLOP/s matmul peak; train step of 32
-pairs (both branches, AdamW): 8.6 s with the reference's name-matching freeze, 12.5 s with
-only stem + first stage frozen.
+Theirs: torchvision's `convnext_base(weights=None)` features (the backbone the reference,
+brAIn-science/DeepSSIM (arXiv 2509.16582), trains from ImageNet weights; weights do not
+change the timing) followed by the reference's head, as its ImageEmbedder builds it and
+deepssim_jax/convnext_keys.py maps it: AdaptiveAvgPool2d -> Flatten -> BatchNorm1d(C) ->
+Linear(C, 512) -> GELU -> Dropout(0.33) -> Linear(512, 256). torch eager, float32, run in its
+own process with torch.set_num_threads(cores), the number of cores XLA:CPU's pool uses here
+(both are printed). Same batch, same input size, grey images repeated to 3 channels as the
+reference feeds them.
 
-FLOPs: every implementation is credited with the FLOPs XLA counts for the plain formulation
-(`depthwise_impl="conv"`: one grouped convolution per depthwise layer), i.e. the model's
-true arithmetic; the shifted-sum and dense forms make XLA count more (the dense form does
-extra multiply-adds on purpose). Train-step FLOPs depend on the freezing (frozen weights get
-no gradient, and nothing before the first trainable layer is back-propagated), so the
-reference's fraction is computed from its time and the FLOPs of the same freezing.
+Works (one row each):
+  forward     eval mode, a batch of B images 3 x 136 x 112 (torch under inference_mode).
+  train step  B pairs through both branches (ours: one 2B batch, as deepssim_jax.train does;
+              theirs: two calls, as the reference's SimilarityNet), BatchNorm in train mode,
+              dropout 0.33, stochastic depth 0.5 (torchvision convnext_base's default, which
+              the reference trains with), MSE(cosine, SSIM target), global-norm clipping at 1,
+              AdamW(1e-3, weight decay 1e-3) (the reference's deepssim_train.py), with a
+              freezing: "ref" is the reference's rule (every backbone parameter whose
+              torchvision name holds a 0 or a 1 is frozen: convnext_keys.reference_freeze_mask;
+              torch: requires_grad False on the same names), N freezes the stem and the
+              first N stages (torchvision features[0:2N]). Ours: optax.multi_transform with
+              clip_by_global_norm + adamw on the trainable leaves, set_to_zero on the frozen
+              ones; theirs: torch.optim.AdamW and clip_grad_norm_.
 
-Train step: both branches in one 2B batch (shared weights, as deepssim_jax.train does),
-BatchNorm in train mode, dropout 0.33, stochastic depth 0.5 (torchvision's convnext_base
-default, which the reference trains with), MSE(cosine, ssim), optax.multi_transform with
-clip_by_global_norm(1) + adamw(1e-3, wd 1e-3) on trainable leaves and set_to_zero on frozen.
+FLOPs (for the share of the same-run matmul rate): every side is credited with the FLOPs XLA
+counts for the plain formulation (`depthwise_impl="conv"`: one grouped convolution per
+depthwise layer) before its own optimisation passes, i.e. the model's arithmetic. Train-step
+FLOPs depend on the freezing (frozen weights get no gradient).
 
 Usage:
   python bench/bench_embedder.py                      # convnext_base, batch 32, 5 reps
+  python bench/bench_embedder.py --quick              # convnext_atto, batch 4, 2 reps
   python bench/bench_embedder.py --model convnext_tiny --passes forward --reps 7
-  python bench/bench_embedder.py --impls auto,shift --freeze 2,ref
+  python bench/bench_embedder.py --impls auto,shift --freeze 2,ref --json=/tmp/e.json
 """
 
 import argparse
+import collections
 import functools
+import json
 import os
-import re
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import traverse_util  # noqa: E402
+import benchlib  # noqa: E402
 
-from deepssim_jax import models  # noqa: E402
-
-# The PyTorch reference (torch eager, 2 threads) measured earlier on this kind of machine.
-REF_PEAK_GFLOPS = 193.0           # midpoint of the 189-197 GFLOP/s numpy matmul peak
-REF_FORWARD_FRACTION = 0.69       # ConvNeXt-B eval, batch 32: 14.9 img/s x 8.78 GFLOP/img
-REF_TRAIN_SECONDS = {"ref": 8.6, "1": 12.5}   # per step of 32 pairs, by freezing
+# The reference's head (ImageEmbedder.fc) and training settings (deepssim_train.py).
+HIDDEN, EMBED, DROPOUT = 512, 256, 0.33
+LR, WEIGHT_DECAY, CLIP = 1e-3, 1e-3, 1.0
 
 
 def tune_malloc(mmap_threshold: int = 2**31 - 1, trim_threshold: int = 2**31 - 1) -> bool:
@@ -55,9 +59,8 @@ def tune_malloc(mmap_threshold: int = 2**31 - 1, trim_threshold: int = 2**31 - 1
 
   XLA:CPU allocates every large intermediate with malloc; with glibc's defaults, blocks
   above 32 MB are mmap-ed and unmapped again each step, so every step pays page faults on
-  fresh pages (a 30464x128 @ 128x512 matmul runs at ~60% of the matmul rate instead of
-  ~100%). Same effect as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:trim_threshold=...
-  Returns whether both settings were accepted.
+  fresh pages. Same effect as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:
+  trim_threshold=... Returns whether both settings were accepted.
   """
   import ctypes
   try:
@@ -70,46 +73,106 @@ def tune_malloc(mmap_threshold: int = 2**31 - 1, trim_threshold: int = 2**31 - 1
   return bool(ok)
 
 
-def torchvision_name(path):
-  """torchvision convnext `features` state-dict key of one of our backbone parameters."""
-  top, rest = path[0], path[1:]
-  if top == "stem":
-    return "features.0.%d.%s" % ({"conv": 0, "norm": 1}[rest[0]],
-                                 {"kernel": "weight", "scale": "weight"}.get(rest[1], rest[1]))
-  i = int(top.split("_")[1])
-  if rest[0] == "downsample":
-    return "features.%d.%d.%s" % (2 * i, {"norm": 0, "conv": 1}[rest[1]],
-                                  {"kernel": "weight", "scale": "weight"}.get(rest[2], rest[2]))
-  j = int(rest[0].split("_")[1])
-  if rest[1] == "layer_scale":
-    return "features.%d.%d.layer_scale" % (2 * i + 1, j)
-  layer = {"dwconv": 0, "norm": 2, "pwconv1": 3, "pwconv2": 5}[rest[1]]
-  leaf = {"kernel": "weight", "scale": "weight"}.get(rest[2], rest[2])
-  return "features.%d.%d.block.%d.%s" % (2 * i + 1, j, layer, leaf)
+# ----------------------------------------------------------------------------- theirs
 
 
-def reference_labels(params):
-  """The reference's freeze: every backbone parameter whose torchvision name has a 0 or 1."""
-  flat = traverse_util.flatten_dict(params)
-  labels = {}
-  for path in flat:
-    frozen = False
-    if path[0] == "backbone":
-      name = torchvision_name(path[1:])
-      frozen = bool(re.search(r"[01]", name))
-    labels[path] = "frozen" if frozen else "train"
-  return traverse_util.unflatten_dict(labels)
+def torch_side(spec: dict):
+  """The worker's works: the reference's embedder in torch (module docstring)."""
+  import torch
+  import torch.nn.functional as F
+  import torchvision
+  from torch import nn
+  torch.set_num_threads(spec["threads"])
+  torch.manual_seed(0)
+  name, dims, depths = spec["model"], spec["dims"], spec["depths"]
+  if name in ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"):
+    backbone = getattr(torchvision.models, name)(weights=None,
+                                                 stochastic_depth_prob=spec["drop_path"])
+    source = f"torchvision {name}(weights=None)"
+  else:  # our test widths: the same torchvision ConvNeXt class with our stage settings
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    setting = [CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
+               for i, (d, n) in enumerate(zip(dims, depths))]
+    backbone = ConvNeXt(setting, stochastic_depth_prob=spec["drop_path"])
+    source = f"torchvision ConvNeXt{tuple(depths)}x{tuple(dims)}"
+  c = dims[-1]
+  net = nn.Sequential(collections.OrderedDict(
+      feature_extractor=backbone.features,
+      fc=nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.BatchNorm1d(c),
+                       nn.Linear(c, HIDDEN), nn.GELU(), nn.Dropout(DROPOUT),
+                       nn.Linear(HIDDEN, EMBED))))
+  b, (h, w) = spec["batch"], spec["size"]
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn((b, 1, h, w), generator=g).repeat(1, 3, 1, 1)
+  xb = torch.randn((b, 1, h, w), generator=g).repeat(1, 3, 1, 1)
+  ssim = torch.rand((b, 1), generator=g)
+  features = net.feature_extractor
+
+  def set_freeze(fz):
+    for p in net.parameters():
+      p.requires_grad_(True)
+    if fz == "ref":  # the reference's rule, on the names of base_model.features
+      frozen = [p for n, p in features.named_parameters() if "0" in n or "1" in n]
+    else:
+      frozen = list(features[:2 * int(fz)].parameters())
+    for p in frozen:
+      p.requires_grad_(False)
+
+  def forward():
+    net.eval()
+    with torch.inference_mode():
+      net(x)
+
+  def train_step(opt):
+    net.train()
+    opt.zero_grad(set_to_none=True)
+    e1 = F.normalize(net(x), p=2.0, dim=1)
+    e2 = F.normalize(net(xb), p=2.0, dim=1)
+    pred = F.cosine_similarity(e1, e2, dim=1, eps=1e-8).unsqueeze(1)
+    F.mse_loss(pred, ssim).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+    opt.step()
+
+  works, trainable = {}, {}
+  if "forward" in spec["passes"]:
+    works["forward"] = forward
+  for fz in spec["freezes"]:
+    set_freeze(fz)
+    trainable[fz] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(net.parameters(), LR, weight_decay=WEIGHT_DECAY)
+
+    def work(fz=fz, opt=opt):
+      set_freeze(fz)
+      train_step(opt)
+    works["train/" + fz] = work
+  info = {"impl": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads "
+                  f"({source} + the reference's head)",
+          "threads": torch.get_num_threads(), "torch": torch.__version__,
+          "torchvision": torchvision.__version__,
+          "params": sum(p.numel() for p in net.parameters()), "trainable": trainable}
+  return works, info
+
+
+# ----------------------------------------------------------------------------- ours
 
 
 def labels_for(params, freeze):
-  return reference_labels(params) if freeze == "ref" else models.trainable_labels(
-      params, int(freeze))
+  from deepssim_jax import convnext_keys, models
+  import jax
+  if freeze == "ref":
+    return jax.tree.map(lambda t: "train" if t else "frozen",
+                        convnext_keys.reference_freeze_mask(params))
+  return models.trainable_labels(params, int(freeze))
 
 
 def make_train_step(model, labels):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from deepssim_jax import models
   tx = optax.multi_transform(
-      {"train": optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(1e-3, weight_decay=1e-3)),
+      {"train": optax.chain(optax.clip_by_global_norm(CLIP),
+                            optax.adamw(LR, weight_decay=WEIGHT_DECAY)),
        "frozen": optax.set_to_zero()}, labels)
 
   def step(params, batch_stats, opt_state, a, b, ssim, rng):
@@ -130,52 +193,59 @@ def flops_of(fn, *args):
   """FLOPs XLA counts for fn's HLO before its own optimisation passes.
 
   Not the compiled module's count: XLA:CPU rewrites the grouped-conv weight gradient as a
-  dense convolution (C times the work), which doubles a ConvNeXt-B train step's count
-  (3,008 vs 1,475 GFLOP). For the forward pass both counts agree.
+  dense convolution (C times the work), which doubles a ConvNeXt-B train step's count. For
+  the forward pass both counts agree.
   """
   return float(fn.lower(*args).cost_analysis()["flops"])
 
 
-def timed(fn, args, mm, mm_args, reps):
-  """Median seconds of fn(*args) and of the anchor matmul, interleaved, after a warm-up."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(mm(*mm_args))
-  ts, tm = [], []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(mm(*mm_args))
-    tm.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts)), float(np.median(tm))
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--model", default="convnext_base", choices=sorted(models.MODELS))
-  ap.add_argument("--batch", type=int, default=32, help="images (forward) / pairs (train)")
-  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--model", default=None, help="a key of deepssim_jax.models.MODELS "
+                  "(default convnext_base; --quick: convnext_atto)")
+  ap.add_argument("--batch", type=int, default=None,
+                  help="images (forward) / pairs (train); default 32, --quick 4")
+  ap.add_argument("--reps", type=int, default=None, help="default 5, --quick 2")
   ap.add_argument("--size", default="136,112")
   ap.add_argument("--impls", default="auto", help="comma list of depthwise_impl values")
   ap.add_argument("--passes", default="forward,train")
-  ap.add_argument("--freeze", default="2,1,ref",
+  ap.add_argument("--freeze", default="ref",
                   help="train-step freezings: N stages frozen, or 'ref' (reference's rule)")
+  ap.add_argument("--drop_path", type=float, default=0.5)
   ap.add_argument("--matmul_n", type=int, default=2048)
   ap.add_argument("--malloc_tuning", action=argparse.BooleanOptionalAction, default=True,
-                  help="keep freed memory in the heap (see tune_malloc)")
+                  help="keep freed memory in the heap (see tune_malloc), both sides")
+  ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  benchlib.add_args(ap)
   args = ap.parse_args(argv)
+  if args.worker:
+    spec = json.loads(args.worker)
+    if spec["malloc_tuning"]:
+      tune_malloc()
+    return benchlib.serve(lambda: torch_side(spec))
   tuned = args.malloc_tuning and tune_malloc()
+
+  import jax
+  import jax.numpy as jnp
+  from deepssim_jax import models
+
+  model_name = args.model or ("convnext_atto" if args.quick else "convnext_base")
+  bsz = args.batch or (4 if args.quick else 32)
+  reps = args.reps or (2 if args.quick else 5)
   h, w = (int(v) for v in args.size.split(","))
-  bsz = args.batch
   passes = args.passes.split(",")
+  freezes = args.freeze.split(",") if "train" in passes else []
+  arch = models.MODELS[model_name].keywords
+
+  theirs = benchlib.Worker(__file__, {
+      "model": model_name, "dims": list(arch["dims"]), "depths": list(arch["depths"]),
+      "batch": bsz, "size": [h, w], "passes": passes, "freezes": freezes,
+      "threads": benchlib.cores(), "drop_path": args.drop_path,
+      "malloc_tuning": args.malloc_tuning})
   print(f"devices: {jax.devices()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
         f"malloc tuned: {tuned}")
-
-  n = args.matmul_n
-  am = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-  mm = jax.jit(lambda x, y: x @ y)
-  mm_flops = 2.0 * n ** 3
+  print(f"threads: jax (XLA:CPU pool) {benchlib.cores()}, torch {theirs.info['threads']}")
+  anchor = benchlib.MatmulAnchor(args.matmul_n)
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((bsz, h, w), np.float32))
@@ -184,65 +254,67 @@ def main(argv=None):
   key = jax.random.key(0)
 
   def build(impl):
-    model = models.make_model(args.model, depthwise_impl=impl, drop_path_rate=0.5)
+    model = models.make_model(model_name, depthwise_impl=impl, drop_path_rate=args.drop_path,
+                              hidden_dim=HIDDEN, embed_dim=EMBED, dropout=DROPOUT)
     variables = jax.jit(functools.partial(model.init, train=False))(key, x[:1])
     return model, variables
 
-  # True FLOPs from the plain grouped-conv formulation (compiled, never run).
-  ref_model, variables = build("conv")
+  # The model's FLOPs from the plain grouped-conv formulation (lowered, never run).
+  conv_model, variables = build("conv")
   params, stats = variables["params"], variables["batch_stats"]
-  print(f"{args.model}: {models.param_count(params['backbone']):,} backbone / "
-        f"{models.param_count(params):,} total parameters; input {bsz} x {h} x {w}")
-  true_flops = {}
+  n_params = models.param_count(params)
+  print(f"{model_name}: {models.param_count(params['backbone']):,} backbone / {n_params:,} "
+        f"total parameters (torch: {theirs.info['params']:,}); input {bsz} x {h} x {w}")
+  true_flops, trainable = {}, {}
   if "forward" in passes:
-    fwd = jax.jit(lambda v, x: ref_model.apply(v, x, train=False))
+    fwd = jax.jit(lambda v, x: conv_model.apply(v, x, train=False))
     true_flops["forward"] = flops_of(fwd, variables, x)
-  freezes = args.freeze.split(",") if "train" in passes else []
   for fz in freezes:
-    tx, step = make_train_step(ref_model, labels_for(params, fz))
+    labels = labels_for(params, fz)
+    trainable[fz] = sum(int(np.prod(p.shape)) for p, lab in zip(
+        jax.tree.leaves(params), jax.tree.leaves(labels)) if lab == "train")
+    print(f"freeze {fz}: {trainable[fz]:,} trainable (torch: {theirs.info['trainable'][fz]:,})")
+    tx, step = make_train_step(conv_model, labels)
     opt_state = jax.eval_shape(tx.init, params)
     true_flops["train/" + fz] = flops_of(jax.jit(step), params, stats, opt_state, x, xb, ssim,
                                          key)
-  del ref_model
 
   rows = []
-  for impl in args.impls.split(","):
+  impls = args.impls.split(",")
+  for impl in impls:
     model, variables = build(impl)
     params, stats = variables["params"], variables["batch_stats"]
+    tag = f" [{impl}]" if len(impls) > 1 else ""
     if "forward" in passes:
       fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-      t, tm = timed(fwd, (variables, x), mm, (am, am), args.reps)
-      rows.append((impl, "forward", bsz, bsz / t, t, true_flops["forward"], tm,
-                   REF_FORWARD_FRACTION))
+      t = benchlib.interleave({"ours": lambda: jax.block_until_ready(fwd(variables, x)),
+                               "theirs": theirs.timer("forward")}, reps, anchor)
+      rows.append(benchlib.row(
+          f"{model_name} embedder forward, eval, batch {bsz}, 3x{h}x{w}{tag}",
+          benchlib.median(t["ours"]), benchlib.median(t["theirs"]), theirs.info["impl"],
+          "img", bsz, flops_per_item=true_flops["forward"] / bsz,
+          matmul_gflops=anchor.gflops()))
     for fz in freezes:
       tx, step = make_train_step(model, labels_for(params, fz))
       opt_state = tx.init(params)
-      # No donation: every repetition starts from the same state.
-      stepj = jax.jit(step)
-      t, tm = timed(stepj, (params, stats, opt_state, x, xb, ssim, key), mm, (am, am),
-                    args.reps)
-      fl = true_flops["train/" + fz]
-      ref_frac = (fl / REF_TRAIN_SECONDS[fz] / 1e9 / REF_PEAK_GFLOPS
-                  if fz in REF_TRAIN_SECONDS else float("nan"))
-      rows.append((impl, f"train (freeze {fz})", bsz, bsz / t, t, fl, tm, ref_frac))
-      del opt_state
-
-  print()
-  print("| impl | pass | batch | img/s or pairs/s | s/step | GFLOP/step | GFLOP/s | "
-        "matmul GFLOP/s | fraction | reference fraction | ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for impl, name, b, rate, t, fl, tm, ref_frac in rows:
-    gfs = fl / t / 1e9
-    peak = mm_flops / tm / 1e9
-    frac = gfs / peak
-    print(f"| {impl} | {name} | {b} | {rate:.2f} | {t:.3f} | {fl / 1e9:.1f} | {gfs:.1f} | "
-          f"{peak:.1f} | {frac:.1%} | {ref_frac:.1%} | {frac / ref_frac:.2f} |")
-  print("\nmedians of", args.reps, "repetitions; the matmul is timed just before each one.")
-  if "train" in passes:
-    print("reference train fractions: its step time (an earlier session's measurement) "
-          "with the FLOPs XLA counts for "
-          f"the same freezing, over {REF_PEAK_GFLOPS:.0f} GFLOP/s; no reference time exists "
-          "for other freezings (nan).")
+      stepj = jax.jit(step)  # no donation: every repetition starts from the same state
+      t = benchlib.interleave(
+          {"ours": lambda: jax.block_until_ready(
+              stepj(params, stats, opt_state, x, xb, ssim, key)),
+           "theirs": theirs.timer("train/" + fz)}, reps, anchor)
+      rows.append(benchlib.row(
+          f"{model_name} Siamese train step, {bsz} pairs, freeze {fz} "
+          f"({trainable[fz] / 1e6:.1f}M trainable){tag}",
+          benchlib.median(t["ours"]), benchlib.median(t["theirs"]), theirs.info["impl"],
+          "pairs", bsz, flops_per_item=true_flops["train/" + fz] / bsz,
+          matmul_gflops=anchor.gflops()))
+  theirs.close()
+  print(f"medians of {reps} interleaved repetitions (matmul {args.matmul_n}^2 float32, ours, "
+        "theirs) after one warm-up each")
+  benchlib.report("bench_embedder", rows, benchlib.facts(
+      torch=theirs.info["torch"], torchvision=theirs.info["torchvision"],
+      torch_threads=theirs.info["threads"], model=model_name, malloc_tuned=tuned),
+      args.json)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ def remap(image: np.ndarray, contrast: str) -> np.ndarray:
     return image
   xs, ys = CONTRASTS[contrast]
   u = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
-  y = np.interp(u, xs, ys)
-  return ((y - y.mean()) / y.std()).astype(np.float32)
+  from deepssim_jax.data import images
+  return images.zscore(np.interp(u, xs, ys), f"{contrast} remap")
 
 
 def head_slices(head: str, band, size=(136, 112)):
@@ -111,7 +111,7 @@ def head_slices(head: str, band, size=(136, 112)):
 def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
   """(images (N, H, W), pairs (P, 2) rows of images, labels (P,)) for a held-out head under a
   contrast (module docstring)."""
-  from deepssim_jax.data import demo
+  from deepssim_jax.data import demo, images as images_lib
   mod, _ = builtin_config()
   bands = {h: (lo, hi) for h, lo, hi in mod.ALL_HEADS}
   rng = np.random.default_rng(seed)
@@ -125,7 +125,7 @@ def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
     x, _ = demo.augment(imgs[i], rng, p_flip=0.5, p_rotate=0.5, max_angle=MAX_ANGLE,
                         p_gamma=0.5)
     x = x + rng.normal(0.0, NOISE_SIGMA, x.shape).astype(np.float32)
-    images.append(((x - x.mean()) / x.std()).astype(np.float32))
+    images.append(images_lib.zscore(x, "noisy copy"))
     pairs.append((int(i), len(images) - 1))
     labels.append(1)
   dist = np.abs(ks[:, None] - ks[None, :]) * mm

@@ -17,9 +17,13 @@ Peak memory: resource.getrusage(RUSAGE_SELF).ru_maxrss at the end (covers genera
 stores, which is done shard by shard), or externally:
   /usr/bin/time -v python bench/bench_match.py --small   # "Maximum resident set size"
 
+The row's "theirs" is that matmul time (a lower bound no library reaches), its ratio the
+anchor's time over ours, its FLOP share our achieved FLOP/s over the larger matmul's.
+
 Usage:
   python bench/bench_match.py            # 20,000 x 600,000 (about 1-3 min per repetition here)
   python bench/bench_match.py --small    # 2,000 x 60,000
+  python bench/bench_match.py --quick --json=/tmp/match.json   # 256 x 16,384, 2 reps
 """
 
 import argparse
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import benchlib  # noqa: E402  pylint: disable=wrong-import-position
 from deepssim_jax import match, parallel, store  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -73,12 +78,14 @@ def main():
   p.add_argument("--q_block", type=int, default=256)
   p.add_argument("--r_block", type=int, default=8192)
   p.add_argument("--chunk", type=int, default=64)
-  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--reps", type=int, default=None, help="default 5, --quick 2")
   p.add_argument("--shard_rows", type=int, default=50_000)
   p.add_argument("--tmpdir", default=None)
+  benchlib.add_args(p)
   args = p.parse_args()
-  nq = args.nq or (2_000 if args.small else 20_000)
-  nr = args.nr or (60_000 if args.small else 600_000)
+  nq = args.nq or (256 if args.quick else 2_000 if args.small else 20_000)
+  nr = args.nr or (16_384 if args.quick else 60_000 if args.small else 600_000)
+  args.reps = args.reps or (2 if args.quick else 5)
   d, k = args.d, args.k
   mesh = parallel.make_mesh(jax.local_devices())
   print(f"matching {nq:,} x {nr:,} x {d}, k={k}, q_block={args.q_block}, "
@@ -133,6 +140,12 @@ def main():
   widths = [max(len(r[i]) for r in rows) for i in range(4)]
   for r in rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+  row = benchlib.row(
+      f"streaming top-{k} cosine match {nq:,} x {nr:,} x {d}, stores on disk",
+      fig, anc, f"jnp float32 matmul of the same FLOPs at its block shape's rate "
+      f"({flops / anc / 1e9:.0f} GFLOP/s): the lower bound", "runs", flops_per_item=flops,
+      matmul_gflops=peak_gflops, note=f"peak RSS {rss_gb:.2f} GB")
+  benchlib.report("bench_match", [row], benchlib.facts(peak_rss_gb=rss_gb), args.json)
 
 
 if __name__ == "__main__":

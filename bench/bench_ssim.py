@@ -1,7 +1,9 @@
 """Benchmark: SSIM targets in JAX (all-pairs, indexed, aligned) vs a scikit-image loop.
 
-The figure is `deepssim_jax.ssim.ssim_all_pairs` on an N x N set of z-scored 136 x 112 MRI
-slices (default 256 x 256 = 65,536 pairs), in pairs per second. The anchor, measured in the
+One row per JAX function (ours), each against the same scikit-image anchor (theirs), in
+pairs per second; the ratio is our rate over scikit-image's. The main figure is
+`deepssim_jax.ssim.ssim_all_pairs` on an N x N set of z-scored 136 x 112 MRI slices
+(default 256 x 256 = 65,536 pairs), in pairs per second. The anchor, measured in the
 same run, is the reference's way: scikit-image's structural_similarity(a, b,
 data_range=a.max() - a.min()) in a Python loop over in-memory float64 z-scored pairs of the
 same images. scikit-image runs at its fastest: in its own
@@ -10,14 +12,15 @@ reads them at start-up); it is also run with the default malloc, for context. Th
 shared, so the repetitions of the figure and of the anchors are interleaved (the anchor
 processes stay alive and run one repetition on request) and medians are reported.
 
-For context it also prints: `ssim_indexed` on random pairs of the bank with precomputed
-moments (the pair-table job), the plain per-pair jit(vmap) dm-pix SSIM (`ssim_pairs`), and
-`aligned_ssim` over 4 flips x 7 angles. It checks the all-pairs values against the
-scikit-image values it timed.
+The other rows: `ssim_indexed` on random pairs of the bank with precomputed moments (the
+pair-table job), the plain per-pair jit(vmap) dm-pix SSIM (`ssim_pairs`), and
+`aligned_ssim` over 4 flips x 7 angles (its rate counts candidate SSIMs). It checks the
+all-pairs values against the scikit-image values it timed.
 
 Usage:
   python bench/bench_ssim.py                 # 256 x 256, 2,000 scikit-image pairs, 5 reps
   python bench/bench_ssim.py --n 128 --reps 7
+  python bench/bench_ssim.py --quick --json=/tmp/ssim.json   # 32 x 32, 100 pairs, 2 reps
 """
 
 import argparse
@@ -31,6 +34,8 @@ import time
 
 import numpy as np
 
+import benchlib
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "4000000", "MALLOC_TRIM_THRESHOLD_": "100000000"}
 
@@ -39,6 +44,7 @@ def mri_slices(n, shape=(136, 112)):
   """n z-scored (float64) axial slices of the vendored MRI volumes, resized to `shape`."""
   import nibabel as nib
   from skimage.transform import resize
+  from deepssim_jax.data import images
   out = []
   paths = sorted(glob.glob(os.path.join(ROOT, "deepssim_jax", "data", "mri", "*.nii.gz")))
   for path in paths:
@@ -51,8 +57,7 @@ def mri_slices(n, shape=(136, 112)):
   x = np.concatenate([x, x[:, :, ::-1]])[:n]  # mirrored copies if the volumes run short
   if len(x) < n:
     raise SystemExit(f"only {len(x)} slices available, asked for {n}")
-  x = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
-  return x
+  return images.zscore(x, dtype=np.float64)
 
 
 def skimage_worker(data_path):
@@ -97,16 +102,20 @@ class SkimageProcess:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--n", type=int, default=256, help="all-pairs set size (n x n pairs)")
-  p.add_argument("--skimage_pairs", type=int, default=2000)
-  p.add_argument("--indexed_pairs", type=int, default=16384)
-  p.add_argument("--plain_pairs", type=int, default=1024)
-  p.add_argument("--aligned_pairs", type=int, default=64)
-  p.add_argument("--reps", type=int, default=5)
+  sizes = {  # option: (default, --quick)
+      "n": (256, 32), "skimage_pairs": (2000, 100), "indexed_pairs": (16384, 1024),
+      "plain_pairs": (1024, 128), "aligned_pairs": (64, 8), "reps": (5, 2)}
+  p.add_argument("--n", type=int, default=None, help="all-pairs set size (n x n pairs)")
+  for name in list(sizes)[1:]:
+    p.add_argument("--" + name, type=int, default=None)
   p.add_argument("--worker", help=argparse.SUPPRESS)
+  benchlib.add_args(p)
   args = p.parse_args()
   if args.worker:
     return skimage_worker(args.worker)
+  for name, (full, quick) in sizes.items():
+    if getattr(args, name) is None:
+      setattr(args, name, quick if args.quick else full)
 
   import jax
   import jax.numpy as jnp
@@ -143,7 +152,7 @@ def main():
             (lambda: S.ssim_indexed(stats_a, stats_b, ia, ib), args.indexed_pairs),
         f"ssim_pairs: plain jit(vmap) dm-pix, {args.plain_pairs} pairs":
             (lambda: S.ssim_pairs(pa, pb), args.plain_pairs),
-        f"aligned_ssim, {args.aligned_pairs} pairs x 28 candidates (per pair)":
+        f"aligned_ssim, {args.aligned_pairs} pairs x 28 candidates":
             (lambda: S.aligned_ssim(al_a, al_b, angles), args.aligned_pairs),
     }
     times = {name: [] for name in list(figures) + list(anchors)}
@@ -169,28 +178,35 @@ def main():
   m = np.asarray(S.ssim_all_pairs(za, zb))
   err = np.abs(m[ia_sk, ib_sk] - sk_values).max()
   pairs = lambda name: figures[name][1] if name in figures else args.skimage_pairs
-  rate = {name: pairs(name) / np.median(t) for name, t in times.items()}
-  cpu_rate = {name: pairs(name) / np.median(t) for name, t in cpu.items()}
+  # aligned_ssim computes 28 candidate SSIMs per pair: its rates count candidates.
+  per = {name: 28 if name.startswith("aligned_ssim") else 1 for name in times}
+  rate = {name: per[name] * pairs(name) / np.median(t) for name, t in times.items()}
+  cpu_rate = {name: per[name] * pairs(name) / np.median(t) for name, t in cpu.items()}
   anchor = rate["tuned"]
-  rows = [(name, name) for name in figures]
-  rows += [(f"scikit-image loop, {args.skimage_pairs} pairs, malloc tuned (anchor)", "tuned"),
-           (f"scikit-image loop, {args.skimage_pairs} pairs, default malloc", "default")]
+  import skimage  # pylint: disable=import-outside-toplevel
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; images 136 x 112, "
         f"median of {args.reps} interleaved repetitions after warm-up")
   print("scikit-image anchor: own process with " +
         " ".join(f"{k}={v}" for k, v in MALLOC_TUNED.items()) + ", float64 inputs")
-  print("pairs/CPU-s: pairs per second of CPU time of the measuring process (all its "
-        "threads); less sensitive to the other users of the machine")
-  w = max(len(r[0]) for r in rows)
-  print(f"{'method':<{w}}  {'pairs/s':>10}  {'vs anchor':>9}  {'pairs/CPU-s':>11}  "
-        f"{'vs anchor':>9}")
-  for label, name in rows:
-    print(f"{label:<{w}}  {rate[name]:>10,.0f}  {rate[name] / anchor:>8.2f}x  "
-          f"{cpu_rate[name]:>11,.0f}  {cpu_rate[name] / cpu_rate['tuned']:>8.2f}x")
-  print(f"aligned_ssim candidate SSIMs/s: {rate[list(figures)[3]] * 28:,.0f}")
+  print(f"scikit-image with the default malloc: {rate['default']:,.0f} pairs/s "
+        f"({rate['default'] / anchor:.2f}x the tuned anchor)")
+  print("pairs/CPU-s (per second of CPU time of the measuring process, all its threads; less "
+        "sensitive to the other users of the machine), ours vs the anchor: " + ", ".join(
+            f"{name.split(' ')[0].rstrip(',:')} {cpu_rate[name] / cpu_rate['tuned']:.2f}x"
+            for name in figures))
   print(f"max |all-pairs - scikit-image| over the {args.skimage_pairs} timed pairs: {err:.2e}")
-
+  theirs_impl = (f"scikit-image {skimage.__version__} structural_similarity loop, float64, "
+                 "own process, malloc tuned")
+  rows = []
+  for name in figures:
+    rows.append(benchlib.row(
+        name + (" (rate per candidate SSIM)" if per[name] > 1 else ""),
+        float(np.median(times[name])),
+        float(np.median(times["tuned"])), theirs_impl, "pairs", per[name] * figures[name][1],
+        args.skimage_pairs))
+  benchlib.report("bench_ssim", rows, benchlib.facts(skimage=skimage.__version__,
+                                                     max_abs_err=float(err)), args.json)
 
 if __name__ == "__main__":
   main()

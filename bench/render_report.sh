@@ -21,11 +21,11 @@ export REPORT OUT WINDOW="${WINDOW:-1280,2400}"
 python - <<'PY'
 import os, sys
 import numpy as np
-from deepssim_jax import report
+from deepssim_jax import headless, report
 
-chromium = report.find_chromium()
+chromium = headless.find_chromium()
 if chromium is None:
-  print(f"no Chromium found (tried {report.CHROMIUM_NAMES} and $DEEPSSIM_CHROMIUM)")
+  print(f"no Chromium found (tried {headless.CHROMIUM_NAMES} and $DEEPSSIM_CHROMIUM)")
   sys.exit(2)
 out = os.environ["OUT"]
 page = os.environ["REPORT"]
@@ -41,10 +41,10 @@ if not page:  # a small synthetic report: 12 random pairs
       {"t_low": 0.6, "t_high": 0.85}, cfg)
   page = report.write_report(os.path.join(out, "report.html"), text)
 window = tuple(int(v) for v in os.environ["WINDOW"].split(","))
-plain = report.render_headless(page, os.path.join(out, "screenshot.png"), window, chromium)
-probe = report.render_headless(page, os.path.join(out, "probe.png"), window, chromium,
+plain = headless.render_headless(page, os.path.join(out, "screenshot.png"), window, chromium)
+probe = headless.render_headless(page, os.path.join(out, "probe.png"), window, chromium,
                                probe=True)
-stats = report.screenshot_stats(plain["screenshot"])
+stats = headless.screenshot_stats(plain["screenshot"])
 print(f"chromium: {chromium}")
 print(f"report:   {page}")
 print(f"render:   {plain['seconds']:.1f} s, exit {plain['returncode']}; screenshot "

@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from deepssim_jax import (config_lib, embed as embed_lib, evaluate, fileio, jobs,
-                          match as match_lib, parallel, pretrained, report, runs)
+from deepssim_jax import (embed as embed_lib, evaluate, fileio, jobs, match as match_lib,
+                          parallel, pretrained, runs)
 from deepssim_jax.data import images as images_lib
 from deepssim_jax.data import volumes as volumes_lib
 
@@ -289,11 +289,12 @@ def load(spec: str = "builtin", batch_size: int = 64) -> Model:
                batch_size)
 
 
-def classify(scores, thresholds: Sequence[float] = config_lib.PAPER_THRESHOLDS):
+def classify(scores, thresholds: Sequence[float] = evaluate.PAPER_THRESHOLDS):
   """The paper's 3-class rule on scores: <= low 'Different', > high 'Duplicate', else
   'Similar'. A scalar gives a str, an array an array of str of its shape."""
   lo, hi = (float(t) for t in thresholds)
   s = np.asarray(scores, np.float64)
   labels = evaluate.classify(s.ravel(), lo, hi).reshape(s.shape)
-  names = np.vectorize(report.CLASS_NAMES.get, otypes=[object])(labels).astype(str)
+  shown = np.asarray([evaluate.CLASS_NAMES[c].capitalize() for c in evaluate.LABELS])
+  names = shown[labels]  # LABELS are 0, 1, 2: a label is its row
   return str(names) if names.ndim == 0 else names

@@ -16,16 +16,17 @@ et al.) and writes one output folder:
                 that are the nearest match of at least one Duplicate) and of subjects
                 (audit.subject_regex: the volume of a slice id by default), thresholds,
                 calibration summaries, fingerprints of the checkpoint, data and settings;
-                with known answers (audit.truth: a CSV, or the demo's labels), the
-                precision / recall of every decision rule ("validation").
+                with known answers (audit.truth: a CSV, or the demo's labels;
+                deepssim_jax.truth), the precision / recall of every decision rule
+                ("validation").
   report.html   deepssim_jax.report: summary, histogram, gallery of the closest pairs
                 (with the checkpoint's explanation maps of each pair when the job is
                 given the model and explain.in_report is on: deepssim_jax.explain).
 
 Nothing is written until every number and the whole report are computed; the three files
 are then written into a fresh temporary folder beside the output folder, which replaces the
-old one by rename. A failed audit leaves the previous output (or none) untouched, never a
-half-written report.
+old one by rename (`publish`, fileio.replace_folder). A failed audit leaves the previous
+output (or none) untouched, never a half-written report.
 
 Embeddings come from a function `embeddings(config, workdir, spec, name) -> (ids, emb)`
 (spec = config.data.<name>); the jobs module plugs in the store-backed embedding job. The
@@ -35,27 +36,21 @@ with `keys`, `len` and `source[i] -> (H, W)` image, like deepssim_jax.data's sou
 default the demo bank cached in <workdir>/data, or banks.open_source for real sets. An
 audit of 10^6 synthetic images holds their embeddings, not their pixels.
 
-`compare_runs` tabulates the memorization rates of several audits (e.g. the duplication
-none / low / high generators of ldm_jax) into compare.csv and a grouped bar plot;
-`compare_job` audits each configured synthetic set and then compares them.
+Comparing several audits is deepssim_jax.compare.
 """
 
-import copy
 import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
-from sklearn import metrics as skm
 
-from deepssim_jax import (calibrate, embed, evaluate, explain, fileio, match, parallel, plots,
-                          report)
+from deepssim_jax import (calibrate, embed, evaluate, explain, fileio, match, parallel, report,
+                          truth as truth_lib)
 
 Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
 Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
@@ -63,7 +58,6 @@ Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
 Model = Callable[[ml_collections.ConfigDict, str], tuple[Any, Any]]
 
 FILES = ("audit.csv", "summary.json", "report.html")
-CLASS_NAMES = evaluate.CLASS_NAMES  # 0 different, 1 duplicate, 2 similar
 
 
 # An in-memory (keys, (n, H, W) images) pair seen as an image source.
@@ -81,27 +75,6 @@ def default_images(config: ml_collections.ConfigDict, workdir: str, spec, name: 
     b = banks.bank(spec, config, os.path.join(workdir, "data"), name)
     return ArraySource(b["keys"], b["images"])
   return banks.open_source(spec, config.data.image_size, config.data.get("download_hint", ""))
-
-
-def load_truth(config: ml_collections.ConfigDict, workdir: str, synth_ids: np.ndarray
-               ) -> Optional[dict[str, np.ndarray]]:
-  """The known answers audit.truth names for the synthetic ids (read_truth), the demo's own
-  labels for 'auto' on a demo set, or None."""
-  what = config.audit.truth
-  if what and what != "auto":
-    return read_truth(what, synth_ids)
-  spec = _spec(config, config.audit.synthetic)
-  if what != "auto" or spec is None or spec.kind != "demo":
-    return None
-  from deepssim_jax import banks  # pylint: disable=g-import-not-at-top
-  b = banks.bank(spec, config, os.path.join(workdir, "data"), config.audit.synthetic)
-  meta = b.get("meta", {})
-  if "label" not in meta:
-    return None
-  pos = match.positions(np.asarray(b["keys"], str), np.asarray(synth_ids, str),
-                        "synthetic images (demo labels)")
-  return {"memorized": np.asarray(meta["label"]).astype(int)[pos] == 1,
-          "source": np.asarray(meta["source_key"], str)[pos]}
 
 
 def _spec(config, name: str):
@@ -166,7 +139,7 @@ def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int,
   classes = np.asarray(classes)
   dup = classes == 1
   copied = np.unique(np.asarray(nearest_idx)[dup])
-  out = {"counts": {CLASS_NAMES[c]: int(np.sum(classes == c)) for c in (1, 2, 0)},
+  out = {"counts": {evaluate.CLASS_NAMES[c]: int(np.sum(classes == c)) for c in (1, 2, 0)},
          "memorization_rate": float(dup.mean()) if len(classes) else 0.0,
          "n_training_copied": int(len(copied)),
          "share_training_copied": float(len(copied) / n_train) if n_train else 0.0}
@@ -176,84 +149,6 @@ def summarize(classes: np.ndarray, nearest_idx: np.ndarray, n_train: int,
     hit = np.unique(subj[copied]) if len(copied) else np.zeros(0, str)
     out.update(n_subjects=n_subj, n_subjects_copied=int(len(hit)),
                share_subjects_copied=float(len(hit) / n_subj) if n_subj else 0.0)
-  return out
-
-
-TRUTH_COLUMNS = ("synth_id", "memorized")
-# Calibrated decision rules -> their audit.csv column (the paper's rule is class == 1).
-CALIBRATED_RULES = {"dar": "dar_memorized", "mi": "mi_memorized",
-                    "carlini": "carlini_memorized"}
-
-
-def read_truth(path: str, synth_ids: np.ndarray) -> dict[str, np.ndarray]:
-  """Known answers from a CSV (synth_id, memorized 0/1, optional source_id), in the order
-  of `synth_ids`.
-
-  Raises:
-    InputError: missing columns, a memorized value other than 0/1, a repeated id, or ids
-      that do not match the synthetic set's (named, with counts).
-  """
-  t = fileio.read_csv(path, required=TRUTH_COLUMNS)
-  raw = np.asarray(t["synth_id"], dtype=str)
-  bad = [i for i, v in enumerate(t["memorized"]) if v.strip() not in ("0", "1")]
-  if bad:
-    raise fileio.InputError(f"{path}: line {bad[0] + 2}: memorized must be 0 or 1, got "
-                        f"{t['memorized'][bad[0]]!r}")
-  # Ids in either spelling, ours or the reference's `<uid>___<name>` (fileio.canonical_key).
-  ids = np.asarray([fileio.canonical_key(k) for k in raw.tolist()], dtype=str)
-  if len(np.unique(ids)) != len(ids):
-    u, first, c = np.unique(ids, return_index=True, return_counts=True)
-    raise fileio.InputError(f"{path}: synth_id {str(raw[first[c > 1][0]])!r} appears more than "
-                        "once")
-  given = np.asarray(synth_ids, dtype=str)
-  want = np.asarray([fileio.canonical_key(k) for k in given.tolist()], dtype=str)
-  missing, extra = given[~np.isin(want, ids)], raw[~np.isin(ids, want)]
-  if len(missing) or len(extra):
-    raise fileio.InputError(
-        f"{path}: ids do not match the synthetic set: {len(missing)} synthetic images have "
-        f"no row (e.g. {[str(x) for x in missing[:3]]}), {len(extra)} rows name no "
-        f"synthetic image (e.g. {[str(x) for x in extra[:3]]})")
-  order = match.positions(ids, want, f"truth rows ({path})")
-  out = {"memorized": np.array([v.strip() == "1" for v in t["memorized"]])[order]}
-  if "source_id" in t:
-    out["source"] = np.asarray(t["source_id"], dtype=str)[order]
-  return out
-
-
-def validate(truth: Mapping[str, np.ndarray], decisions: Mapping[str, np.ndarray],
-             nearest_score: np.ndarray, nearest_id: np.ndarray) -> dict[str, Any]:
-  """How each decision rule does against known answers.
-
-  Args:
-    truth: {"memorized": (n,) bool[, "source": (n,) str training id each copy derives
-      from]}.
-    decisions: {rule: (n,) bool flagged}.
-    nearest_score, nearest_id: (n,) each synthetic image's nearest training score and id.
-
-  Returns:
-    {"n_memorized", "n_not_memorized", "auc" (nearest score, memorized vs not; None when one
-    side is empty), "rules": {rule: {tp, fp, fn, tn, precision, recall,
-    false_positive_rate}} (None where undefined), "source_match" (share of flagged true
-    copies whose nearest training image is their source; with sources only)}.
-  """
-  y = np.asarray(truth["memorized"], bool)
-  ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
-  out = {"n_memorized": int(y.sum()), "n_not_memorized": int((~y).sum()),
-         "auc": (float(skm.roc_auc_score(y, nearest_score)) if 0 < y.sum() < len(y)
-                 else None),
-         "rules": {}}
-  for rule, flagged in decisions.items():
-    f = np.asarray(flagged, bool)
-    tp, fp = int(np.sum(f & y)), int(np.sum(f & ~y))
-    fn, tn = int(np.sum(~f & y)), int(np.sum(~f & ~y))
-    out["rules"][rule] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn,
-                          "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
-                          "false_positive_rate": ratio(fp, fp + tn)}
-  if "source" in truth and "paper" in decisions:
-    hit = np.asarray(decisions["paper"], bool) & y
-    same = [fileio.canonical_key(a) == fileio.canonical_key(b) for a, b in  # either spelling
-            zip(np.asarray(nearest_id, str)[hit], np.asarray(truth["source"], str)[hit])]
-    out["source_match"] = ratio(np.sum(same), hit.sum())
   return out
 
 
@@ -275,59 +170,15 @@ def audit_rows(synth_ids, train_ids, scores, idx, classes,
     row = [str(sid)]
     for j in range(scores.shape[1]):
       row += [str(train_ids[idx[i, j]]), float(scores[i, j])]
-    row += [int(classes[i]), CLASS_NAMES[int(classes[i])]]
+    row += [int(classes[i]), evaluate.CLASS_NAMES[int(classes[i])]]
     row += [int(v[i]) if is_int else float(v[i]) for v, is_int in cols]
     yield row
 
 
 def publish(out_dir: str, files: Mapping[str, Any]) -> str:
-  """Writes files as one folder, all or nothing.
-
-  Args:
-    out_dir: the output folder.
-    files: {file name: str (text) | bytes | callable(path) that writes the file}.
-
-  The files go into a fresh temporary folder beside out_dir, which then replaces out_dir
-  by rename (the previous folder is removed only after the new one is in place). out_dir
-  must be absent, empty, or a previous output (it holds summary.json), so a mistyped path
-  never deletes someone's folder.
-
-  Returns:
-    out_dir.
-  """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
-    if not os.path.isdir(out_dir):
-      raise fileio.InputError(f"{out_dir}: exists and is not a folder")
-    if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "summary.json")):
-      raise fileio.InputError(f"{out_dir}: not empty and not a previous audit output (no "
-                          "summary.json); refusing to replace it")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
-  old = None
-  try:
-    for name, content in files.items():
-      path = os.path.join(tmp, name)
-      if callable(content):
-        content(path)
-      elif isinstance(content, bytes):
-        fileio.write_bytes(path, content)
-      else:
-        fileio.write_text(path, content)
-    os.chmod(tmp, 0o755)
-    if os.path.exists(out_dir):
-      old = tmp + ".old"
-      os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    if old and os.path.exists(old) and not os.path.exists(out_dir):
-      os.rename(old, out_dir)  # put the previous output back
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-  return out_dir
+  """Writes an audit's files as one folder, all or nothing (fileio.replace_folder): out_dir
+  must be absent, empty, or a previous output (it holds summary.json). Returns out_dir."""
+  return fileio.replace_folder(out_dir, files, marker="summary.json")
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,7 +198,7 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
     raise fileio.InputError(f"{role} set (config.data.{name}) is empty")
   if len(ids) != len(emb):
     raise fileio.InputError(f"{role} set ({name}): {len(ids)} ids but {len(emb)} embeddings")
-  pos = match.positions(keys, ids, f"{role} images ({name})")
+  pos = fileio.key_rows(keys, ids, f"{role} images ({name})")
   shape = tuple(np.shape(src[int(pos[0])]))
   # Data: which images (the set's spec, ids and size); embeddings: what the model made of
   # them. With embedding_fingerprint (the store's: inputs and settings, the checkpoint's
@@ -374,8 +225,9 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       (random-access images), "rows" (source row of each id), "shape" (H, W),
       "fingerprint", "emb_fingerprint"}.
     checkpoint_fingerprint: recorded in the summary.
-    truth: known answers in synthetic-id order (read_truth / load_truth), or None; with
-      them the summary gets "validation" (validate) and the report its table.
+    truth: known answers in synthetic-id order (truth.read_truth / truth.load_truth), or
+      None; with them the summary gets "validation" (truth.validate) and the report its
+      table.
     explainer: (synthetic images, training images) of the gallery pairs -> {score: (maps,
       maps)} (make_explainer), or None: no explanation maps in the report.
 
@@ -429,10 +281,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       "files": list(FILES),
   }
   if truth is not None:
-    decisions = {"paper": classes == 1}
-    decisions.update({rule: np.asarray(cal["columns"][col]) == 1
-                      for rule, col in CALIBRATED_RULES.items() if col in cal["columns"]})
-    summary["validation"] = validate(truth, decisions, nn, tr["ids"][idx[:, 0]])
+    summary["validation"] = truth_lib.validate(
+        truth, truth_lib.rule_decisions(classes, cal["columns"]), nn, tr["ids"][idx[:, 0]])
   header = audit_columns(k, cal["columns"])
 
   def write_audit_csv(path):  # streamed row by row: 10^6 rows never sit in memory as text
@@ -531,7 +381,7 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
         f"config.data.{ac.heldout or 'heldout'} (and audit.heldout), or set "
         "calibrate.dar.enabled = False")
   ck = checkpoint_fingerprint(config, workdir) if checkpoint_fingerprint else ""
-  truth = load_truth(config, workdir, sets["synthetic"]["ids"])
+  truth = truth_lib.load_truth(config, workdir, sets["synthetic"]["ids"])
   out = compute_audit(config, sets, ck, truth, make_explainer(config, workdir, model))
   out_dir = ac.out_dir or os.path.join(workdir, "audit")
   if parallel.is_main_process():  # every process computed the same audit; one writes it
@@ -542,107 +392,3 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
                "copied; written to %s", s["name"], s["n_synthetic"],
                100 * s["memorization_rate"], 100 * s["share_training_copied"], out_dir)
   return {"out_dir": out_dir, "summary": s}
-
-
-# ---------------------------------------------------------------------------------------
-# Comparing runs.
-
-COMPARE_COLUMNS = ("name", "n_synthetic", "memorization_rate", "share_training_copied",
-                   "dar_rate", "mi_rate", "carlini_rate", "mean_nearest_score", "mean_mi")
-
-
-def compare_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list]:
-  """One row per audit summary (COMPARE_COLUMNS; None where a calibration was off)."""
-  rows = []
-  for name, s in summaries.items():
-    cal = s.get("calibration", {})
-    rate = lambda c: cal[c]["memorization_rate"] if c in cal else None  # noqa: E731
-    rows.append([name, s["n_synthetic"], s["memorization_rate"], s["share_training_copied"],
-                 rate("dar"), rate("mi"), rate("carlini"), s["nearest_score"]["mean"],
-                 cal.get("mi", {}).get("mean_mi")])
-  return rows
-
-
-def compare_plot_png(rows: Sequence[Sequence], dpi: int = 100) -> bytes:
-  """Grouped bar plot of the rates of each run."""
-  measures = [("memorization_rate", "Duplicate (paper thresholds)"),
-              ("share_training_copied", "training images copied"),
-              ("dar_rate", "Dar et al."), ("mi_rate", "MI > flag_z"),
-              ("carlini_rate", "Carlini et al.")]
-  col = {c: i for i, c in enumerate(COMPARE_COLUMNS)}
-  measures = [(m, lab) for m, lab in measures if any(r[col[m]] is not None for r in rows)]
-  fig = plots.figure((max(4.0, 1.6 * len(rows)) + 2.6, 3.8), dpi)
-  ax = fig.add_subplot(1, 1, 1)
-  x = np.arange(len(rows))
-  width = 0.8 / max(1, len(measures))
-  for j, (m, lab) in enumerate(measures):
-    vals = [100 * (r[col[m]] or 0.0) for r in rows]
-    ax.bar(x + (j - (len(measures) - 1) / 2) * width, vals, width, label=lab)
-  ax.set_xticks(x)
-  ax.set_xticklabels([str(r[0]) for r in rows])
-  ax.set_ylabel("% of images")
-  ax.set_title("Memorization by run")
-  ax.set_ylim(0, 105)
-  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  return plots.png(fig)
-
-
-def compare_runs(audits: Mapping[str, str], out_dir: str, dpi: int = 100) -> dict[str, Any]:
-  """Tabulates and plots the memorization rates of several audit folders.
-
-  Args:
-    audits: {run name: audit output folder (holding summary.json)}, in display order.
-    out_dir: gets compare.csv (COMPARE_COLUMNS) and compare.png, each written atomically.
-
-  Returns:
-    {"csv", "png", "rows"}.
-  """
-  if not audits:
-    raise fileio.InputError("compare: no audits to compare")
-  summaries = {}
-  for name, folder in audits.items():
-    path = os.path.join(folder, "summary.json")
-    if not os.path.isfile(path):
-      raise fileio.InputError(f"{path}: not found (run the audit of {name!r} first)")
-    with open(path, encoding="utf-8") as f:
-      try:
-        summaries[name] = json.load(f)
-      except json.JSONDecodeError as e:
-        raise fileio.InputError(f"{path}: not valid JSON ({e})") from None
-    for key in ("n_synthetic", "memorization_rate", "share_training_copied", "nearest_score"):
-      if key not in summaries[name]:
-        raise fileio.InputError(f"{path}: not an audit summary (no {key!r})")
-  rows = compare_rows(summaries)
-  png = compare_plot_png(rows, dpi)
-  csv_path = os.path.join(out_dir, "compare.csv")
-  png_path = os.path.join(out_dir, "compare.png")
-  fileio.write_csv(csv_path, COMPARE_COLUMNS, ([("" if v is None else v) for v in r] for r in rows))
-  fileio.write_bytes(png_path, png)
-  return {"csv": csv_path, "png": png_path, "rows": rows}
-
-
-def compare_job(config: ml_collections.ConfigDict, workdir: str,
-                embeddings: Optional[Embeddings] = None, images: Optional[Images] = None,
-                checkpoint_fingerprint: Optional[Callable[[Any, str], str]] = None,
-                embedding_fingerprint: Optional[Callable[[Any, str, str], str]] = None,
-                model: Optional[Model] = None) -> dict[str, Any]:
-  """Audits each config.data entry of config.compare.synthetic, then compares them.
-
-  Each audit goes to <compare.out_dir or workdir/compare>/<name>/; compare.csv and
-  compare.png go to that folder.
-  """
-  names = tuple(config.compare.synthetic)
-  if not names:
-    raise fileio.InputError("config.compare.synthetic: no synthetic sets to compare")
-  out_root = config.compare.out_dir or os.path.join(workdir, "compare")
-  audits = {}
-  for name in names:
-    c = copy.deepcopy(config)  # existing fields stay settable in a locked config
-    c.audit.synthetic = name
-    c.audit.name = name
-    c.audit.out_dir = os.path.join(out_root, name)
-    audits[name] = audit_job(c, workdir, embeddings, images, checkpoint_fingerprint,
-                             embedding_fingerprint, model)["out_dir"]
-  if not parallel.is_main_process():
-    return {"audits": audits}
-  return compare_runs(audits, out_root, int(config.compare.dpi))

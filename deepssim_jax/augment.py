@@ -14,7 +14,9 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
+from deepssim_jax import geometry
 from deepssim_jax import ssim as ssim_lib
+from deepssim_jax.data import images as images_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +52,6 @@ def gamma_contrast(x: jax.Array, gamma: jax.Array, eps: float = 1e-6) -> jax.Arr
   return pix.adjust_gamma(u, gamma) * scale + lo
 
 
-def zscore(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  return (x - jnp.mean(x)) / (jnp.std(x) + eps)
-
-
 def augment_image(key: jax.Array, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
   """Augments one (H, W) image; each transform fires independently with its probability."""
   k = jax.random.split(key, 6)
@@ -62,13 +60,13 @@ def augment_image(key: jax.Array, x: jax.Array, cfg: AugmentConfig) -> jax.Array
   x = jnp.where(u[1] < cfg.p_flip1, x[:, ::-1], x)
   angle = jax.random.uniform(k[1], (), minval=-cfg.max_angle, maxval=cfg.max_angle)
   angle = jnp.where(u[2] < cfg.p_rotate, angle, 0.0)
-  # dm_pix.rotate(order=1, mode="nearest") computed as four gathers (ssim.rotate, tested
+  # dm_pix.rotate(order=1, mode="nearest") computed as four gathers (geometry.rotate, tested
   # equal to dm-pix): ~15x faster on CPU. Angle 0 is the exact identity; no branch needed.
-  x = ssim_lib.rotate(x, angle)
+  x = geometry.rotate(x, angle)
   gamma = jax.random.uniform(k[2], (), minval=cfg.gamma_min, maxval=cfg.gamma_max)
   x = jnp.where(u[3] < cfg.p_gamma, gamma_contrast(x, gamma), x)
   if cfg.renormalize:
-    x = zscore(x)
+    x = images_lib.zscore(x, xp=jnp)
   return x
 
 
@@ -89,7 +87,7 @@ def random_map_values(key: jax.Array, knots: int) -> jax.Array:
 def remap(x: jax.Array, ys: jax.Array) -> jax.Array:
   """An image (any range) through intensity_map on its min-max scaled values, z-scored."""
   lo, hi = jnp.min(x), jnp.max(x)
-  return zscore(intensity_map((x - lo) / jnp.maximum(hi - lo, 1e-6), ys))
+  return images_lib.zscore(intensity_map((x - lo) / jnp.maximum(hi - lo, 1e-6), ys), xp=jnp)
 
 
 def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,

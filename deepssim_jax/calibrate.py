@@ -1,10 +1,10 @@
 """Calibrated memorization verdicts on top of the nearest-training-image scores.
 
-DeepSSIM's fixed thresholds (0.60 / 0.85) say how SSIM-like a pair is, not how unusual that
-is for the training set at hand: a set of near-identical slices has high nearest-neighbour
-scores even between distinct patients. Three published criteria calibrate the verdict
-(Dar et al., the Memorization Index of Deo et al., Carlini et al.); each is a function
-here, chosen by name and switched on in the config:
+DeepSSIM's fixed thresholds (evaluate.PAPER_THRESHOLDS) say how SSIM-like a pair is, not how
+unusual that is for the training set at hand: a set of near-identical slices has high
+nearest-neighbour scores even between distinct patients. Three published criteria
+calibrate the verdict (Dar et al., the Memorization Index of Deo et al., Carlini et al.);
+each is a function here, chosen by name and switched on in the config:
 
 * dar (Dar et al. 2024): threshold = the `percentile`-th percentile (95, numpy's linear
   interpolation) of the nearest-training-neighbour similarities of a held-out real set
@@ -31,10 +31,15 @@ here, chosen by name and switched on in the config:
   plain reading "d_1 < alpha x the mean distance of the n nearest". Distances are L2 between
   unit embeddings (sqrt(2 - 2 cos), space 'embedding', the default: alignment-robust and as
   scalable as the matching) or between the z-scored images (space 'pixels', the paper's
-  pixel L2; exact, O(N x M x H x W), for small sets).
+  pixel L2; exact, O(N x M x H x W), for small sets). This is the criterion's one
+  implementation (relative_distance, float64): the evaluation metric carlini_l2
+  (deepssim_jax.metrics) calls it too.
 
 Every calibration is `fn(cfg, ctx) -> {"columns": {name: (n_synth,) array},
 "summary": {...}}`, cfg its config section, ctx a dict of arrays (see `context`).
+It is longer than ~400 lines because it holds the three criteria with the
+formulas, nearest-neighbour searches and whitening they share; split, each piece would be
+imported by all three.
 """
 
 from typing import Any, Callable, Mapping, Optional
@@ -223,25 +228,57 @@ def unit_l2(cosine: np.ndarray) -> np.ndarray:
   return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.asarray(cosine, np.float64)))
 
 
-def relative_distance(dists: np.ndarray, alpha: float) -> np.ndarray:
-  """Carlini et al.'s d_1 / (alpha * mean_i d_i) for ascending (m, n) distance rows.
+# Carlini et al.'s criterion has one implementation: relative_distance on distances from
+# pixel_l2 / pixel_knn_l2 (or unit_l2 of embedding cosines). Both the audit's calibration
+# (carlini below) and the evaluation metric metrics.carlini_l2 call it. Everything is float64
+# on the host: the criterion compares a ratio of distances with delta = 1, and the distances
+# that matter are the small ones of near copies, where squared distances expanded as
+# |q|^2 + |t|^2 - 2 q.t lose their digits to cancellation (float32 leaves an absolute error
+# of ~1e-7 |x|^2 in d^2: ~1e-3 for a z-scored 136 x 112 image). The expansion only finds the
+# n nearest; their distances are then measured as direct differences, so an exact copy is
+# exactly 0.
 
-  A row whose nearest distance is 0 gets 0 (an exact copy), even if all n are 0.
+def relative_distance(dists: np.ndarray, alpha: float,
+                      direct: Optional[np.ndarray] = None) -> np.ndarray:
+  """Carlini et al.'s relative distance d / (alpha * mean_i d_i), in float64.
+
+  Args:
+    dists: (m, n) ascending distances of each synthetic image to its n nearest training
+      images (the mean runs over all n, the nearest included).
+    alpha: > 0 (0.5 in the paper).
+    direct: (m,) distance of each synthetic image to the training image it is judged a copy
+      of; default its nearest, dists[:, 0] (the audit's reading). The metric passes the
+      distance to the image it is paired with.
+
+  Returns:
+    (m,) ratios (< delta: memorized). A zero direct distance gives 0 (an exact copy), even
+    if all n are 0; the mean is floored at 1e-12, so the ratio stays finite.
   """
   d = np.asarray(dists, np.float64)
   if d.ndim != 2 or d.shape[1] < 1:
     raise ValueError(f"need (m, n >= 1) distances, got shape {d.shape}")
   if not alpha > 0:
     raise ValueError(f"alpha must be > 0, got {alpha}")
-  denom = alpha * d.mean(axis=1)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    r = d[:, 0] / denom
-  return np.where(d[:, 0] == 0, 0.0, r)
+  top = d[:, 0] if direct is None else np.asarray(direct, np.float64).reshape(-1)
+  if len(top) != len(d):
+    raise ValueError(f"{len(top)} direct distances for {len(d)} rows of neighbours")
+  return top / (alpha * np.maximum(d.mean(axis=1), 1e-12))
+
+
+def pixel_l2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """L2 distance of each pair of images (m, H, W) x (m, H, W) -> (m,) float64, from their
+  difference (no cancellation: an exact copy is 0)."""
+  diff = (np.asarray(x, np.float64) - np.asarray(y, np.float64)).reshape(len(x), -1)
+  return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
 def pixel_knn_l2(query_images: np.ndarray, ref_images: np.ndarray, n: int,
-                 block: int = 64) -> np.ndarray:
+                 block: int = 64, ref_block: int = 4096) -> np.ndarray:
   """Exact L2 distances from every query image to its n nearest reference images.
+
+  The n nearest are found blockwise (`block` query images against `ref_block` reference
+  images at a time, float64 |q|^2 + |t|^2 - 2 q.t), so memory is bounded by the blocks;
+  their distances are then measured by pixel_l2.
 
   Returns:
     (m, n) float64 ascending distances.
@@ -257,15 +294,28 @@ def pixel_knn_l2(query_images: np.ndarray, ref_images: np.ndarray, n: int,
     raise fileio.InputError(f"mismatched image sizes: synthetic {q.shape[1:]} vs training "
                         f"{r.shape[1:]}")
   n = min(n, len(r))
-  rf = r.reshape(len(r), -1).astype(np.float64)
-  r2 = np.einsum("ij,ij->i", rf, rf)
+  flat = lambda x: np.asarray(x, np.float64).reshape(len(x), -1)  # noqa: E731
+  r2 = np.concatenate([np.einsum("ij,ij->i", t, t) for t in
+                       (flat(r[s:s + ref_block]) for s in range(0, len(r), ref_block))])
   out = np.empty((len(q), n))
   for start in range(0, len(q), block):
-    qf = q[start:start + block].reshape(-1, rf.shape[1]).astype(np.float64)
-    d2 = np.einsum("ij,ij->i", qf, qf)[:, None] + r2[None, :] - 2.0 * qf @ rf.T
-    d = np.sqrt(np.maximum(d2, 0.0))
-    part = np.partition(d, n - 1, axis=1)[:, :n] if n < d.shape[1] else d
-    out[start:start + len(qf)] = np.sort(part, axis=1)
+    qb = q[start:start + block]
+    qf = flat(qb)
+    q2 = np.einsum("ij,ij->i", qf, qf)[:, None]
+    best_d2 = np.zeros((len(qf), 0))
+    best_idx = np.zeros((len(qf), 0), np.int64)
+    for rs in range(0, len(r), ref_block):
+      rb = flat(r[rs:rs + ref_block])
+      d2 = np.concatenate([best_d2, q2 + r2[None, rs:rs + len(rb)] - 2.0 * qf @ rb.T], axis=1)
+      idx = np.concatenate([best_idx, np.broadcast_to(np.arange(rs, rs + len(rb)),
+                                                      (len(qf), len(rb)))], axis=1)
+      if d2.shape[1] > n:  # keep the n nearest so far
+        keep = np.argpartition(d2, n - 1, axis=1)[:, :n]
+        d2, idx = np.take_along_axis(d2, keep, axis=1), np.take_along_axis(idx, keep, axis=1)
+      best_d2, best_idx = d2, idx
+    d = np.stack([pixel_l2(np.broadcast_to(qb[i], (n, *qb.shape[1:])), r[best_idx[i]])
+                  for i in range(len(qb))])
+    out[start:start + len(qb)] = np.sort(d, axis=1)
   return out
 
 

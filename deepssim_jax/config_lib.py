@@ -6,10 +6,7 @@ import a base and change little). Sections: data, pairs, model, optim, train, au
 
 import ml_collections
 
-from deepssim_jax import calibrate, explain, report
-
-# Thresholds of the paper's 3-class decision rule (score <= low: Different, > high: Duplicate).
-PAPER_THRESHOLDS = (0.60, 0.85)
+from deepssim_jax import calibrate, evaluate, explain, report
 
 
 def source_config(kind: str = "", root: str = "", **kw) -> ml_collections.ConfigDict:
@@ -134,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"
-  c.eval.thresholds = PAPER_THRESHOLDS
+  c.eval.thresholds = evaluate.PAPER_THRESHOLDS
   # Names of deepssim_jax.metrics.METRICS; "deepssim@<checkpoint>" compares checkpoints,
   # e.g. ("deepssim@best", "deepssim@latest", "deepssim@runs/b:best", "ssim", "pearson").
   c.eval.metrics = ("deepssim", "ssim")
@@ -183,7 +180,7 @@ def audit_sections() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.audit = ml_collections.ConfigDict()
   c.audit.k = 5                    # training neighbours listed per synthetic image
-  c.audit.thresholds = (0.60, 0.85)  # the paper's (t_low, t_high)
+  c.audit.thresholds = evaluate.PAPER_THRESHOLDS  # the paper's (t_low, t_high)
   c.audit.training = "real"        # config.data entries of the three sets
   c.audit.synthetic = "synth"
   c.audit.heldout = "heldout"      # '' or an unconfigured entry: no held-out set

@@ -3,11 +3,17 @@
 The paper judges a score (DeepSSIM cosine, SSIM, a baseline's similarity) by thresholding
 it into three classes and comparing with human labels of (real_key, synth_key) pairs:
 score <= t_low -> 0 Different, score > t_high -> 1 Duplicate, otherwise 2 Similar
-(0.60 and 0.85 for DeepSSIM and SSIM). Metrics follow the reference's eval scripts, i.e.
-scikit-learn's classification_report(zero_division=0): per-class precision and recall,
-macro and weighted F1 over the labels present in the truth or the predictions, and the
-silhouette score of the 1-D scores against the true labels; plus accuracy, the confusion
-matrix and the duplicate-vs-rest TPR at 5% FPR (the reference's later script).
+(PAPER_THRESHOLDS: 0.60 and 0.85 for DeepSSIM and SSIM). Metrics follow the reference's
+eval scripts, i.e. scikit-learn's classification_report(zero_division=0): per-class
+precision and recall, macro and weighted F1 over the labels present in the truth or the
+predictions, and the silhouette score of the 1-D scores against the true labels; plus
+accuracy, the confusion matrix and the duplicate-vs-rest TPR at 5% FPR (the reference's
+later script).
+
+This module is the one home of that rule: its thresholds (PAPER_THRESHOLDS, the default of
+eval.thresholds, audit.thresholds and deepssim_jax.classify) and its class names
+(CLASS_NAMES, lower case as they appear in results.json, summary.json and audit.csv;
+`name.capitalize()` where they are shown to a person).
 
 `fit_thresholds` picks (t_low, t_high) maximising macro F1 on a validation split by an
 exhaustive search over candidate pairs, in O(G^2) from prefix counts of the sorted scores.
@@ -22,15 +28,19 @@ from sklearn import metrics as skm
 
 from deepssim_jax import fileio, plots
 
+# The paper's (t_low, t_high): score <= t_low Different, > t_high Duplicate, else Similar.
+PAPER_THRESHOLDS = (0.60, 0.85)
 LABELS = (0, 1, 2)
-CLASS_NAMES = {0: "different", 1: "duplicate", 2: "similar"}
+CLASS_NAMES = {0: "different", 1: "duplicate", 2: "similar"}  # display: name.capitalize()
+_LABELS_TEXT = ", ".join(f"{c} ({CLASS_NAMES[c].capitalize()})" for c in LABELS)
 # Exact sklearn silhouette costs O(n^2); above this many samples the exact O(n log n) 1-D
 # formula is used instead (the two agree to rounding; tests check it).
 SILHOUETTE_SKLEARN_MAX = 10_000
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
-def classify(scores: np.ndarray, t_low: float = 0.60, t_high: float = 0.85) -> np.ndarray:
+def classify(scores: np.ndarray, t_low: float = PAPER_THRESHOLDS[0],
+             t_high: float = PAPER_THRESHOLDS[1]) -> np.ndarray:
   """Scores -> labels: <= t_low 0 (Different), > t_high 1 (Duplicate), else 2 (Similar).
 
   Args:
@@ -60,7 +70,7 @@ def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
   bad = ~np.isin(y, LABELS)
   if bad.any():
     raise ValueError(f"label {y[bad][0]} at position {int(np.flatnonzero(bad)[0])} is not "
-                     "one of 0 (Different), 1 (Duplicate), 2 (Similar)")
+                     f"one of {_LABELS_TEXT}")
   if not np.all(np.isfinite(s)):
     raise ValueError(f"score at position {int(np.flatnonzero(~np.isfinite(s))[0])} is not "
                      "finite")
@@ -129,8 +139,9 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_max: float = 0.05) ->
   return float(tpr[ok[-1]]) if len(ok) else 0.0
 
 
-def evaluate_scores(labels: Sequence[int], scores: Sequence[float], t_low: float = 0.60,
-                    t_high: float = 0.85) -> dict[str, Any]:
+def evaluate_scores(labels: Sequence[int], scores: Sequence[float],
+                    t_low: float = PAPER_THRESHOLDS[0],
+                    t_high: float = PAPER_THRESHOLDS[1]) -> dict[str, Any]:
   """Three-class metrics of thresholded scores against true labels.
 
   Args:
@@ -271,8 +282,8 @@ def read_labelled_pairs(path: str) -> dict[str, Any]:
     if not _INT_RE.match(v):
       raise fileio.InputError(f"{path}: line {i + 2}: label {v!r} is not an integer")
     if int(v) not in LABELS:
-      raise fileio.InputError(f"{path}: line {i + 2}: label {int(v)} is not one of 0 (Different),"
-                          " 1 (Duplicate), 2 (Similar)")
+      raise fileio.InputError(f"{path}: line {i + 2}: label {int(v)} is not one of "
+                              f"{_LABELS_TEXT}")
     labels[i] = int(v)
   for key in ("real_key", "synth_key"):
     for i, v in enumerate(table[key]):
@@ -291,7 +302,7 @@ def write_results(path: str, results: Mapping[str, Any]) -> str:
 def summary_row(name: str, results: Mapping[str, Any]) -> dict[str, Any]:
   """Flattens evaluate_scores' dict into one table row (for results_table)."""
   row = {"name": name, "t_low": results["t_low"], "t_high": results["t_high"]}
-  for c in ("different", "similar", "duplicate"):
+  for c in (CLASS_NAMES[k] for k in (0, 2, 1)):
     row[f"P_{c}"] = results["per_class"][c]["precision"]
     row[f"R_{c}"] = results["per_class"][c]["recall"]
   for key in ("macro_f1", "weighted_f1", "accuracy", "silhouette", "tpr_at_5fpr", "n"):

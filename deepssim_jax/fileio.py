@@ -14,8 +14,9 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +68,63 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_json(path: str, obj) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def replace_folder(folder: str, files: Mapping[str, Any], marker: str) -> str:
+  """Replaces `folder` atomically with a folder holding exactly `files`: all or nothing.
+
+  The files are written into a fresh temporary folder beside `folder` (named
+  `.<name>.XXXXXXXX`, what deepssim_jax.workdir cleans up after a kill), which then takes
+  its place by rename; the previous folder is removed only after the new one is in place,
+  and is put back if the rename fails. A writer that raises leaves the previous folder (or
+  none) untouched.
+
+  Args:
+    folder: the output folder.
+    files: {file name: str (text) | bytes | callable(path) that writes the file}.
+    marker: a file name that marks a previous output of the same writer. An existing folder
+      is replaced only if it is empty or holds `marker`, so a mistyped path never deletes
+      someone's folder.
+
+  Returns:
+    The folder's absolute path.
+
+  Raises:
+    InputError: `folder` is a file, or a non-empty folder without `marker`.
+  """
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder):
+    if not os.path.isdir(folder):
+      raise InputError(f"{folder}: exists and is not a folder")
+    if os.listdir(folder) and not os.path.exists(os.path.join(folder, marker)):
+      raise InputError(f"{folder}: not empty and not a previous output (no {marker}); "
+                       "refusing to replace it")
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", dir=parent)
+  old = None
+  try:
+    for name, content in files.items():
+      path = os.path.join(tmp, name)
+      if callable(content):
+        content(path)
+      elif isinstance(content, bytes):
+        write_bytes(path, content)
+      else:
+        write_text(path, content)
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give what mkdir would
+    if os.path.exists(folder):
+      old = tmp + ".old"
+      os.rename(folder, old)
+    os.rename(tmp, folder)
+  except BaseException:
+    if old and os.path.exists(old) and not os.path.exists(folder):
+      os.rename(old, folder)  # put the previous folder back
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+  return folder
 
 
 def json_ready(x):
@@ -200,23 +258,47 @@ def reference_key(key) -> str:
   return f"{uid}{REFERENCE_SEP}{name}" if sep else key
 
 
-def key_positions(ids: Sequence[str], origin: str) -> dict[str, int]:
-  """{canonical key: row} of a set's ids, so that a key in either spelling finds its row.
+def key_rows(ids: Sequence[str], keys: Sequence[str], origin: str, *, csv_file: str = "",
+             missing: int | None = None) -> np.ndarray:
+  """Rows of `keys` among a set's `ids`: the one key lookup of both packages.
 
-  A repeated id keeps its last row (as a plain dict of the ids would).
+  Keys and ids match in either spelling, ours `<uid>/<name>` or the reference's
+  `<uid>___<name>` (canonical_key), on either side, so the reference's pair tables, test sets
+  and matrices are read as they are. An id repeated as it is keeps its last row (as a plain
+  dict of the ids would).
+
+  Args:
+    ids: the set's ids, one per row (an image set's keys, a store's ids, a file's rows).
+    keys: the keys to find.
+    origin: names the set (and its file or store) in the messages.
+    csv_file: the CSV file `keys` were read from, one per row after its header; a missing
+      key's message then starts with the file and names the key's row.
+    missing: the row given to a key that is not among the ids; None refuses such a key.
+
+  Returns:
+    (len(keys),) int64 rows.
 
   Raises:
-    InputError: two different ids name one image ('a/b' and 'a___b'): a key would be
-      ambiguous. The message names `origin` (the set or file) and both ids.
+    InputError: two different ids name one image ('a/b' and 'a___b': a key would be
+      ambiguous), named with `origin`; or a key is not among the ids and `missing` is None,
+      named with `origin` (and its file and row, given `csv_file`).
   """
+  ids = [str(k) for k in np.asarray(ids).tolist()]
   pos, spelled = {}, {}
-  for i, k in enumerate(np.asarray(ids).tolist()):
-    k = str(k)
+  for i, k in enumerate(ids):
     c = canonical_key(k)
     if spelled.setdefault(c, k) != k:
       raise InputError(f"{origin}: ids {spelled[c]!r} and {k!r} name the same image")
     pos[c] = i
-  return pos
+  out = np.empty(len(keys), np.int64)
+  for j, k in enumerate(np.asarray(keys).tolist()):
+    i = pos.get(canonical_key(k), missing)
+    if i is None:
+      where = (f"{csv_file}: key {str(k)!r} (row {j + 2}) is not in {origin}" if csv_file
+               else f"{origin}: key {str(k)!r} not found")
+      raise InputError(f"{where} ({len(ids)} ids, e.g. {ids[:3]})")
+    out[j] = i
+  return out
 
 
 def require_path(path: str, what: str, hint: str) -> str:

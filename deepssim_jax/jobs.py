@@ -10,6 +10,10 @@ interrupted step resumes:
   workdir/test_pairs.csv          labelled held-out pairs (demo; or config.data.test_pairs_csv)
   workdir/checkpoints/            orbax checkpoints (latest, best), config.json beside them
   workdir/eval/                   results.json, histograms, the printed table
+
+It is longer than ~400 lines because it is the registry of every mode (MODES): each job is
+short glue over the library modules, and they share the workdir's data and checkpoint
+helpers; a module per job would scatter what a mode reads from and leaves in the workdir.
 """
 
 import os
@@ -20,9 +24,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import (audit as audit_lib, augment, banks, embed, evaluate as eval_lib, fileio,
+from deepssim_jax import (audit as audit_lib, augment, banks, compare as compare_lib, embed,
+                          evaluate as eval_lib, fileio,
                           match as match_lib, metrics as metrics_lib, pairs as pairs_lib,
-                          parallel, pipeline, store, train)
+                          parallel, pipeline, ref_matrix, store, train)
 
 
 def pair_record(config: ml_collections.ConfigDict, real_fp: str, synth_fp: str) -> dict:
@@ -320,8 +325,8 @@ def match_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if len(q_ids) * len(r_ids) > mc.full_matrix_max_entries:
       raise fileio.InputError(f"full matrix of {len(r_ids)} x {len(q_ids)} exceeds "
                           f"match.full_matrix_max_entries={mc.full_matrix_max_entries}")
-    res["npz"] = match_lib.write_reference_npz(
-        out_dir, r_ids, q_ids, match_lib.full_matrix(r_emb, q_emb))
+    res["npz"] = ref_matrix.write_reference_npz(
+        out_dir, r_ids, q_ids, ref_matrix.full_matrix(r_emb, q_emb))
   if parallel.is_main_process():
     print(f"match: top-{mc.k} training neighbours of {res['n_query']} synthetic images among "
           f"{res['n_ref']} -> {res['path']}")
@@ -421,9 +426,10 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   pairs = eval_lib.read_labelled_pairs(d["test_pairs"])
   variants = [("aligned", None, None)]
   if "real" in d:
-    ia = pairs_lib.key_index(d["real"]["keys"], pairs["real_key"], "real", d["test_pairs"])
-    ib = pairs_lib.key_index(d["synth"]["keys"], pairs["synth_key"], "synthetic",
-                             d["test_pairs"])
+    ia = fileio.key_rows(d["real"]["keys"], pairs["real_key"], "the real image set",
+                         csv_file=d["test_pairs"])
+    ib = fileio.key_rows(d["synth"]["keys"], pairs["synth_key"], "the synthetic image set",
+                         csv_file=d["test_pairs"])
     a, b = d["real"]["images"][ia], d["synth"]["images"][ib]
     variants = [("aligned", a, b)]
     if ec.misaligned.enabled:
@@ -440,8 +446,8 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   for metric in ec.metrics:
     paths = matrices[metric]
     if paths:
-      precomputed = match_lib.matrix_scores(
-          *match_lib.read_reference_matrix(*paths), pairs["real_key"], pairs["synth_key"],
+      precomputed = ref_matrix.matrix_scores(
+          *ref_matrix.read_reference_matrix(*paths), pairs["real_key"], pairs["synth_key"],
           real_name=f"{d['test_pairs']}: real ids of {paths[1]}",
           synth_name=f"{d['test_pairs']}: synthetic ids of {paths[2]}")
     else:
@@ -518,10 +524,10 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def compare_job(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Audits each of compare.synthetic and tabulates their memorization rates."""
   hooks = _audit_hooks(config, workdir)
-  return audit_lib.compare_job(config, workdir, hooks["embeddings"],
-                               checkpoint_fingerprint=hooks["checkpoint_fingerprint"],
-                               embedding_fingerprint=hooks["embedding_fingerprint"],
-                               model=hooks["model"])
+  return compare_lib.compare_job(config, workdir, hooks["embeddings"],
+                                 checkpoint_fingerprint=hooks["checkpoint_fingerprint"],
+                                 embedding_fingerprint=hooks["embedding_fingerprint"],
+                                 model=hooks["model"])
 
 
 MODES = {"train": train_job, "evaluate": evaluate_job, "embed": embed_job, "match": match_job,

@@ -1,11 +1,12 @@
-"""Nearest-training-image search: exact streaming cosine top-k, and the reference's matrix.
+"""Nearest-training-image search: exact streaming cosine top-k.
 
 The audit question is "which training image is each synthetic image closest to?". The
 reference answers it by materialising the full training x synthetic cosine matrix (float16),
 which at 20,000 x 600,000 is 24 GB (48 GB in float32). Here the matrix is never formed:
 reference (training) embeddings stream through the devices block by block, every query
 (synthetic) row keeps a running top-k of (score, reference index), and memory is bounded by
-the block sizes plus the (Nq, d) queries and (Nq, k) results.
+the block sizes plus the (Nq, d) queries and (Nq, k) results. (The reference's full matrix,
+for small sets and its eval.py, is deepssim_jax.ref_matrix.)
 
 Layout: query rows are sharded over a 1-D "data" mesh (deepssim_jax.parallel), each
 reference block is replicated; each device loops (lax.map) over sub-blocks of its queries,
@@ -27,8 +28,6 @@ lax.top_k's lower-chunk-first rule keeps the lowest-index tied elements).
 """
 
 import functools
-import os
-import zipfile
 from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -41,7 +40,7 @@ from deepssim_jax import fileio, parallel, store
 _NEG_INF = float("-inf")
 # Precision of the float32 dot: "highest" keeps full float32 on GPUs/TPUs (TF32/bf16 passes
 # would change the ranking); it is a no-op on CPU.
-_PRECISION = jax.lax.Precision.HIGHEST
+PRECISION = jax.lax.Precision.HIGHEST
 
 
 def normalize(x: np.ndarray, name: str = "embeddings", normalize_rows: bool = True,
@@ -81,7 +80,7 @@ def _zero_fix(x):
 
 def _block_topk(q, r, n_valid, k: int, chunk: int):
   """Top-k of q @ r.T per row over the first n_valid columns; returns (scores, columns)."""
-  s = jnp.dot(q, r.T, precision=_PRECISION, preferred_element_type=jnp.float32)
+  s = jnp.dot(q, r.T, precision=PRECISION, preferred_element_type=jnp.float32)
   rows, rb = s.shape
   kk = min(k, rb)
   if chunk and rb % chunk == 0 and 2 * kk * chunk <= rb:
@@ -348,211 +347,3 @@ def match_stores(query_folder: str, ref_folder: str, out_path: str, k: int,
                  ((q_ids[a], b + 1, train_ids[a, b], scores[a, b])
                   for a in range(len(q_ids)) for b in range(k)))
   return {"path": out_path, "n_query": int(len(q_ids)), "n_ref": int(n_ref), "k": int(k)}
-
-
-@jax.jit
-def _cosine_block(a, b):
-  return jnp.dot(a, b.T, precision=_PRECISION,
-                 preferred_element_type=jnp.float32).astype(jnp.float16)
-
-
-def full_matrix(real_emb: np.ndarray, synth_emb: np.ndarray, block: int = 1024,
-                mesh: Optional[Mesh] = None, normalize_rows: bool = True) -> np.ndarray:
-  """The reference's full cosine matrix, for small sets: rows real, columns synthetic.
-
-  Args:
-    real_emb: (Nr, d) training-image embeddings (matrix rows).
-    synth_emb: (Ns, d) synthetic-image embeddings (matrix columns).
-    block: real rows per device per step.
-    mesh: 1-D "data" mesh (real rows sharded, synthetic replicated); default local devices.
-    normalize_rows: normalise both sides (True) or only check unit norms.
-
-  Returns:
-    (Nr, Ns) float16 cosine similarities (the reference's compute_matrix(train, synth)).
-  """
-  mesh = _default_mesh(mesh)
-  a = normalize(real_emb, "real", normalize_rows)
-  b = normalize(synth_emb, "synth", normalize_rows)
-  if a.shape[1] != b.shape[1]:
-    raise ValueError(f"real dimension {a.shape[1]} differs from synthetic {b.shape[1]}")
-  out = np.empty((len(a), len(b)), np.float16)
-  if not len(a) or not len(b):
-    return out
-  rows = block * mesh.devices.size
-  b_dev = jax.device_put(b, parallel.replicated(mesh))
-  for start in range(0, len(a), rows):
-    part = a[start:start + rows]
-    n = len(part)
-    # Pad to a multiple of the device count; the last step compiles one extra shape.
-    padded = np.zeros((-(-n // mesh.devices.size) * mesh.devices.size, a.shape[1]),
-                      np.float32)
-    padded[:n] = part
-    res = _cosine_block(jax.device_put(padded, parallel.data_sharded(mesh)), b_dev)
-    out[start:start + n] = np.asarray(jax.device_get(res))[:n]
-  return out
-
-
-def write_reference_npz(folder: str, real_ids: Sequence[str], synth_ids: Sequence[str],
-                        matrix: np.ndarray, name: str = "deepssim") -> dict[str, str]:
-  """Writes a score matrix in the reference's format, atomically, so that its
-  scripts/eval.py reads our output as its own.
-
-  Files (each np.savez with one key `data`): `<name>.npz` the (n_real, n_synth) float16
-  matrix (rows real/training images, columns synthetic, as the reference's
-  scripts/compute_matrix.py and eval.py index it: matrix[real_pos, synth_pos]);
-  `real.npz` and `synth.npz` the ids in row/column order, in the reference's spelling
-  `<uid>___<name>` (fileio.reference_key; eval.py finds test_set.csv's keys by plain equality).
-  read_reference_matrix reads them back in our spelling.
-
-  Returns:
-    {"matrix": path, "real": path, "synth": path}.
-
-  Raises:
-    ValueError: the matrix shape does not match the ids, or two ids have one reference
-      spelling (eval.py would find only the first).
-  """
-  real_ids = np.asarray([fileio.reference_key(k) for k in np.asarray(real_ids).tolist()], str)
-  synth_ids = np.asarray([fileio.reference_key(k) for k in np.asarray(synth_ids).tolist()], str)
-  matrix = np.asarray(matrix)
-  if matrix.shape != (len(real_ids), len(synth_ids)):
-    raise ValueError(f"{folder}: matrix shape {matrix.shape} != (real {len(real_ids)}, "
-                     f"synthetic {len(synth_ids)})")
-  for what, ids in (("real", real_ids), ("synthetic", synth_ids)):
-    u, c = np.unique(ids, return_counts=True)
-    if (c > 1).any():
-      raise ValueError(f"{folder}: {what} id {str(u[c > 1][0])!r} occurs {c[c > 1][0]} times")
-  paths = {"matrix": os.path.join(folder, name + ".npz"),
-           "real": os.path.join(folder, "real.npz"),
-           "synth": os.path.join(folder, "synth.npz")}
-  fileio.write_npz(paths["matrix"], data=matrix.astype(np.float16))
-  fileio.write_npz(paths["real"], data=real_ids)
-  fileio.write_npz(paths["synth"], data=synth_ids)
-  return paths
-
-
-def _npz_data(path: str) -> np.ndarray:
-  """The `data` array of an np.savez file; InputError naming the file otherwise."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise fileio.InputError(f"{path}: file not found")
-  try:
-    z = np.load(path, allow_pickle=False)
-    if not isinstance(z, np.lib.npyio.NpzFile):
-      raise fileio.InputError(f"{path}: a single array, not an .npz archive (np.savez)")
-    with z:
-      if "data" not in z.files:
-        raise fileio.InputError(f"{path}: no 'data' array (found {z.files})")
-      return z["data"]
-  except fileio.InputError:
-    raise
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not npz, pickles, ...
-    raise fileio.InputError(f"{path}: cannot read the 'data' array: {e}") from None
-
-
-def _reference_ids(path: str, what: str) -> np.ndarray:
-  """An index file's ids in our spelling, checked: 1-D strings naming distinct images."""
-  ids = _npz_data(path)
-  if ids.ndim != 1 or ids.dtype.kind not in "US":
-    raise fileio.InputError(f"{path}: {what} ids must be a 1-D array of strings, got "
-                        f"{ids.dtype} of shape {ids.shape}")
-  ids = ids.astype(str)
-  canonical = np.asarray([fileio.canonical_key(k) for k in ids.tolist()], str)
-  u, first, c = np.unique(canonical, return_index=True, return_counts=True)
-  if (c > 1).any():
-    raise fileio.InputError(f"{path}: {what} id {str(ids[first[c > 1][0]])!r} occurs "
-                        f"{c[c > 1][0]} times (ids must be unique)")
-  return canonical
-
-
-def read_reference_matrix(matrix_path: str, real_path: str, synth_path: str
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Reads a score matrix and its two index files, the three paths the reference's
-  scripts/eval.py takes (--matrix_path, --real_indices_path, --synth_indices_path): ours
-  (write_reference_npz) or the reference's own (scripts/compute_matrix.py).
-
-  Returns:
-    real_ids (n_real,) and synth_ids (n_synth,) in our spelling `<uid>/<name>`
-    (fileio.canonical_key), matrix (n_real, n_synth) as stored (float16 from either writer).
-
-  Raises:
-    InputError: naming the file: missing or unreadable, no `data` array, ids not 1-D
-      strings or repeated, a matrix that is not 2-D or whose shape is not (n_real, n_synth).
-  """
-  real_ids = _reference_ids(real_path, "real")
-  synth_ids = _reference_ids(synth_path, "synthetic")
-  matrix = _npz_data(matrix_path)
-  if matrix.shape != (len(real_ids), len(synth_ids)):
-    raise fileio.InputError(f"{matrix_path}: shape {matrix.shape} != (real {len(real_ids)} ids "
-                        f"in {real_path}, synthetic {len(synth_ids)} ids in {synth_path})")
-  if not np.issubdtype(matrix.dtype, np.number):
-    raise fileio.InputError(f"{matrix_path}: scores must be numbers, got {matrix.dtype}")
-  return real_ids, synth_ids, matrix
-
-
-def read_reference_npz(folder: str,
-                       name: str = "deepssim") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Reads `<folder>/<name>.npz`, `real.npz` and `synth.npz` (write_reference_npz's layout;
-  see read_reference_matrix)."""
-  return read_reference_matrix(os.path.join(folder, name + ".npz"),
-                               os.path.join(folder, "real.npz"),
-                               os.path.join(folder, "synth.npz"))
-
-
-def matrix_scores(real_ids: Sequence[str], synth_ids: Sequence[str], matrix: np.ndarray,
-                  real_keys: Sequence[str], synth_keys: Sequence[str],
-                  real_name: str = "real ids", synth_name: str = "synthetic ids"
-                  ) -> np.ndarray:
-  """matrix[real_pos, synth_pos] of labelled (real_key, synth_key) pairs, in float64: what
-  the reference's eval.py scores, with keys in either spelling.
-
-  Raises:
-    InputError: a key is not among the ids; the message names the key and `real_name` or
-      `synth_name` (the files involved).
-  """
-  if len(real_keys) != len(synth_keys):
-    raise ValueError(f"{len(real_keys)} real keys but {len(synth_keys)} synthetic keys")
-  ri = positions(real_ids, real_keys, real_name)
-  si = positions(synth_ids, synth_keys, synth_name)
-  return np.asarray(matrix)[ri, si].astype(np.float64)
-
-
-def positions(ids: Sequence[str], keys: Sequence[str], name: str) -> np.ndarray:
-  """Row positions of `keys` in `ids`; InputError naming the first missing key and `name`.
-
-  Keys match in either spelling, `<uid>/<name>` or the reference's `<uid>___<name>`
-  (fileio.canonical_key), on either side.
-  """
-  pos = fileio.key_positions(ids, name)
-  out = np.empty(len(keys), np.int64)
-  for j, key in enumerate(keys):
-    try:
-      out[j] = pos[fileio.canonical_key(key)]
-    except KeyError:
-      raise fileio.InputError(f"{name}: key {str(key)!r} not found ({len(pos)} ids)") from None
-  return out
-
-
-def lookup(ids: Sequence[str], emb: np.ndarray, keys: Sequence[str], name: str) -> np.ndarray:
-  """Rows of `emb` for `keys` (ids[i] labels emb[i]).
-
-  Raises:
-    InputError: a key is not among the ids; the message names the key and `name` (the store
-      folder or file it came from).
-  """
-  return np.asarray(emb)[positions(ids, keys, name)]
-
-
-def pair_scores(real_ids, real_emb, synth_ids, synth_emb, real_keys, synth_keys,
-                real_name: str = "real store", synth_name: str = "synthetic store",
-                normalize_rows: bool = True) -> np.ndarray:
-  """Cosine similarity of labelled (real_key, synth_key) pairs, in float32.
-
-  Returns:
-    (n_pairs,) scores.
-  """
-  if len(real_keys) != len(synth_keys):
-    raise ValueError(f"{len(real_keys)} real keys but {len(synth_keys)} synthetic keys")
-  a = normalize(lookup(real_ids, real_emb, real_keys, real_name), real_name, normalize_rows)
-  b = normalize(lookup(synth_ids, synth_emb, synth_keys, synth_name), synth_name,
-                normalize_rows)
-  return np.einsum("ij,ij->i", a, b, dtype=np.float64).astype(np.float32)

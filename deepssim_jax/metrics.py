@@ -15,8 +15,9 @@ training images), batch sizes and the mesh. The registry is a plain dict:
   convnext_raw  cosine of an untrained ConvNeXt's pooled features (no ImageNet weights:
                 the sanity floor a learned metric must beat)
 
-Only deepssim and ssim live on [0, 1] where the paper's 0.60 / 0.85 thresholds mean
-something; evaluate the others with thresholds fitted on a validation split.
+Only deepssim and ssim live on [0, 1] where the paper's thresholds
+(evaluate.PAPER_THRESHOLDS) mean something; evaluate the others with thresholds fitted on a
+validation split.
 """
 
 import functools
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import embed, fileio, pairs as pairs_lib, parallel
+from deepssim_jax import calibrate, embed, fileio, pairs as pairs_lib, parallel
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
@@ -68,38 +69,31 @@ def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return (a * b).sum(axis=1) / den
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _nearest_mean_distance(q, train, n):
-  """Mean L2 distance of each query row to its n nearest training rows (both flattened)."""
-  d2 = (jnp.sum(q * q, axis=1)[:, None] + jnp.sum(train * train, axis=1)[None, :]
-        - 2.0 * q @ train.T)
-  neg, _ = jax.lax.top_k(-d2, n)
-  return jnp.mean(jnp.sqrt(jnp.maximum(-neg, 0.0)), axis=1)
-
-
 def carlini_relative_l2(a: np.ndarray, b: np.ndarray, train: np.ndarray, alpha: float = 0.5,
                         n: int = 50, block: int = 256) -> np.ndarray:
   """Carlini et al.'s relative distance ||b - a|| / (alpha * mean_{n nearest t} ||b - t||).
+
+  The criterion's one implementation is deepssim_jax.calibrate's (relative_distance on
+  float64 pixel distances; why float64 is said there); here the judged training image is
+  the pair's `a` rather than b's nearest. With a = b's nearest training image it equals the
+  audit's carlini_ratio in pixel space.
 
   Args:
     a, b: paired stacks (m, H, W): training image, synthetic image.
     train: the training set (N, H, W) in which b's n nearest images are found.
     alpha, n: the criterion's constants (0.5, 50 in the paper); n is capped at N.
-    block: synthetic images per device step.
+    block: synthetic images per block of the nearest-image search.
 
   Returns:
     (m,) relative distances (< 1: a copy under their criterion).
   """
-  tr = jnp.asarray(np.asarray(train, np.float32).reshape(len(train), -1))
-  if len(tr) == 0:
+  if len(train) == 0:
     raise fileio.InputError("carlini_l2: the training set is empty")
-  n = min(int(n), len(tr))
-  bf = np.asarray(b, np.float32).reshape(len(b), -1)
-  means = np.concatenate([np.asarray(_nearest_mean_distance(jnp.asarray(bf[s:s + block]), tr, n))
-                          for s in range(0, len(bf), block)]) if len(bf) else np.zeros(0)
-  direct = np.linalg.norm(bf.astype(np.float64) - np.asarray(a, np.float64).reshape(len(a), -1),
-                          axis=1)
-  return direct / (alpha * np.maximum(means.astype(np.float64), 1e-12))
+  if not len(b):
+    return np.zeros(0)
+  first, inverse = unique_rows(np.asarray(b))  # pairs repeat their synthetic images
+  near = calibrate.pixel_knn_l2(np.asarray(b)[first], train, int(n), block)[inverse]
+  return calibrate.relative_distance(near, alpha, direct=calibrate.pixel_l2(b, a))
 
 
 def _carlini(ctx, a, b):

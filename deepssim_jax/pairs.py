@@ -60,25 +60,6 @@ def write_pairs(path: str, table: PairTable) -> None:
                zip(table.real_key, table.synth_key, table.ssim.astype(float), table.split))
 
 
-def key_index(keys: np.ndarray, wanted: np.ndarray, what: str, source: str) -> np.ndarray:
-  """Maps keys to row indices of a bank, naming the first missing key.
-
-  Keys match in either spelling, ours `<uid>/<name>` or the reference's `<uid>___<name>`
-  (fileio.canonical_key), on either side: the reference's pair tables and test sets are read as
-  they are.
-  """
-  pos = fileio.key_positions(keys, f"the {what} image set (keys of {source})")
-  out = np.empty(len(wanted), np.int64)
-  for j, k in enumerate(wanted):
-    i = pos.get(fileio.canonical_key(k))
-    if i is None:
-      raise fileio.InputError(f"{source}: {what} key {str(k)!r} (row {j + 2}) is not in the "
-                          f"image set ({len(keys)} images, e.g. "
-                          f"{[str(x) for x in keys[:3]]})")
-    out[j] = i
-  return out
-
-
 def sample_pairs(num_real: int, num_synth: int, num_pairs: int, seed: int,
                  source_index: Optional[np.ndarray] = None, matched_fraction: float = 0.25,
                  valid_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,8 +221,7 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   source_index = None
   src = synth_bank.get("meta", {}).get("source_key")
   if src is not None:
-    pos = fileio.key_positions(real_bank["keys"], "the real image set")
-    source_index = np.array([pos.get(fileio.canonical_key(k), -1) for k in src])
+    source_index = fileio.key_rows(real_bank["keys"], src, "the real image set", missing=-1)
   pool = int(round(num_pairs * pool_factor)) if balance_bins else num_pairs
   ia, ib, is_valid = sample_pairs(len(real_bank["keys"]), len(synth_bank["keys"]), pool,
                                   seed, source_index, matched_fraction, valid_fraction)

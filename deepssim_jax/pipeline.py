@@ -134,7 +134,8 @@ def iterate(ds: grain.MapDataset, start: int = 0, num_workers: int = 0,
 def pair_source(table, real_bank_path: str, synth_bank_path: str, real_keys: np.ndarray,
                 synth_keys: np.ndarray, source_name: str = "pair table") -> PairSource:
   """A PairSource for the rows of a PairTable, resolving keys against the banks."""
-  from deepssim_jax import pairs  # local: pairs imports ssim (JAX); keep this module light
-  ia = pairs.key_index(real_keys, table.real_key, "real", source_name)
-  ib = pairs.key_index(synth_keys, table.synth_key, "synthetic", source_name)
+  ia = fileio.key_rows(real_keys, table.real_key, f"the real image set ({real_bank_path})",
+                       csv_file=source_name)
+  ib = fileio.key_rows(synth_keys, table.synth_key,
+                       f"the synthetic image set ({synth_bank_path})", csv_file=source_name)
   return PairSource(real_bank_path, synth_bank_path, ia, ib, table.ssim)

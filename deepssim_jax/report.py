@@ -18,27 +18,21 @@ With explanation maps (deepssim_jax.explain, computed by the caller with the aud
 model), each pair also shows, per explained score, both images with their multi-scale
 LayerCAM map laid over them: the colormap `overlay_colormap` of the map (0 dark blue,
 1 dark red for turbo) blended with weight `overlay_alpha` over the grey image.
+
+Whether the page renders in a browser is checked by deepssim_jax.headless.
 """
 
 import base64
 import html
 import io
 import math
-import os
-import pathlib
-import shutil
-import subprocess
-import tempfile
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from deepssim_jax import fileio, plots
-
-CLASS_NAMES = {0: "Different", 1: "Duplicate", 2: "Similar"}
+from deepssim_jax import evaluate, fileio, plots
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;
@@ -223,12 +217,13 @@ MAP_NOTE = ("Explanation maps ({name}): multi-scale LayerCAM of the DeepSSIM sco
 MAP_NOTE_WHAT = {"similarity": "raise the two images' similarity",
                  "dissimilarity": "lower the two images' similarity"}
 
-RULE_NAMES = {"paper": "paper thresholds (Duplicate)", "dar": "Dar et al.",
+RULE_NAMES = {"paper": f"paper thresholds ({evaluate.CLASS_NAMES[1].capitalize()})",
+              "dar": "Dar et al.",
               "mi": "Memorization Index", "carlini": "Carlini et al."}
 
 
 def _validation(v: Optional[Mapping]) -> list[str]:
-  """The 'against known answers' section (audit.validate's dict), or nothing."""
+  """The 'against known answers' section (truth.validate's dict), or nothing."""
   if not v:
     return []
   esc = html.escape
@@ -255,10 +250,9 @@ def _validation(v: Optional[Mapping]) -> list[str]:
 def _headline(summary: Mapping) -> str:
   stats = []
   counts = summary.get("counts", {})
-  for key, label in (("duplicate", "Duplicate"), ("similar", "Similar"),
-                     ("different", "Different")):
+  for key in (evaluate.CLASS_NAMES[c] for c in (1, 2, 0)):
     if key in counts:
-      stats.append((f"{label} (synthetic)", str(counts[key])))
+      stats.append((f"{key.capitalize()} (synthetic)", str(counts[key])))
   if "memorization_rate" in summary:
     stats.append(("memorization rate", _pct(summary["memorization_rate"])))
   if "share_training_copied" in summary:
@@ -327,7 +321,7 @@ def render_html(summary: Mapping[str, Any], hist_png: bytes,
     parts.append(
         f'<figure class="pair" data-rank="{rank}" data-score="{float(g["score"])!r}">'
         f'<div class="imgs">{cells}</div>{rows}<figcaption>#{rank} '
-        f'<span class="c{label}">{esc(CLASS_NAMES.get(label, str(label)))}</span> '
+        f'<span class="c{label}">{esc(evaluate.CLASS_NAMES[label].capitalize())}</span> '
         f'score {esc(_fmt(float(g["score"])))}<br>synthetic: {esc(str(g["synth_id"]))}'
         f'<br>training: {esc(str(g["train_id"]))}{extra}</figcaption></figure>')
   parts.append('</div></section>')
@@ -408,90 +402,3 @@ def write_report(path: str, text: str) -> str:
   """Writes the HTML atomically. Returns path."""
   fileio.write_text(path, text)
   return path
-
-
-# ---------------------------------------------------------------------------------------
-# Headless rendering check (tests and bench/render_report.sh).
-
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-
-# Appended to a copy of the report (the report itself has no script): logs one line with
-# the number of images and of images the browser could not decode or lay out.
-_PROBE = """<script>
-window.addEventListener("load", function () {
-  var broken = 0;
-  for (var i = 0; i < document.images.length; i++) {
-    var im = document.images[i];
-    if (!im.complete || im.naturalWidth === 0) {
-      broken++;
-      console.error("image not shown: " + im.alt);
-    }
-  }
-  console.log("deepssim-probe images=" + document.images.length + " broken=" + broken);
-});
-</script>"""
-
-
-def find_chromium() -> Optional[str]:
-  """The Chromium binary: $DEEPSSIM_CHROMIUM if set, else the first of CHROMIUM_NAMES on
-  PATH; None if there is none."""
-  env = os.environ.get("DEEPSSIM_CHROMIUM")
-  if env:
-    return env if shutil.which(env) else None
-  for name in CHROMIUM_NAMES:
-    path = shutil.which(name)
-    if path:
-      return path
-  return None
-
-
-def render_headless(html_path: str, screenshot_path: str, window: Sequence[int] = (1280, 2400),
-                    chromium: Optional[str] = None, probe: bool = False,
-                    timeout_s: float = 120.0, virtual_time_ms: int = 5000) -> dict[str, Any]:
-  """Renders an HTML file in headless Chromium and captures its console and a screenshot.
-
-  Args:
-    html_path: the report.
-    screenshot_path: PNG written by Chromium.
-    window: (width, height) of the window (the screenshot's size).
-    chromium: the binary (default find_chromium()).
-    probe: render a copy with _PROBE appended, whose console line counts the images that
-      did not load (the copy is written beside the screenshot and left there).
-    timeout_s: wall-clock limit of the browser.
-    virtual_time_ms: --virtual-time-budget, so the page finishes loading first.
-
-  Returns:
-    {"returncode", "console": [console messages, one per line], "stderr", "seconds",
-    "screenshot": path, "command": [...]}.
-  """
-  chromium = chromium or find_chromium()
-  if not chromium:
-    raise FileNotFoundError(f"no Chromium binary found (tried {CHROMIUM_NAMES} and "
-                            "$DEEPSSIM_CHROMIUM)")
-  page = os.path.abspath(html_path)
-  if probe:
-    text = pathlib.Path(page).read_text(encoding="utf-8")
-    cut = text.rfind("</body>")
-    text = text[:cut] + _PROBE + text[cut:] if cut >= 0 else text + _PROBE
-    page = os.path.splitext(os.path.abspath(screenshot_path))[0] + ".probe.html"
-    fileio.write_text(page, text)
-  with tempfile.TemporaryDirectory(prefix="deepssim-chromium-") as profile:
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
-           "--enable-logging=stderr", "--v=0", f"--virtual-time-budget={int(virtual_time_ms)}",
-           f"--window-size={int(window[0])},{int(window[1])}",
-           f"--screenshot={os.path.abspath(screenshot_path)}", pathlib.Path(page).as_uri()]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    dt = time.perf_counter() - t0
-  console = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if ":CONSOLE" in line]
-  return {"returncode": proc.returncode, "console": console, "stderr": proc.stderr,
-          "seconds": dt, "screenshot": screenshot_path, "command": cmd}
-
-
-def screenshot_stats(path: str) -> dict[str, float]:
-  """Grey-level standard deviation and share of non-white pixels of a screenshot."""
-  with Image.open(path) as im:
-    g = np.asarray(im.convert("L"), np.float64)
-  return {"std": float(g.std()), "non_white": float(np.mean(g < 250)),
-          "width": int(g.shape[1]), "height": int(g.shape[0])}

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from deepssim_jax import api, audit, cli, config_lib, fileio
+from deepssim_jax import api, audit, cli, config_lib, fileio, truth as truth_lib
 
 def score_pair(model: api.Model, a: str, b: str) -> dict:
   """{"score", "class"} of two single images."""
@@ -64,7 +64,7 @@ def score_folders(model: api.Model, train: str, synth: str, out_dir: str, k: int
                                                 str(model.image_size)),
                   "emb_fingerprint": fileio.fingerprint(model.fingerprint, os.path.abspath(path),
                                                     ids)}
-  known = audit.read_truth(truth, sets["synthetic"]["ids"]) if truth else None
+  known = truth_lib.read_truth(truth, sets["synthetic"]["ids"]) if truth else None
   explainer = audit.make_explainer(config, "", lambda c, w: (model.model, model.variables))
   out = audit.compute_audit(config, sets, model.fingerprint, known, explainer=explainer)
   out_dir = audit.publish(out_dir, out["files"])

@@ -29,17 +29,22 @@ Two ways to compute it, tested equal to each other and to scikit-image (<= 1e-5)
   dm-pix, the covariance is not clipped to sqrt(var_a * var_b): it never exceeds it except
   by rounding (variances are clamped at eps^2 as in dm-pix).
 
-z-scoring (`zscore`, `zscore_stack`) runs on the host and rejects what cannot be z-scored:
-a constant image (std 0) or any NaN/inf raises `deepssim_jax.fileio.InputError` (a ValueError)
-naming the image; it never returns NaN. The JAX-level functions take images that are
-already z-scored (float, (B, H, W)) and check nothing, so they stay jittable.
+z-scoring is `deepssim_jax.data.images.zscore` (the project's one z-score): the host
+wrappers `ssim` and `ssim_matrix` z-score raw images with it, so a constant image (std 0) or
+any NaN/inf raises `deepssim_jax.fileio.InputError` (a ValueError) naming the image; it never
+returns NaN. The JAX-level functions take images that are already z-scored (float,
+(B, H, W)) and check nothing, so they stay jittable.
 
 Alignment (the paper's phi, `aligned_ssim`): the best SSIM over rigid transforms of the second
-image: 4 flip states x a grid of rotation angles (`rotate`: dm-pix's rotate, order 1, mode
-'nearest', as batched gathers).
-The transform acts on the z-scored b, which is then z-scored again; as interpolation and
-edge padding commute with affine intensity maps, that equals z-scoring the transformed raw
+image. It is an SSIM form, so it lives here; the transforms themselves (4 flip states x a grid
+of rotation angles, dm-pix's rotate as batched gathers) are `deepssim_jax.geometry`.
+The transform acts on the z-scored b, which is then z-scored again (traced); as interpolation
+and edge padding commute with affine intensity maps, that equals z-scoring the transformed raw
 image, i.e. SSIM(zscore(a), zscore(phi(b))).
+
+The module is longer than ~400 lines because it keeps one number's computations together:
+both forms, the moment form's blocked all-pairs / indexed / aligned drivers, which share its
+private helpers, and the host wrappers.
 """
 
 import functools
@@ -50,105 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import fileio
+from deepssim_jax import fileio, geometry
+from deepssim_jax.data import images as images_lib
 
 Stats = dict  # see image_stats
 Bank = Union[jax.Array, np.ndarray, Stats]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ----------------------------------------------------------------------------- z-scoring
-
-
-def _check_finite_and_varying(x: np.ndarray, name: str) -> None:
-  if x.size == 0:
-    raise fileio.InputError(f"{name}: empty image {x.shape}")
-  finite = np.isfinite(x)
-  if not finite.all():
-    bad = x.size - int(finite.sum())
-    kinds = [k for k, m in (("NaN", np.isnan(x)), ("inf", np.isinf(x))) if m.any()]
-    raise fileio.InputError(f"{name}: {bad} of {x.size} pixels are {'/'.join(kinds)}; an image "
-                        "with non-finite values cannot be z-scored")
-  lo, hi = x.min(), x.max()
-  if lo == hi:
-    raise fileio.InputError(f"{name}: constant image (every pixel is {float(lo)!r}); its standard "
-                        "deviation is 0, so it cannot be z-scored and SSIM is undefined")
-
-
-def zscore(x: np.ndarray, *, name: str = "image", dtype=np.float32) -> np.ndarray:
-  """z-scores one image: (x - mean) / std over all pixels (population std, ddof=0).
-
-  Computed in float64, as the reference's (x - x.mean()) / x.std() on a numpy image.
-
-  Args:
-    x: the image (any shape; usually (H, W)), any real dtype.
-    name: what to call the image in errors (a file name or key).
-    dtype: the dtype of the result.
-
-  Returns:
-    The z-scored image, `dtype`.
-
-  Raises:
-    InputError: the image is empty, not real-valued, holds NaN/inf, or is constant.
-  """
-  x = np.asarray(x)
-  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-          or x.dtype == bool):
-    raise fileio.InputError(f"{name}: expected a real-valued image, got dtype {x.dtype}")
-  x = x.astype(np.float64)
-  _check_finite_and_varying(x, name)
-  return ((x - x.mean()) / x.std()).astype(dtype)
-
-
-def zscore_stack(xs: np.ndarray, *, names: Optional[Sequence[str]] = None,
-                 dtype=np.float32) -> np.ndarray:
-  """z-scores each image of a stack (N, H, W) on its own (see `zscore`).
-
-  Args:
-    xs: images, (N, H, W).
-    names: one name per image for errors (default "image <i>").
-    dtype: the dtype of the result.
-
-  Returns:
-    (N, H, W) z-scored images.
-
-  Raises:
-    InputError: the stack is not 3-D, or an image holds NaN/inf or is constant (the
-      message names the first such image and counts the others).
-  """
-  xs = np.asarray(xs)
-  if xs.ndim != 3:
-    raise fileio.InputError(f"expected a stack of images (N, H, W), got shape {xs.shape}")
-  if not (np.issubdtype(xs.dtype, np.integer) or np.issubdtype(xs.dtype, np.floating)
-          or xs.dtype == bool):
-    raise fileio.InputError(f"expected real-valued images, got dtype {xs.dtype}")
-  if names is not None and len(names) != len(xs):
-    raise ValueError(f"{len(names)} names for {len(xs)} images")
-  x = xs.astype(np.float64)
-  finite = np.isfinite(x).all(axis=(1, 2))
-  with np.errstate(invalid="ignore"):
-    const = x.max(axis=(1, 2)) == x.min(axis=(1, 2))
-  bad = np.flatnonzero(~finite | const)
-  if bad.size:
-    i = int(bad[0])
-    name = names[i] if names is not None else f"image {i}"
-    others = f" ({bad.size - 1} more image(s) of {len(xs)} likewise)" if bad.size > 1 else ""
-    try:
-      _check_finite_and_varying(x[i], name)
-    except fileio.InputError as e:
-      raise fileio.InputError(str(e) + others) from None
-  mean = x.mean(axis=(1, 2), keepdims=True)
-  std = x.std(axis=(1, 2), keepdims=True)
-  return ((x - mean) / std).astype(dtype)
-
-
-def zscore_jax(x: jax.Array) -> jax.Array:
-  """Jittable z-score over the last two axes (population std). No checks: a constant
-  image comes out as zeros (callers validate raw images with `zscore` on the host)."""
-  mean = jnp.mean(x, axis=(-2, -1), keepdims=True)
-  std = jnp.std(x, axis=(-2, -1), keepdims=True)
-  return (x - mean) / jnp.where(std > 0, std, 1.0)
 
 
 # ------------------------------------------------------------------- plain form (dm-pix)
@@ -426,72 +339,15 @@ def ssim_indexed(bank_a: Bank, bank_b: Bank, idx_a: jax.Array, idx_b: jax.Array,
 # ---------------------------------------------------------------------------- alignment
 
 
-@jax.jit
-def rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
-  """dm_pix.rotate(order=1, mode='nearest') of (..., H, W) images, all by the same angle.
-
-  The same bilinear pull-back (counter-clockwise about the centre, edge pixels extended),
-  written as four gathers with one index map shared by the whole batch: ~9x faster on
-  CPU than dm-pix, which interpolates trilinearly over an (H, W, 1) volume per image.
-  Angle 0 is the exact identity.
-  """
-  h, w = x.shape[-2:]
-  c, s = jnp.cos(angle), jnp.sin(angle)
-  r = jnp.arange(h, dtype=jnp.float32)[:, None] - (h - 1) / 2.0
-  q = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) / 2.0
-  src_r = c * r + s * q + (h - 1) / 2.0
-  src_c = -s * r + c * q + (w - 1) / 2.0
-  r0, c0 = jnp.floor(src_r), jnp.floor(src_c)
-  fr, fc = src_r - r0, src_c - c0
-  clip_r = lambda i: jnp.clip(i, 0, h - 1).astype(jnp.int32)
-  clip_c = lambda i: jnp.clip(i, 0, w - 1).astype(jnp.int32)
-  flat = x.reshape(*x.shape[:-2], h * w)
-  take = lambda i, j: jnp.take(flat, (i * w + j).reshape(-1), axis=-1).reshape(x.shape)
-  ra, rb, ca, cb = clip_r(r0), clip_r(r0 + 1), clip_c(c0), clip_c(c0 + 1)
-  return ((1 - fr) * ((1 - fc) * take(ra, ca) + fc * take(ra, cb))
-          + fr * ((1 - fc) * take(rb, ca) + fc * take(rb, cb)))
-
-
-def _transform(x: jax.Array, t: jax.Array, angles: jax.Array) -> jax.Array:
-  """Candidate t of (..., H, W) images: flip state t // len(angles) (bit 0: left-right,
-  bit 1: up-down), then rotation by angles[t % len(angles)] about the centre."""
-  f = t // angles.shape[0]
-  x = jnp.where(f % 2 == 1, jnp.flip(x, -1), x)
-  x = jnp.where(f // 2 == 1, jnp.flip(x, -2), x)
-  return rotate(x, angles[t % angles.shape[0]])
-
-
-def num_candidates(angles: jax.Array, flips: bool = True) -> int:
-  """How many rigid candidates `aligned_ssim` tries: len(angles), times 4 with flips."""
-  return (4 if flips else 1) * jnp.shape(angles)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("flips",))
-def transform_candidates(x: jax.Array, angles: jax.Array, *, flips: bool = True) -> jax.Array:
-  """Every rigid candidate of `aligned_ssim`, in its index order.
-
-  Args:
-    x: images (..., H, W).
-    angles: (K,) rotation angles in radians (counter-clockwise, about the centre).
-    flips: also try the left-right, up-down and both flips.
-
-  Returns:
-    (T, ..., H, W), T = 4K (flips) or K; candidate t is flip state t // K (0 none, 1
-    left-right, 2 up-down, 3 both) followed by rotation angles[t % K].
-  """
-  angles = jnp.asarray(angles, jnp.float32)
-  ts = jnp.arange(num_candidates(angles, flips))
-  return jax.vmap(lambda t: _transform(x, t, angles))(ts)
-
-
 @functools.partial(jax.jit, static_argnames=("flips", "sub", "win_size", "k1", "k2"))
 def aligned_ssim(a: jax.Array, b: jax.Array, angles: jax.Array, *, flips: bool = True,
                  sub: int = 8, win_size: int = 7, k1: float = 0.01,
                  k2: float = 0.03) -> tuple[jax.Array, jax.Array]:
   """SSIM(a, phi(b)) maximised over rigid transforms phi of b (the paper's aligned SSIM).
 
-  phi runs over `transform_candidates` (flip states x rotation angles); the transformed b
-  is z-scored again (see the module docstring), a is left as is (its data_range is used).
+  phi runs over `geometry.transform_candidates` (flip states x rotation angles); the
+  transformed b is z-scored again (see the module docstring), a is left as is (its
+  data_range is used).
   Include angle 0 in `angles` so that the identity is a candidate (then the result is
   >= plain SSIM up to float rounding). Candidates are visited one at a time over the
   whole batch, so a batch sharded over devices stays sharded.
@@ -518,13 +374,13 @@ def aligned_ssim(a: jax.Array, b: jax.Array, angles: jax.Array, *, flips: bool =
 
   def body(t, carry):
     best, idx = carry
-    sb = _stats_one(zscore_jax(_transform(b, t, angles)), win_size)
+    sb = _stats_one(images_lib.zscore(geometry.transform(b, t, angles), xp=jnp), win_size)
     s = _paired_step(sa, sb, win_size, k1, k2)
     better = s > best
     return jnp.where(better, s, best), jnp.where(better, t, idx)
 
   init = (jnp.full((q, c), -jnp.inf, jnp.float32), jnp.zeros((q, c), jnp.int32))
-  best, idx = jax.lax.fori_loop(0, num_candidates(angles, flips), body, init)
+  best, idx = jax.lax.fori_loop(0, geometry.num_candidates(angles, flips), body, init)
   return _from_steps(best[None]), _from_steps(idx[None])
 
 
@@ -561,8 +417,8 @@ def ssim(a: np.ndarray, b: np.ndarray, *, names: Sequence[str] = ("a", "b"),
   if min(a.shape) < win_size:
     raise fileio.InputError(f"{names[0]}: image {a.shape} is smaller than the {win_size}x"
                         f"{win_size} SSIM window")
-  za = zscore(a, name=names[0])
-  zb = zscore(b, name=names[1])
+  za = images_lib.zscore(a, names[0])
+  zb = images_lib.zscore(b, names[1])
   out = ssim_all_pairs(za[None], zb[None], win_size=win_size, k1=k1, k2=k2)
   return float(out[0, 0])
 
@@ -590,8 +446,8 @@ def ssim_matrix(a: np.ndarray, b: np.ndarray, *, names_a: Optional[Sequence[str]
   if min(a.shape[1:]) < win_size:
     raise fileio.InputError(f"images {a.shape[1:]} are smaller than the {win_size}x{win_size} "
                         "SSIM window")
-  za = zscore_stack(a, names=names_a)
-  zb = zscore_stack(b, names=names_b)
+  za = images_lib.zscore(a, "image" if names_a is None else names_a)
+  zb = images_lib.zscore(b, "image" if names_b is None else names_b)
   out = ssim_all_pairs(za, zb, block_a=block_a, block_b=block_b, win_size=win_size, k1=k1,
                        k2=k2)
   return np.asarray(out, np.float64)

@@ -35,6 +35,9 @@ answer. `meta["fingerprint"]` is therefore computed from the checkpoint fingerpr
 a hash of the weights, the inputs of the embedder), the data root, the ids in order, the
 image size and the dtype; the layout (`shard_rows`) is part of the identity but not of the
 fingerprint, since it does not change a row. `fingerprint(folder)` returns it.
+
+It is longer than ~400 lines because it is one file format: the writer and the readers
+check the same index, identity and shard invariants, and split apart each would restate them.
 """
 
 import json

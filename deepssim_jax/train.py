@@ -6,6 +6,9 @@ frozen through optax masking; orbax checkpoints of the latest state (with the in
 position) and of the best state by validation loss, the config saved beside them; metrics
 to a CSV and TensorBoard event files; a killed run resumes from its latest checkpoint and
 ends exactly where an uninterrupted run would.
+
+Longer than most modules because training is one idea whose parts (optimizer and freezing,
+steps, checkpoints and resume, the loop) change together.
 """
 
 import functools
@@ -26,7 +29,8 @@ from flax import traverse_util
 from flax.training import train_state
 from tqdm import tqdm
 
-from deepssim_jax import augment, convert, fileio, models, parallel, pipeline, runs
+from deepssim_jax import (augment, convert, convnext_keys, fileio, models, parallel, pipeline,
+                          runs)
 
 
 class TrainState(train_state.TrainState):
@@ -46,7 +50,7 @@ def trainable_mask(params, num_frozen_stages: int = 0, freeze: str = "stages") -
   if freeze == "stages":
     return models.freeze_mask(params, num_frozen_stages)
   if freeze == "reference":
-    return convert.reference_freeze_mask(params)
+    return convnext_keys.reference_freeze_mask(params)
   if freeze == "none":
     return jax.tree.map(lambda _: True, params)
   raise ValueError(f"unknown model.freeze {freeze!r}; choose one of {FREEZE_RULES}")

@@ -24,6 +24,9 @@ Choices where MONAI and the literature differ (all documented on the functions):
 
 Latents of 34 x 28 do not divide by the UNet's 2^(levels - 1) = 4: `pad_to_multiple` zero-pads
 H and W at the end (34 x 28 -> 36 x 28, as the reference does) and `crop_to` undoes it.
+
+The module is long for one idea (a schedule and pure functions of it) because each step
+carries the MONAI formula it reproduces and the deviations listed above, next to its code.
 """
 
 import functools

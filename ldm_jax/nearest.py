@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from deepssim_jax import fileio, parallel, ssim
-from deepssim_jax.data.images import read_png
+from deepssim_jax.data.images import read_png, zscore
 from ldm_jax import common, generate, input_pipeline
 
 
@@ -76,9 +76,8 @@ def nearest(config: ml_collections.ConfigDict, workdir: str, mesh=None,
                         "(it resumes)")
   paths = [(r, i, os.path.join(out_dir, u, generate.gen_name(i)))
            for r, u in enumerate(records["uids"]) for i in range(n)]
-  samples = ssim.zscore_stack(np.stack([read_png(p) for _, _, p in paths]),
-                              names=[p for _, _, p in paths])
-  training = ssim.zscore_stack(records["images"], names=records["keys"])
+  samples = zscore(np.stack([read_png(p) for _, _, p in paths]), [p for _, _, p in paths])
+  training = zscore(records["images"], records["keys"])
   logging.info("Nearest training slice of %d samples among %d training slices",
                len(samples), len(training))
   idx, best = best_matches(samples, training)
@@ -87,7 +86,7 @@ def nearest(config: ml_collections.ConfigDict, workdir: str, mesh=None,
       jax.numpy.asarray(samples[i:i + 256]), jax.numpy.asarray(training[own_rows[i:i + 256]])))
                         for i in range(0, len(samples), 256)])
   noise = np.random.default_rng(0).uniform(size=samples.shape).astype(np.float32)
-  _, noise_best = best_matches(ssim.zscore_stack(noise), training)
+  _, noise_best = best_matches(zscore(noise), training)
   result = {**summary(best), "noise_median": float(np.median(noise_best)),
             "samples_per_record": n, "records": len(training), "out_dir": out_dir}
   if parallel.is_main_process():

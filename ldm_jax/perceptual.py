@@ -44,6 +44,8 @@ transposed from torch's OIHW):
                                             [lin{k}.model.1.weight (1, C_k, 1, 1)]
 
 torch is imported only by the converter (through deepssim_jax.convert.read_state_dict).
+The converter stays in this file, which makes it longer than most: its rows are the
+network's parameters (`weight_shapes`), so network, .npz layout and converter change together.
 """
 
 import functools

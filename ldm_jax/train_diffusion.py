@@ -38,6 +38,8 @@ bfloat16 (weights, optimiser and loss stay float32; the reference uses torch aut
 Jitted `train_step` with the state donated, data-parallel over a Mesh, orbax checkpoints,
 resumable (same batches as an uninterrupted run), metrics.csv + loss.png, and DDIM sample
 grids (samples/samples-<step>.png, the first records' conditions, fixed noise).
+It is longer than train_autoencoder.py because the data it trains on is built here too
+(first stage, latent cache, conditioning contexts; `prepare`, which generate.py reuses).
 """
 
 import functools

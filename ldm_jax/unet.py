@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.autoencoder import (MultiHeadAttention, SpatialAttentionBlock, check_channels, conv,
-                                 dense, group_norm, per_level, upsample_nearest)
+from ldm_jax.blocks import (MultiHeadAttention, SpatialAttentionBlock, check_channels, conv,
+                            dense, group_norm, per_level, upsample_nearest)
 
 Dtype = Any
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import audit, config_lib, embed, fileio, models
+from deepssim_jax import audit, compare, config_lib, embed, fileio, models, truth as truth_lib
 from test_report import _decode, _parse  # pytest puts tests/ on sys.path
 
 SIZE = (40, 32)
@@ -231,12 +231,48 @@ def test_publish_refuses_foreign_folders(tmp_path):
   assert sorted(os.listdir(out)) == ["a.txt", "summary.json"]
 
 
+def test_replace_folder_swaps_the_whole_folder(tmp_path):
+  folder = tmp_path / "out"
+  fileio.replace_folder(str(folder), {"m": "1", "old.txt": "x"}, marker="m")
+  # Text, bytes and a writer; files of the previous folder do not survive.
+  out = fileio.replace_folder(str(folder), {"m": "2", "b.bin": b"\x00\x01",
+                                            "w.txt": lambda p: fileio.write_text(p, "w")},
+                              marker="m")
+  assert out == str(folder)
+  assert sorted(os.listdir(folder)) == ["b.bin", "m", "w.txt"]
+  assert (folder / "m").read_text() == "2" and (folder / "b.bin").read_bytes() == b"\x00\x01"
+  assert [p for p in os.listdir(tmp_path) if p != "out"] == []  # no temporary left behind
+  with pytest.raises(fileio.InputError, match="not a folder"):
+    fileio.replace_folder(str(folder / "m"), {"m": "3"}, marker="m")
+  (tmp_path / "empty").mkdir()  # an empty folder may be replaced without the marker
+  fileio.replace_folder(str(tmp_path / "empty"), {"m": "e"}, marker="m")
+  assert os.listdir(tmp_path / "empty") == ["m"]
+
+
+def test_replace_folder_keeps_the_old_content_when_writing_fails(tmp_path):
+  folder = tmp_path / "out"
+  fileio.replace_folder(str(folder), {"m": "old", "a.txt": "a"}, marker="m")
+
+  def broken(path):
+    fileio.write_text(path, "half")
+    raise RuntimeError("writer failed")
+
+  with pytest.raises(RuntimeError, match="writer failed"):
+    fileio.replace_folder(str(folder), {"m": "new", "b.txt": broken}, marker="m")
+  assert sorted(os.listdir(folder)) == ["a.txt", "m"] and (folder / "m").read_text() == "old"
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # the temporary folder is gone
+  # A failing first write creates nothing.
+  with pytest.raises(RuntimeError):
+    fileio.replace_folder(str(tmp_path / "fresh"), {"b.txt": broken}, marker="m")
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_compare_tabulates_and_plots(model_fn, tmp_path):
   c = _config(tmp_path)
   c.calibrate.dar.enabled = False
   c.compare.synthetic = ("synth", "real")  # the training set audited against itself
-  out = audit.compare_job(c, str(tmp_path / "work"), model_fn)
-  table = fileio.read_csv(out["csv"], audit.COMPARE_COLUMNS)
+  out = compare.compare_job(c, str(tmp_path / "work"), model_fn)
+  table = fileio.read_csv(out["csv"], compare.COMPARE_COLUMNS)
   assert table["name"] == ["synth", "real"]
   rates = fileio.float_column(out["csv"], table, "memorization_rate")
   assert rates[1] == 1.0  # every training image is its own Duplicate
@@ -247,7 +283,7 @@ def test_compare_tabulates_and_plots(model_fn, tmp_path):
   for name in ("synth", "real"):
     assert os.path.exists(tmp_path / "work" / "compare" / name / "report.html")
   with pytest.raises(fileio.InputError, match="summary.json: not found"):
-    audit.compare_runs({"x": str(tmp_path / "nowhere")}, str(tmp_path / "cmp"))
+    compare.compare_runs({"x": str(tmp_path / "nowhere")}, str(tmp_path / "cmp"))
 
 
 def test_validate_equals_scikit_learn():
@@ -259,7 +295,7 @@ def test_validate_equals_scikit_learn():
   src = np.array([f"t{i % 7}" for i in range(60)])
   nearest = src.copy()
   nearest[:5] = "elsewhere"
-  v = audit.validate({"memorized": y, "source": src}, decisions, score, nearest)
+  v = truth_lib.validate({"memorized": y, "source": src}, decisions, score, nearest)
   assert v["n_memorized"] == int(y.sum()) and v["n_not_memorized"] == int((~y).sum())
   assert v["auc"] == pytest.approx(skm.roc_auc_score(y, score))
   r = v["rules"]["paper"]
@@ -272,14 +308,24 @@ def test_validate_equals_scikit_learn():
   assert v["rules"]["none"]["recall"] == 0.0
   hit = f & y
   assert v["source_match"] == pytest.approx(np.mean(nearest[hit] == src[hit]))
-  assert audit.validate({"memorized": np.zeros(4, bool)}, {}, np.ones(4), src[:4])["auc"] is None
+  assert truth_lib.validate({"memorized": np.zeros(4, bool)}, {}, np.ones(4),
+                            src[:4])["auc"] is None
+
+
+def test_rule_decisions_reads_the_class_and_the_calibrated_columns():
+  d = truth_lib.rule_decisions(np.array([1, 2, 0, 1]),
+                               {"dar_memorized": np.array([0, 1, 0, 1]),
+                                "mi": np.array([9.0, 0, 0, 0])})  # not a decision column
+  assert set(d) == {"paper", "dar"}
+  np.testing.assert_array_equal(d["paper"], [True, False, False, True])
+  np.testing.assert_array_equal(d["dar"], [False, True, False, True])
 
 
 def test_truth_csv_is_read_in_synthetic_order_and_bad_files_are_named(tmp_path):
   ids = np.array(["s0", "s1", "s2"])
   path = tmp_path / "truth.csv"
   path.write_text("synth_id,memorized,source_id\ns2,0,\ns0,1,t9\ns1,0,\n")
-  t = audit.read_truth(str(path), ids)
+  t = truth_lib.read_truth(str(path), ids)
   np.testing.assert_array_equal(t["memorized"], [True, False, False])
   assert t["source"][0] == "t9"
   for text, message in [
@@ -290,7 +336,7 @@ def test_truth_csv_is_read_in_synthetic_order_and_bad_files_are_named(tmp_path):
       ("synth_id,memorized\ns0,1\ns1,0\ns2,0\nzz,1\n", "1 rows name no synthetic image")]:
     path.write_text(text)
     with pytest.raises(fileio.InputError, match=message) as e:
-      audit.read_truth(str(path), ids)
+      truth_lib.read_truth(str(path), ids)
     assert str(path) in str(e.value)
 
 

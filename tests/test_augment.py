@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from deepssim_jax import augment
+from deepssim_jax.data import images
 
 OFF = augment.AugmentConfig(p_flip0=0, p_flip1=0, p_rotate=0, p_gamma=0, renormalize=False)
 
@@ -21,6 +22,15 @@ def test_identity_when_all_probabilities_are_zero():
   x = _images()
   y = augment.augment_batch(jax.random.key(0), x, OFF)
   np.testing.assert_allclose(y, x, atol=1e-6)
+
+
+def test_renormalize_is_the_project_zscore():
+  """renormalize z-scores each image with data.images.zscore (traced): per image over (H, W),
+  the host z-score's numbers."""
+  x = np.asarray(_images()) * np.arange(1, 7, dtype=np.float32)[:, None, None] + 5.0
+  on = dataclasses.replace(OFF, renormalize=True)
+  y = augment.augment_batch(jax.random.key(0), jnp.asarray(x), on)
+  np.testing.assert_allclose(y, images.zscore(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("field,expected", [("p_flip0", lambda x: x[:, ::-1, :]),

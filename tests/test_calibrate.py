@@ -214,6 +214,63 @@ def test_carlini_pixels_by_hand():
 def test_relative_distance_formula():
   d = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
   np.testing.assert_allclose(calibrate.relative_distance(d, 0.5), [1 / (0.5 * 2), 0.0])
+  # A given direct distance (the metric's paired image) replaces d_1; a zero mean stays finite.
+  np.testing.assert_allclose(calibrate.relative_distance(d, 0.5, direct=[3.0, 1.0]),
+                             [3 / (0.5 * 2), 1 / (0.5 * 1e-12)])
+
+
+def _carlini_images():
+  """Synthetic image 0 at pixel distances 1, 2, 3, 4 from the four training images (one pixel
+  differs each time), synthetic image 1 an exact copy of training image 2."""
+  train = np.zeros((4, 2, 3))
+  train[0, 0, 0], train[1, 0, 1], train[2, 1, 0], train[3, 1, 2] = 1, 2, 3, 4
+  synth = np.stack([np.zeros((2, 3)), train[2]])
+  return train, synth
+
+
+def test_carlini_closed_form_by_hand():
+  from deepssim_jax import metrics  # pylint: disable=g-import-not-at-top
+  train, synth = _carlini_images()
+  # Image 0: n = 3 nearest at 1, 2, 3 (mean 2): r = 1 / (0.5 * 2) = 1, not < delta 1.
+  # Image 1: an exact copy: r = 0. Its other distances: sqrt(3^2 + 1^2), sqrt(3^2 + 2^2), 5.
+  d = calibrate.pixel_knn_l2(synth, train, 3)
+  np.testing.assert_array_equal(d, [[1, 2, 3], [0, math.sqrt(10), math.sqrt(13)]])
+  cfg = _cfg(carlini=True)
+  cfg.carlini.space, cfg.carlini.n, cfg.carlini.alpha = "pixels", 3, 0.5
+  ctx = calibrate.context(_unit([0, 45, 90, 135]), _unit([10, 90]), train_images=train,
+                          synth_images=synth)
+  out = calibrate.run_all(cfg, ctx)["columns"]
+  np.testing.assert_array_equal(out["carlini_ratio"], [1.0, 0.0])
+  np.testing.assert_array_equal(out["carlini_memorized"], [0, 1])
+  # The metric judges the pair's own training image: image 0 against training image 3
+  # (distance 4): r = 4 / (0.5 * 2) = 4, reported as the score -4.
+  got = metrics.carlini_relative_l2(train[[3, 2]], synth, train, alpha=0.5, n=3)
+  np.testing.assert_array_equal(got, [4.0, 0.0])
+
+
+def test_carlini_metric_and_calibration_are_one_criterion():
+  """Both entry points (the audit's calibration, the evaluation metric) give identical
+  ratios on the same images when the metric's pair is each synthetic image's nearest."""
+  from deepssim_jax import metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  train = rng.normal(size=(30, 9, 7)).astype(np.float32)
+  synth = rng.normal(size=(8, 9, 7)).astype(np.float32)
+  synth[2] = train[5] + 0.01 * rng.normal(size=(9, 7)).astype(np.float32)  # a near copy
+  synth[4] = train[11]  # an exact copy
+  synth[6] = synth[1]  # a repeated synthetic image (the metric embeds each once)
+  cfg = _cfg(carlini=True)
+  cfg.carlini.space, cfg.carlini.n, cfg.carlini.pixel_block = "pixels", 6, 3
+  ctx = calibrate.context(rng.normal(size=(30, 4)), rng.normal(size=(8, 4)),
+                          train_images=train, synth_images=synth)
+  ratio = calibrate.run_all(cfg, ctx)["columns"]["carlini_ratio"]
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
+  nearest = np.argmin(((flat(synth)[:, None] - flat(train)[None]) ** 2).sum(-1), axis=1)
+  got = metrics.carlini_relative_l2(train[nearest], synth, train, alpha=0.5, n=6, block=5)
+  np.testing.assert_array_equal(got, ratio)
+  assert ratio[4] == 0.0 and ratio[2] < 0.1 and np.all(np.delete(ratio, [2, 4]) > 0.5)
+  # Blocked search (small reference blocks) finds the same neighbours.
+  np.testing.assert_array_equal(calibrate.pixel_knn_l2(synth, train, 6, block=2, ref_block=7),
+                                calibrate.pixel_knn_l2(synth, train, 6))
 
 
 def test_bad_inputs_give_clear_errors():

@@ -17,7 +17,7 @@ torchvision = pytest.importorskip("torchvision")
 from torch import nn  # pylint: disable=g-import-not-at-top
 from torchvision.models import convnext as tv_convnext  # pylint: disable=g-import-not-at-top
 
-from deepssim_jax import convert, fileio, models  # noqa: E402
+from deepssim_jax import convert, convnext_keys, fileio, models  # noqa: E402
 
 RTOL = 1e-5  # largest |ours - torch| / max |torch| allowed (float32)
 
@@ -279,22 +279,22 @@ def test_reference_freeze_rule_on_torchvision_names():
   frozen_ref = {n for n in names if "0" in n or "1" in n}
   model = models.make_model("convnext_base")
   params = convert.abstract_variables(model, (32, 32))["params"]
-  mask = jax.tree_util.tree_flatten_with_path(convert.reference_freeze_mask(params))[0]
+  mask = jax.tree_util.tree_flatten_with_path(convnext_keys.reference_freeze_mask(params))[0]
   ours_frozen, ours_all = set(), set()
   for path, trainable in mask:
     keys = tuple(k.key for k in path)
     if keys[0] == "backbone":
-      ours_all.add(convert.torchvision_name(keys))
+      ours_all.add(convnext_keys.torchvision_name(keys))
       if not trainable:
-        ours_frozen.add(convert.torchvision_name(keys))
+        ours_frozen.add(convnext_keys.torchvision_name(keys))
   assert ours_all == set(names)
   assert ours_frozen == frozen_ref
   share = sum(names[n] for n in frozen_ref) / sum(names.values())
   assert 0.55 < share < 0.65, share  # "about 59% of the backbone"
   # Every torchvision key maps to the path whose torchvision_name is that key.
-  mapped = convert.map_keys({"features." + n: p.detach().numpy()
+  mapped = convnext_keys.map_keys({"features." + n: p.detach().numpy()
                             for n, p in net.features.named_parameters()}, "torchvision")
-  assert {convert.torchvision_name(p[1:]) for p in mapped} == set(names)
+  assert {convnext_keys.torchvision_name(p[1:]) for p in mapped} == set(names)
 
 
 def test_export_to_torchvision_round_trips(tmp_path):
@@ -305,8 +305,9 @@ def test_export_to_torchvision_round_trips(tmp_path):
   params = jax.tree_util.tree_map_with_path(  # layer scales well away from 1e-6
       lambda path, p: jnp.full_like(p, 0.3) if "layer_scale" in str(path) else p, params)
   net = torchvision.models.convnext_tiny().eval()
+  state = convnext_keys.to_torchvision(params)
   net.features.load_state_dict({k[len("features."):]: torch.from_numpy(v)
-                                for k, v in convert.to_torchvision(params).items()}, strict=True)
+                                for k, v in state.items()}, strict=True)
   with torch.no_grad():
     want = nhwc(net.features(torch.from_numpy(x.transpose(0, 3, 1, 2))))
   report("export to torchvision convnext_tiny", model.apply({"params": params}, x), want)
@@ -360,7 +361,7 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   model = models.make_model("convnext_atto", depthwise_impl="conv")
   params = model.init(jax.random.key(0), np.zeros((1, 32, 32), np.float32))["params"]
-  good = convert.to_torchvision(params["backbone"])
+  good = convnext_keys.to_torchvision(params["backbone"])
 
   def load(state, name):
     path = str(tmp_path / f"{name}.safetensors")

@@ -98,3 +98,23 @@ def test_json_ready_makes_results_strict_json():
   assert json.loads(text) == {"1": 0.5, "a": [3, None, [None, 2]], "arr": [[1.5, None]],
                               "s": "x", "none": None, "b": True}
   assert type(out["1"]) is float and type(out["a"][0]) is int
+
+
+def test_key_rows_finds_keys_in_either_spelling_and_names_what_is_wrong():
+  """The one key lookup: rows of keys among ids, `<uid>/<name>` and `<uid>___<name>` alike
+  on either side; ambiguous ids and missing keys refused with the set, file and row."""
+  ids = np.array(["u1/training", "u2___gen-3", "flat"])
+  rows = fileio.key_rows(ids, ["u2/gen-3", "u1___training", "flat", "u1/training"], "set")
+  assert rows.dtype == np.int64 and rows.tolist() == [1, 0, 2, 0]
+  assert fileio.key_rows(ids, [], "set").shape == (0,)
+  assert fileio.key_rows(["a", "b", "a"], ["a"], "set").tolist() == [2]  # as a dict would
+  with pytest.raises(fileio.InputError,
+                     match=r"^bank\.npz: ids 'u1/training' and 'u1___training' name the same"):
+    fileio.key_rows(["u1/training", "x", "u1___training"], ["x"], "bank.npz")
+  with pytest.raises(fileio.InputError, match=r"^store: key 'u3___gen-1' not found \(3 ids, "
+                     r"e\.g\. \['u1/training', 'u2___gen-3', 'flat'\]\)"):
+    fileio.key_rows(ids, ["flat", "u3___gen-1"], "store")
+  with pytest.raises(fileio.InputError,
+                     match=r"^t\.csv: key 'zz' \(row 3\) is not in the real image set"):
+    fileio.key_rows(ids, ["flat", "zz"], "the real image set", csv_file="t.csv")
+  assert fileio.key_rows(ids, ["zz", "u2/gen-3"], "set", missing=-1).tolist() == [-1, 1]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import (audit, config_lib, evaluate, fileio, jobs, match, pairs, parallel,
-                          pipeline)
+from deepssim_jax import (config_lib, evaluate, fileio, jobs, pairs, parallel, pipeline,
+                          ref_matrix, truth)
 
 UIDS = ("IXI002-Guys-0828-T1_s070", "IXI012-HH-1211-T1_s064", "colin27_s080")
 NUM_GEN = 3
@@ -121,9 +121,6 @@ def test_key_spellings():
   assert fileio.reference_key("flat_key") == "flat_key"
   for k in ("uid/gen-3", "site/uid/gen-3", "flat", "head/z070"):
     assert fileio.canonical_key(fileio.reference_key(k)) == k
-  assert fileio.key_positions(["a/b", "c___d"], "set") == {"a/b": 0, "c/d": 1}
-  with pytest.raises(fileio.InputError, match=r"bank\.npz: ids 'a/b' and 'a___b' name the same"):
-    fileio.key_positions(["a/b", "x", "a___b"], "bank.npz")
 
 
 def test_reference_keys_find_the_same_images(layout, tmp_path):
@@ -136,14 +133,13 @@ def test_reference_keys_find_the_same_images(layout, tmp_path):
   table, ours = d["table"], pairs.read_pairs(layout["pairs_ours"])
   assert str(table.real_key[0]).endswith("___training")  # read as written
   for which, keys in (("real_key", real_keys), ("synth_key", synth_keys)):
-    want = pairs.key_index(keys, getattr(ours, which), "x", "ours.csv")
+    want = fileio.key_rows(keys, getattr(ours, which), "x", csv_file="ours.csv")
     np.testing.assert_array_equal(
-        pairs.key_index(keys, getattr(table, which), "x", "ref.csv"), want)
+        fileio.key_rows(keys, getattr(table, which), "x", csv_file="ref.csv"), want)
     # Ids in the reference's spelling and keys in ours: the same rows again.
     ref_ids = np.array([fileio.reference_key(k) for k in keys.tolist()])
-    np.testing.assert_array_equal(pairs.key_index(ref_ids, getattr(ours, which), "x", "o"),
-                                  want)
-    np.testing.assert_array_equal(match.positions(keys, getattr(table, which), "t"), want)
+    np.testing.assert_array_equal(fileio.key_rows(ref_ids, getattr(ours, which), "x"), want)
+    np.testing.assert_array_equal(fileio.key_rows(keys, getattr(table, which), "t"), want)
   src = pipeline.pair_source(table, d["real_npy"], d["synth_npy"], real_keys, synth_keys,
                              layout["pairs_ref"])
   for j in range(len(table)):
@@ -157,12 +153,12 @@ def test_reference_keys_find_the_same_images(layout, tmp_path):
   bad = tmp_path / "bad_test.csv"
   bad.write_text("real_key,synth_key,label\n"
                  f"{_ref(UIDS[0], 'training')},{_ref(UIDS[0], 'gen-9')},1\n")
-  with pytest.raises(fileio.InputError, match=rf"bad_test\.csv: synthetic key "
-                     rf"'{UIDS[0]}___gen-9' \(row 2\)"):
-    pairs.key_index(synth_keys, evaluate.read_labelled_pairs(str(bad))["synth_key"],
-                    "synthetic", str(bad))
+  with pytest.raises(fileio.InputError, match=rf"bad_test\.csv: key "
+                     rf"'{UIDS[0]}___gen-9' \(row 2\) is not in the synthetic"):
+    fileio.key_rows(synth_keys, evaluate.read_labelled_pairs(str(bad))["synth_key"],
+                    "the synthetic image set", csv_file=str(bad))
   with pytest.raises(fileio.InputError, match=r"store: key 'nobody___training' not found"):
-    match.positions(real_keys, ["nobody___training"], "store")
+    fileio.key_rows(real_keys, ["nobody___training"], "store")
 
 
 def test_evaluate_scores_reference_test_set_and_matrix(layout, tmp_path):
@@ -214,9 +210,9 @@ def test_our_matrix_reads_with_plain_numpy_like_eval_py(tmp_path):
   synth_ids = [_ours(u, f"gen-{i}") for u in UIDS for i in range(NUM_GEN)]
   real_emb = rng.normal(size=(len(real_ids), 8)).astype(np.float32)
   synth_emb = rng.normal(size=(len(synth_ids), 8)).astype(np.float32)
-  m = match.full_matrix(real_emb, synth_emb, block=2,
+  m = ref_matrix.full_matrix(real_emb, synth_emb, block=2,
                         mesh=parallel.make_mesh(jax.devices()[:1]))
-  paths = match.write_reference_npz(str(tmp_path / "match"), real_ids, synth_ids, m)
+  paths = ref_matrix.write_reference_npz(str(tmp_path / "match"), real_ids, synth_ids, m)
   assert np.load(paths["real"])["data"].tolist() == [_ref(u, "training") for u in UIDS]
   assert np.load(paths["synth"])["data"].dtype.kind == "U"
   test_csv = tmp_path / "test_set.csv"
@@ -227,16 +223,16 @@ def test_our_matrix_reads_with_plain_numpy_like_eval_py(tmp_path):
   want = np.array([m[real_ids.index(fileio.canonical_key(r)), synth_ids.index(fileio.canonical_key(s))]
                    for r, s in keys])
   np.testing.assert_array_equal(got, want)
-  cosine = match.pair_scores(real_ids, real_emb, synth_ids, synth_emb,
+  cosine = ref_matrix.pair_scores(real_ids, real_emb, synth_ids, synth_emb,
                              [r for r, _ in keys], [s for _, s in keys])
   np.testing.assert_allclose(got.astype(np.float32), cosine, atol=1e-3)
   # Read back: our spelling, the same matrix.
-  back_real, back_synth, back = match.read_reference_npz(str(tmp_path / "match"))
+  back_real, back_synth, back = ref_matrix.read_reference_npz(str(tmp_path / "match"))
   assert back_real.tolist() == real_ids and back_synth.tolist() == synth_ids
   np.testing.assert_array_equal(back, m)
   # Two ids with one reference spelling would make eval.py's .index() ambiguous.
   with pytest.raises(ValueError, match="'u___a' occurs 2 times"):
-    match.write_reference_npz(str(tmp_path / "dup"), ["u/a", "u___a"], ["s"],
+    ref_matrix.write_reference_npz(str(tmp_path / "dup"), ["u/a", "u___a"], ["s"],
                               np.zeros((2, 1)))
 
 
@@ -244,7 +240,7 @@ def test_reference_matrix_round_trips(tmp_path):
   real = [_ref(u, "training") for u in UIDS]
   synth = [_ref(u, f"gen-{i}") for u in UIDS[::-1] for i in range(NUM_GEN)]
   paths = _write_reference_matrix(tmp_path, real, synth)
-  real_ids, synth_ids, matrix = match.read_reference_matrix(*paths)
+  real_ids, synth_ids, matrix = ref_matrix.read_reference_matrix(*paths)
   assert real_ids.tolist() == [fileio.canonical_key(k) for k in real]
   assert synth_ids.tolist() == [fileio.canonical_key(k) for k in synth]
   raw = np.load(paths[0])["data"]
@@ -253,16 +249,16 @@ def test_reference_matrix_round_trips(tmp_path):
   # Labelled pairs in either spelling score matrix[real_pos, synth_pos].
   rk, sk = [real[2], real[0]], [synth[4], synth[1]]
   want = [raw[2, 4], raw[0, 1]]
-  np.testing.assert_array_equal(match.matrix_scores(real_ids, synth_ids, matrix, rk, sk), want)
+  np.testing.assert_array_equal(ref_matrix.matrix_scores(real_ids, synth_ids, matrix, rk, sk), want)
   np.testing.assert_array_equal(
-      match.matrix_scores(real_ids, synth_ids, matrix, [fileio.canonical_key(k) for k in rk],
+      ref_matrix.matrix_scores(real_ids, synth_ids, matrix, [fileio.canonical_key(k) for k in rk],
                           [fileio.canonical_key(k) for k in sk]), want)
   with pytest.raises(fileio.InputError, match=r"test\.csv: key 'x___gen-0' not found"):
-    match.matrix_scores(real_ids, synth_ids, matrix, rk, [synth[0], "x___gen-0"],
+    ref_matrix.matrix_scores(real_ids, synth_ids, matrix, rk, [synth[0], "x___gen-0"],
                         synth_name="test.csv")
   # Our writer, then the reader: the same again.
-  ours = match.write_reference_npz(str(tmp_path / "again"), real_ids, synth_ids, matrix)
-  again = match.read_reference_matrix(ours["matrix"], ours["real"], ours["synth"])
+  ours = ref_matrix.write_reference_npz(str(tmp_path / "again"), real_ids, synth_ids, matrix)
+  again = ref_matrix.read_reference_matrix(ours["matrix"], ours["real"], ours["synth"])
   assert again[0].tolist() == real_ids.tolist() and again[1].tolist() == synth_ids.tolist()
   np.testing.assert_array_equal(again[2], matrix)
 
@@ -274,7 +270,7 @@ def test_bad_reference_matrices_are_named(tmp_path):
 
   def fails(message, matrix=m, real_path=r, synth_path=s):
     with pytest.raises(fileio.InputError, match=message):
-      match.read_reference_matrix(matrix, real_path, synth_path)
+      ref_matrix.read_reference_matrix(matrix, real_path, synth_path)
 
   bad = str(tmp_path / "bad.npz")
   np.savez(bad, data=np.zeros((len(synth), len(real)), np.float16))  # transposed
@@ -311,17 +307,17 @@ def test_truth_csv_in_reference_spelling(tmp_path):
   path.write_text("synth_id,memorized,source_id\n"
                   f"{_ref(UIDS[2], 'gen-1')},0,\n{_ref(UIDS[0], 'gen-0')},1,"
                   f"{_ref(UIDS[0], 'training')}\n{_ours(UIDS[1], 'gen-0')},0,\n")
-  t = audit.read_truth(str(path), ids)
+  t = truth.read_truth(str(path), ids)
   np.testing.assert_array_equal(t["memorized"], [True, False, False])
-  v = audit.validate(t, {"paper": np.array([True, False, False])}, np.array([0.9, 0.1, 0.2]),
+  v = truth.validate(t, {"paper": np.array([True, False, False])}, np.array([0.9, 0.1, 0.2]),
                      np.array([_ours(UIDS[0], "training"), "x", "y"]))
   assert v["source_match"] == 1.0
   path.write_text("synth_id,memorized\n" + "".join(
       f"{k},0\n" for k in [_ref(UIDS[0], "gen-0"), _ours(UIDS[0], "gen-0"),
                            _ref(UIDS[1], "gen-0"), _ref(UIDS[2], "gen-1")]))
   with pytest.raises(fileio.InputError, match=rf"truth\.csv: synth_id '{UIDS[0]}___gen-0' appears"):
-    audit.read_truth(str(path), ids)
+    truth.read_truth(str(path), ids)
   path.write_text("synth_id,memorized\n" + "".join(
       f"{k},0\n" for k in [_ref(UIDS[0], "gen-0"), _ref(UIDS[1], "gen-0"), "ghost___gen-1"]))
   with pytest.raises(fileio.InputError, match=r"truth\.csv: ids do not match.*'ghost___gen-1'"):
-    audit.read_truth(str(path), ids)
+    truth.read_truth(str(path), ids)

@@ -60,15 +60,60 @@ def test_resample_fixed_spacing_pads_with_background_and_keeps_scale():
   assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (10, 50, 10, 30)
 
 
-def test_zscore_and_errors():
-  x = _smooth(np.random.default_rng(2))
+def test_zscore_closed_form_host_and_traced():
+  """The one z-score: per image over (H, W), (x - mean) / std with the population std, as
+  the numpy closed form; host in float64 then float32, traced under jit the same numbers."""
+  rng = np.random.default_rng(2)
+  x = _smooth(rng)
   z = images.zscore(x)
-  assert z.dtype == np.float32
+  assert z.dtype == np.float32 and z.shape == x.shape
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(z, (x64 - x64.mean()) / x64.std(), atol=1e-6)
   assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-5
-  with pytest.raises(fileio.InputError, match="flat.png.*constant"):
+  u8 = rng.integers(0, 255, size=(20, 16)).astype(np.uint8)  # integer images too
+  np.testing.assert_allclose(images.zscore(u8), (u8 - u8.mean()) / u8.std(), atol=1e-6)
+  # A stack: each image on its own (not the stack's mean and std).
+  xs = rng.normal(3, 2, size=(3, 10, 12)) * np.array([1.0, 10.0, 0.1])[:, None, None]
+  zs = images.zscore(xs, dtype=np.float64)
+  assert zs.dtype == np.float64
+  np.testing.assert_allclose(zs, [(v - v.mean()) / v.std() for v in xs], atol=1e-12)
+  np.testing.assert_allclose(zs.mean((1, 2)), 0, atol=1e-12)
+  np.testing.assert_allclose(zs.std((1, 2)), 1, atol=1e-12)
+  # Traced: the same formula under jit, over the last two axes of any leading shape.
+  traced = jax.jit(lambda v: images.zscore(v, xp=jnp))
+  np.testing.assert_allclose(traced(jnp.asarray(xs, jnp.float32)), zs, atol=1e-5)
+  np.testing.assert_allclose(traced(jnp.asarray(xs[None], jnp.float32))[0], zs, atol=1e-5)
+  # It cannot raise there: a constant image comes out as zeros (std floored at ZSCORE_EPS).
+  flat = traced(jnp.full((2, 8, 8), 0.1, jnp.float32))
+  assert bool(jnp.all(jnp.isfinite(flat))) and float(jnp.abs(flat).max()) < 0.1
+
+
+def test_zscore_errors_name_the_image():
+  with pytest.raises(fileio.InputError, match=r"flat\.png: constant image"):
     images.zscore(np.full((4, 4), 3.0), "flat.png")
-  with pytest.raises(fileio.InputError, match="nan.png.*non-finite"):
+  with pytest.raises(fileio.InputError, match=r"nan\.png: 1 of 2 pixels are NaN.*non-finite"):
     images.zscore(np.array([[0.0, np.nan]]), "nan.png")
+  with pytest.raises(ValueError, match=r"image: 1 of 4 pixels are inf"):  # InputError is one
+    images.zscore(np.array([[0.0, np.inf], [1.0, 2.0]]))
+  xs = np.random.default_rng(5).normal(size=(3, 10, 12))
+  bad = xs.copy()
+  bad[1] = 7.0
+  bad[2, 0, 0] = np.nan
+  with pytest.raises(fileio.InputError, match=r"s1: constant image.*1 more image\(s\) of 3"):
+    images.zscore(bad, ["s0", "s1", "s2"])
+  with pytest.raises(fileio.InputError, match=r"image 1: constant image"):  # default names
+    images.zscore(bad)
+  with pytest.raises(fileio.InputError, match="dtype complex"):
+    images.zscore(np.ones((4, 4), complex), "c.png")
+  with pytest.raises(fileio.InputError, match=r"v\.png: expected an image \(H, W\)"):
+    images.zscore(np.arange(5.0), "v.png")
+  with pytest.raises(fileio.InputError, match="empty"):
+    images.zscore(np.zeros((0, 4)))
+  with pytest.raises(ValueError, match="2 names for 3 images"):
+    images.zscore(xs, ["a", "b"])
+  # Raw pixels are checked before resampling with the same rule.
+  with pytest.raises(fileio.InputError, match=r"raw\.png: constant image"):
+    images.check_not_constant(np.full((5, 5), 2, np.uint16), "raw.png")
 
 
 def test_write_png_round_trip(tmp_path):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import autoencoder, discriminator, unet
+from ldm_jax import autoencoder, blocks, discriminator, unet
 
 # MONAI 1.6 with the reference's settings (counted in PyTorch).
 AE_PARAMS = 3_129_960
@@ -86,7 +86,7 @@ def test_multi_head_attention_matches_numpy():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((b, t, c)).astype(np.float32)
   ctx = rng.standard_normal((b, s, cc)).astype(np.float32)
-  mod = autoencoder.MultiHeadAttention(num_heads=heads, qkv_bias=True)
+  mod = blocks.MultiHeadAttention(num_heads=heads, qkv_bias=True)
   params = _random_like(jax.eval_shape(mod.init, jax.random.key(0), x, ctx), 1, 0.5)
   got = np.asarray(mod.apply(params, x, ctx))
   p = jax.tree.map(np.asarray, params["params"])

@@ -26,7 +26,7 @@ monai = pytest.importorskip("monai")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from deepssim_jax import fileio  # noqa: E402
-from ldm_jax import autoencoder, convert, diffusion, discriminator, unet  # noqa: E402
+from ldm_jax import autoencoder, convert, diffusion, discriminator, monai_keys, unet  # noqa: E402
 from monai.inferers import DiffusionInferer  # noqa: E402
 from monai.networks import nets  # noqa: E402
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
@@ -112,7 +112,7 @@ def _normal(seed: int, shape) -> np.ndarray:
 
 
 def _variables(kind, net, model):
-  return convert.from_monai(kind, net.state_dict(), convert.abstract_variables(kind, model))
+  return monai_keys.from_monai(kind, net.state_dict(), monai_keys.abstract_variables(kind, model))
 
 
 def _assert_same_state(a, b):
@@ -264,8 +264,8 @@ def test_round_trip_monai_ldm_jax_monai_is_exact(kind, cls, kw, tmp_path):
   state = net.state_dict()
   model = {"autoencoder": autoencoder.AutoencoderKL, "discriminator":
            discriminator.PatchDiscriminator, "unet": unet.DiffusionModelUNet}[kind](**kw)
-  v = convert.from_monai(kind, state, convert.abstract_variables(kind, model))
-  back = convert.to_monai(kind, v)
+  v = monai_keys.from_monai(kind, state, monai_keys.abstract_variables(kind, model))
+  back = monai_keys.to_monai(kind, v)
   _assert_same_state(back, state)
   path = str(tmp_path / "net.pth")
   convert.save_state_dict(path, back)
@@ -275,7 +275,7 @@ def test_round_trip_monai_ldm_jax_monai_is_exact(kind, cls, kw, tmp_path):
   again = convert.load(kind, path, model)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), again, v))
   if kind != "discriminator":
-    _assert_same_state(convert.to_monai(kind, v["params"]), state)
+    _assert_same_state(monai_keys.to_monai(kind, v["params"]), state)
 
 
 def _old_style(state: dict) -> dict:
@@ -303,17 +303,17 @@ def test_old_monai_generative_keys_convert_through_load_old_state_dict(kind, cls
   state = net.state_dict()
   old = _old_style(state)
   assert old.keys() != state.keys()  # even without attention: upsampling conv -> postconv
-  assert convert.is_old_style(kind, old) and not convert.is_old_style(kind, state)
+  assert monai_keys.is_old_style(kind, old) and not monai_keys.is_old_style(kind, state)
   model = {"autoencoder": autoencoder.AutoencoderKL, "unet": unet.DiffusionModelUNet}[kind](**kw)
-  target = convert.abstract_variables(kind, model)
+  target = monai_keys.abstract_variables(kind, model)
   with pytest.raises(fileio.InputError, match="MONAI Generative"):
-    convert.from_monai(kind, old, target)
+    monai_keys.from_monai(kind, old, target)
   path = str(tmp_path / "old.pth")
   torch.save(old, path)
   same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
   # MONAI's own renaming copies proj_attn into out_proj.
   assert same(convert.load(kind, path, model, proj_attn="copy"),
-              convert.from_monai(kind, state, target))
+              monai_keys.from_monai(kind, state, target))
   # By default the proj_attn that MONAI Generative 0.2.x defines but never applies becomes an
   # identity out_proj (what the old network computed; checked against the `generative` 0.2.3
   # sources: autoencoder and unconditioned UNet rel <= 2.4e-6, MONAI's copy rel 0.89).
@@ -322,8 +322,8 @@ def test_old_monai_generative_keys_convert_through_load_old_state_dict(kind, cls
     if ".attn.out_proj." in k and ".transformer_blocks." not in k:
       identity[k] = torch.eye(len(state[k])) if k.endswith("weight") else torch.zeros_like(state[k])
   got = convert.load(kind, path, model)
-  assert same(got, convert.from_monai(kind, identity, target))
-  _assert_same_state(convert.to_monai(kind, got), identity)
+  assert same(got, monai_keys.from_monai(kind, identity, target))
+  _assert_same_state(monai_keys.to_monai(kind, got), identity)
   changed = [k for k in state if not torch.equal(identity[k], state[k])]
   assert bool(changed) == any(".proj_attn." in k for k in old)
   # MONAI's method would keep random weights for a key the file lacks; ours refuses.
@@ -342,7 +342,7 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
   kw = {**UNET_SMALL, **COND}
   net = _monai(nets.DiffusionModelUNet, 12, **kw)
   model = unet.DiffusionModelUNet(**kw)
-  target = convert.abstract_variables("unet", model)
+  target = monai_keys.abstract_variables("unet", model)
   state = dict(net.state_dict())
   key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
   path = str(tmp_path / "unknown.pth")
@@ -357,14 +357,14 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
   }
   for what, (bad, pattern) in cases.items():
     with pytest.raises(fileio.InputError, match=f"^net.pth: .*{what} key.*{pattern}"):
-      convert.from_monai("unet", bad, target, source="net.pth")
+      monai_keys.from_monai("unet", bad, target, source="net.pth")
   # A discriminator's weights are not a UNet's; a UNet's cross-attention has its context width.
   with pytest.raises(fileio.InputError, match="unknown key.*missing key"):
-    convert.from_monai("unet", _monai(nets.PatchDiscriminator, 0, **DISC_REF).state_dict(),
+    monai_keys.from_monai("unet", _monai(nets.PatchDiscriminator, 0, **DISC_REF).state_dict(),
                        target)
   other = unet.DiffusionModelUNet(**UNET_SMALL, with_conditioning=True, cross_attention_dim=5)
   with pytest.raises(fileio.InputError, match=r"mis-shaped.*attn2\.to_k"):
-    convert.from_monai("unet", state, convert.abstract_variables("unet", other))
+    monai_keys.from_monai("unet", state, monai_keys.abstract_variables("unet", other))
 
 
 def test_cli_converts_old_keys_and_exports_monai(tmp_path):
@@ -381,7 +381,7 @@ def test_cli_converts_old_keys_and_exports_monai(tmp_path):
                      env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert r.returncode == 0, r.stderr[-2000:]
   _assert_same_state(torch.load(pth, weights_only=True), state)
-  _assert_same_state(convert.to_monai("autoencoder", convert.load_npz(npz)), state)
+  _assert_same_state(monai_keys.to_monai("autoencoder", convert.load_npz(npz)), state)
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -484,7 +484,7 @@ def test_reference_files_import_into_runs_that_generate_and_export_back(tmp_path
   convert.import_run(dm_cfg, str(tmp_path / "dm"), files["unet"])
   _, params, _, data = train_autoencoder.load_autoencoder(str(tmp_path / "ae"), one_device())
   assert data["step"] == 0
-  _assert_same_state(convert.to_monai("autoencoder", params), torch.load(files["autoencoder"]))
+  _assert_same_state(monai_keys.to_monai("autoencoder", params), torch.load(files["autoencoder"]))
   res = generate.generate(dm_cfg, str(tmp_path / "dm"), out_dir=str(tmp_path / "gen"))
   assert len(res["written"]) == 8 and res["step"] == 0
   for name, sd in {**convert.export_run(str(tmp_path / "ae")),

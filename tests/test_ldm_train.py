@@ -129,19 +129,81 @@ def test_covariates_synthetic_csv_roundtrip(tmp_path, images):
     input_pipeline.read_covariates(path, ["b"])
 
 
-def test_perceptual_terms(tmp_path):
+def test_perceptual_terms(tmp_path, images):
+  """The autoencoder's perceptual term, as the loss computes it and as the trainer adds it.
+
+  The terms: 0 on identical batches, strictly growing with the amplitude of one noise
+  pattern, finite gradients; LPIPS-squeeze is symmetric and the batch mean of the network's
+  distances under the .npz's weights (a random trunk and random heads; parity with the
+  lpips package is tests/test_perceptual.py's). The trainer: a step's `perceptual` metric is
+  LPIPS-squeeze of (its reconstruction, the images), computed here from those weights, and
+  loss_g adds it times loss.perceptual_weight; each image's validation loss is l1_weight L1
+  + perceptual_weight (1 - SSIM(reconstruction, image), the image's data range) + kl_weight
+  KL. Missing weights are refused.
+  """
+  x = jnp.asarray(images[:4, ..., None], jnp.float32)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 32, 32, 1)), jnp.float32)
-  y = x + 0.3 * jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-  path = str(tmp_path / "lpips_squeeze.npz")  # random trunk (parity: test_perceptual.py)
+  noise = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   net = perceptual.LPIPSSqueeze()
-  perceptual.save_weights(path, jax.jit(net.init)(jax.random.key(0), x, x)["params"])
-  for name, kw in (("ssim", {}), ("lpips_squeeze", {"weights": path})):
-    fn = jax.jit(perceptual.make(name, **kw))
+  params = dict(jax.jit(net.init)(jax.random.key(0), x, x)["params"])
+  for k in [k for k in params if k.startswith("lin")]:  # init's heads are ones
+    params[k] = {"kernel": jnp.asarray(rng.uniform(0.2, 2.0, params[k]["kernel"].shape),
+                                       jnp.float32)}
+  path = str(tmp_path / "lpips_squeeze.npz")
+  perceptual.save_weights(path, params)
+  dist = jax.jit(lambda a, b: net.apply({"params": params}, a, b))  # (B,) distances
+  lpips_fn = jax.jit(perceptual.make("lpips_squeeze", weights=path))
+  ssim_fn = jax.jit(perceptual.make("ssim"))
+  for fn in (lpips_fn, ssim_fn):
     assert abs(float(fn(x, x))) < 1e-5
-    assert float(fn(y, x)) > 1e-3
-    g = jax.grad(lambda a: fn(a, x))(y)
-    assert np.all(np.isfinite(np.asarray(g)))
+    grow = [float(fn(x + s * noise, x)) for s in (0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert grow[0] > 1e-4 and np.all(np.diff(grow) > 0), grow
+    assert np.all(np.isfinite(np.asarray(jax.grad(lambda a: fn(a, x))(x + 0.1 * noise))))
+  y = x + 0.1 * noise
+  np.testing.assert_allclose(float(lpips_fn(y, x)), np.mean(np.asarray(dist(y, x))), rtol=1e-5)
+  np.testing.assert_allclose(float(lpips_fn(x, y)), float(lpips_fn(y, x)), rtol=1e-5)
+
+  # One training step with LPIPS-squeeze, weighted 0.37 (not the default 0.1, not 1).
+  config = ae_config()
+  config.loss.perceptual = "lpips_squeeze"
+  config.loss.perceptual_kwargs.weights = path
+  config.loss.perceptual_weight = 0.37
+  state = train_autoencoder.create_state(config, jax.random.key(0))
+  g_params = jax.device_get(state["g"].params)  # the step donates the state
+  _, m = train_autoencoder.make_train_step(config)(state, {"image": x}, jax.random.key(1))
+  m = jax.device_get(m)
+  ae = train_autoencoder.make_autoencoder(config.model)
+  # The step's reparameterised reconstruction: its rng folded with step 0.
+  recon = ae.apply({"params": g_params}, x, jax.random.fold_in(jax.random.key(1), 0))[0]
+  want = float(np.mean(np.asarray(dist(recon, x))))
+  assert want > 1e-3
+  np.testing.assert_allclose(m["l1"], np.mean(np.abs(np.asarray(recon - x))), rtol=1e-5)
+  np.testing.assert_allclose(m["perceptual"], want, rtol=1e-5)
+  w = config.loss
+  np.testing.assert_allclose(m["loss_g"], w.l1_weight * m["l1"] + 0.37 * want
+                             + w.kl_weight * m["kl"] + m["adv_weight"] * m["adv_g"], rtol=1e-5)
+
+  # The validation loss with the default term, SSIM, whose data range is the target's: the
+  # order of (reconstruction, image) matters. A stand-in autoencoder whose reconstructions
+  # resemble the images with a smaller range (an untrained one gives 1 - SSIM ~ 1 either way).
+  def fake_ae(variables, a):
+    z_mu = a[:, ::4, ::4]
+    return 0.6 * a + 0.1 + 0.05 * variables["params"]["n"], z_mu, 0.5 + 0.2 * z_mu
+
+  w = ae_config().loss
+  w.perceptual_weight = 0.37
+  fake = {"n": noise[:1]}
+  got = jax.jit(lambda p, a: train_autoencoder.valid_losses(
+      p, a, apply_fn=fake_ae, loss=w, perceptual_fn=ssim_fn))(fake, x)
+  for i in range(len(x)):
+    xi = x[i:i + 1]
+    r, mu, sigma = fake_ae({"params": fake}, xi)
+    ssim_term, swapped = float(ssim_fn(r, xi)), float(ssim_fn(xi, r))
+    assert abs(ssim_term - swapped) > 1e-3, (ssim_term, swapped)
+    var = np.square(np.asarray(sigma, np.float64))
+    kl = 0.5 * np.sum(np.square(np.asarray(mu, np.float64)) + var - np.log(var) - 1.0)
+    np.testing.assert_allclose(got[i], w.l1_weight * np.mean(np.abs(np.asarray(r - xi)))
+                               + 0.37 * ssim_term + w.kl_weight * kl, rtol=1e-5)
   with pytest.raises(fileio.InputError, match="not found"):
     perceptual.make("lpips_squeeze", weights=str(tmp_path / "missing.npz"))
 

@@ -1,4 +1,4 @@
-"""DeepSSIM embedder: parameter counts, depthwise-conv forms, freezing, train/eval modes."""
+"""DeepSSIM embedder: parameter counts, depthwise forms in the model, freezing, train modes."""
 
 import functools
 import math
@@ -38,19 +38,6 @@ def shapes(name, image=(136, 112), **overrides):
   model = models.make_model(name, **overrides)
   return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                         jnp.zeros((1, *image), jnp.float32))
-
-
-def numpy_depthwise(x, k):
-  """Direct loops: out[b,h,w,c] = sum_ij xpad[b,h+i,w+j,c] k[i,j,c] (SAME, odd kernel)."""
-  kh, kw, c = k.shape
-  b, h, w, _ = x.shape
-  xp = np.zeros((b, h + kh - 1, w + kw - 1, c), np.float64)
-  xp[:, kh // 2:kh // 2 + h, kw // 2:kw // 2 + w] = x
-  out = np.zeros((b, h, w, c))
-  for i in range(kh):
-    for j in range(kw):
-      out += xp[:, i:i + h, j:j + w] * k[i, j]
-  return out
 
 
 def tiny(**kw):
@@ -101,33 +88,7 @@ def test_param_tree_identical_across_impls():
     assert t == trees[0]
 
 
-# ----------------------------------------------------------------------------- depthwise
-
-@pytest.mark.parametrize("hw", [(9, 7), (3, 2), (12, 10)])
-def test_depthwise_impls_match_numpy_and_each_other(hw):
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, *hw, 5)).astype(np.float32)
-  k = rng.standard_normal((7, 7, 1, 5)).astype(np.float32)
-  want = numpy_depthwise(x.astype(np.float64), k[:, :, 0].astype(np.float64))
-  r = rng.standard_normal(want.shape).astype(np.float32)
-  grads = {}
-  for impl in IMPLS:
-    f = jax.jit(functools.partial(models.depthwise_conv, impl=impl))
-    np.testing.assert_allclose(f(x, k), want, rtol=1e-5, atol=1e-5, err_msg=impl)
-    grads[impl] = jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * r), argnums=(0, 1)))(x, k)
-  # Gradients of the plain grouped conv come from XLA's own autodiff: the reference.
-  for impl in IMPLS[1:]:
-    for a, b in zip(grads[impl], grads["conv"]):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=impl)
-
-
-def test_depthwise_rejects_bad_impl_and_even_kernel():
-  x = jnp.zeros((1, 4, 4, 2))
-  with pytest.raises(ValueError, match="unknown depthwise_impl"):
-    models.depthwise_conv(x, jnp.zeros((7, 7, 1, 2)), impl="fft")
-  with pytest.raises(ValueError, match="odd"):
-    models.depthwise_conv(x, jnp.zeros((4, 4, 1, 2)), impl="shift")
-
+# ----------------------------------------------------------------------------- layers
 
 def test_model_outputs_and_grads_equal_across_impls():
   # 40x36 input: stage maps 10x9 (shift under "auto"), 5x4, 2x2, 1x1 (dense under "auto").
@@ -280,21 +241,3 @@ def test_frozen_params_stay_fixed_under_multi_transform():
   for path, trainable in mask.items():
     changed = not np.array_equal(flat_old[path], flat_new[path])
     assert changed == trainable, path
-
-
-def test_auto_depthwise_form_is_chosen_by_backend(monkeypatch):
-  """'auto' is the plain grouped convolution on GPU/TPU and the CPU forms on CPU."""
-  assert models.auto_impl(238, "gpu") == models.auto_impl(12, "tpu") == "conv"
-  assert models.auto_impl(238, "cpu") == "shift"
-  assert models.auto_impl(models.AUTO_DENSE_MAX_POSITIONS, "cpu") == "dense"
-  x = jnp.zeros((1, 16, 16, 4))
-  k = jnp.zeros((7, 7, 1, 4))
-
-  def grouped_convs(backend):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    jaxpr = jax.make_jaxpr(lambda a, b: models.depthwise_conv(a, b, "auto"))(x, k)
-    return [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"
-            and e.params["feature_group_count"] == 4]
-
-  assert len(grouped_convs("gpu")) == 1
-  assert not grouped_convs("cpu")

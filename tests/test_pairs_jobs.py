@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from deepssim_jax import fileio, jobs, match, pairs
+from deepssim_jax import fileio, jobs, pairs, ref_matrix
 from deepssim_jax.data import images
 
 
@@ -116,8 +116,10 @@ def test_bad_pair_tables_name_file_and_problem(tmp_path, text, message):
 
 
 def test_missing_key_is_named():
-  with pytest.raises(fileio.InputError, match=r"t\.csv: synthetic key 'zz' \(row 3\)"):
-    pairs.key_index(np.array(["a", "b"]), np.array(["a", "zz"]), "synthetic", "t.csv")
+  with pytest.raises(fileio.InputError, match=r"t\.csv: key 'zz' \(row 3\) is not in the "
+                     r"synthetic image set \(2 ids"):
+    fileio.key_rows(np.array(["a", "b"]), np.array(["a", "zz"]), "the synthetic image set",
+                    csv_file="t.csv")
 
 
 def test_build_refuses_empty_and_mismatched_sets():
@@ -221,7 +223,7 @@ def test_demo_config_runs_end_to_end_tiny(tmp_path, capsys):
   top = fileio.read_csv(os.path.join(workdir, "match", "top3.csv"),
                     ["synth_id", "rank", "train_id", "score"])
   assert len(top["synth_id"]) == 3 * n_synth
-  real_ids, synth_ids, matrix = match.read_reference_npz(os.path.join(workdir, "match"))
+  real_ids, synth_ids, matrix = ref_matrix.read_reference_npz(os.path.join(workdir, "match"))
   assert matrix.shape == (n_real, n_synth)
   # The top-1 score of the first synthetic image is the max of its (float16) matrix column.
   j = synth_ids.tolist().index(top["synth_id"][0])

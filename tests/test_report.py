@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim_jax import fileio, report
+from deepssim_jax import fileio, headless, report
 
 H, W = 12, 10
 VOID = {"meta", "link", "img", "br", "hr", "input"}
@@ -230,9 +230,9 @@ def test_renders_in_headless_chromium(tmp_path):
 
   Skips only when no Chromium binary is found (Debian: apt-get install chromium).
   """
-  chromium = report.find_chromium()
+  chromium = headless.find_chromium()
   if chromium is None:
-    reason = (f"no Chromium binary found (tried {report.CHROMIUM_NAMES} and "
+    reason = (f"no Chromium binary found (tried {headless.CHROMIUM_NAMES} and "
               "$DEEPSSIM_CHROMIUM); install with apt-get install -y --no-install-recommends "
               "chromium")
     print(reason)
@@ -243,15 +243,15 @@ def test_renders_in_headless_chromium(tmp_path):
   page = report.write_report(str(tmp_path / "report.html"), text)
   # The report as is: no console message at all (it has no script; a failed resource
   # load or a CSP/security complaint would show here), and a screenshot that is not blank.
-  out = report.render_headless(page, str(tmp_path / "shot.png"), window=(1200, 1600),
+  out = headless.render_headless(page, str(tmp_path / "shot.png"), window=(1200, 1600),
                                chromium=chromium)
   assert out["returncode"] == 0, out["stderr"][-2000:]
   assert out["console"] == [], out["console"]
-  stats = report.screenshot_stats(out["screenshot"])
+  stats = headless.screenshot_stats(out["screenshot"])
   assert (stats["width"], stats["height"]) == (1200, 1600)
   assert stats["std"] > 20 and stats["non_white"] > 0.02, stats
   # A probing copy: every image (histogram + 3 + 4 per pair) was decoded and laid out.
-  out = report.render_headless(page, str(tmp_path / "probe.png"), window=(1200, 1600),
+  out = headless.render_headless(page, str(tmp_path / "probe.png"), window=(1200, 1600),
                                chromium=chromium, probe=True)
   assert out["returncode"] == 0, out["stderr"][-2000:]
   assert len(out["console"]) == 1 and (f"deepssim-probe images={7 * n_pairs + 1} broken=0"
@@ -260,7 +260,7 @@ def test_renders_in_headless_chromium(tmp_path):
   start = text.index('class="gallery"')
   src = text.index("base64,", start) + len("base64,")
   bad = report.write_report(str(tmp_path / "bad.html"), text[:src] + "AAAA" + text[src + 40:])
-  out = report.render_headless(bad, str(tmp_path / "bad.png"), window=(1200, 1600),
+  out = headless.render_headless(bad, str(tmp_path / "bad.png"), window=(1200, 1600),
                                chromium=chromium, probe=True)
   assert any("image not shown: synthetic" in c for c in out["console"]), out["console"]
   assert any("broken=1" in c for c in out["console"]), out["console"]

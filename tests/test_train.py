@@ -166,11 +166,11 @@ def test_resume_refuses_other_data(tmp_path, sources):
 def _backbone_file(tmp_path, seed=5):
   """A random convnext_atto backbone saved as a torchvision-layout .safetensors file."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from deepssim_jax import convert  # pylint: disable=g-import-not-at-top
+  from deepssim_jax import convnext_keys  # pylint: disable=g-import-not-at-top
   model = train.model_from_config(tiny_config())
   params = model.init(jax.random.key(seed), np.zeros((1, *SIZE), np.float32))["params"]
   path = str(tmp_path / "backbone.safetensors")
-  save_file(convert.to_torchvision(params["backbone"]), path)
+  save_file(convnext_keys.to_torchvision(params["backbone"]), path)
   return path, params["backbone"]
 
 
@@ -205,7 +205,7 @@ def test_init_from_loads_the_backbone_and_frozen_stages_keep_it(tmp_path, source
 
 
 def test_reference_freeze_rule_trains_only_names_without_0_or_1(sources):
-  from deepssim_jax import convert  # pylint: disable=g-import-not-at-top
+  from deepssim_jax import convnext_keys  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.model.freeze = "reference"
   config.model.overrides.dropout = 0.0
@@ -214,7 +214,7 @@ def test_reference_freeze_rule_trains_only_names_without_0_or_1(sources):
   before = traverse_util.flatten_dict(state.params["backbone"])
   after = traverse_util.flatten_dict(new.params["backbone"])
   for p in before:
-    name = convert.torchvision_name(p)
+    name = convnext_keys.torchvision_name(p)
     changed = not np.array_equal(before[p], after[p])
     assert changed == ("0" not in name and "1" not in name), (p, name)
 

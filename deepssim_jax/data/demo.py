@@ -334,7 +334,7 @@ def write_demo_folders(root: str, **kwargs) -> dict:
   """Writes the demo's training and synthetic sets as two flat PNG folders, the input of
   `python -m deepssim_jax.score --train=<root>/training --synth=<root>/synthetic`, and the
   known answers <root>/truth.csv (synth_id, memorized 0/1, source_id: the audit's truth
-  format, deepssim_jax.audit.read_truth). File names are the keys ('colin27/z090' ->
+  format, deepssim_jax.truth.read_truth). File names are the keys ('colin27/z090' ->
   colin27-z090.png, synth-0007.png); images are 8-bit PNGs (write_png).
 
   Raises:

@@ -9,7 +9,10 @@ This module holds the pieces every reader shares and the PNG readers:
   onto a square output grid and the result is centred and padded (or cropped) to (H, W).
   It is numpy on purpose: grain runs image sources in worker processes, which must not start
   JAX (on a GPU host each worker would grab accelerator memory).
-* `zscore`: the normalisation DeepSSIM applies before SSIM and before the network.
+* `zscore`: the project's one z-score, applied before SSIM, before the network and after
+  augmentation: numpy on the host (a constant or non-finite image is an error naming it,
+  `check_not_constant`), or the same formula traced under jit (`xp=jax.numpy`, std floored
+  at `ZSCORE_EPS`), so this module itself never imports JAX.
 * Image sources: random-access objects with `keys` (unique, stable order), `__len__`,
   `__getitem__(i) -> float32 (H, W)` z-scored image and `meta` (dict of per-image numpy
   columns). `PngSource` reads PNG files; `find_reference_layout`, `manifest_source` and
@@ -19,6 +22,11 @@ This module holds the pieces every reader shares and the PNG readers:
 * Banks: `load_all` materialises a source as a dict(keys, images, meta); `save_bank` /
   `load_bank` cache it as one atomic .npz.
 * `write_png`: writes an image as an 8-bit min-max scaled PNG (the reference layout).
+
+It is longer than ~400 lines because it holds every JAX-free piece the 2-D readers share
+(grain workers import it without JAX): resampling, the z-score and its checks, PNG sources
+and banks. The bank helpers (`load_all`, `save_bank`, `load_bank`) could move to a module of
+their own if it grows further.
 """
 
 import concurrent.futures
@@ -126,33 +134,103 @@ def resample(image: np.ndarray, size: Sequence[int], pixel_mm: Sequence[float] =
   return out.astype(np.float32)
 
 
-def zscore(image: np.ndarray, name: str = "image") -> np.ndarray:
-  """Returns (x - mean) / std (population std) as float32.
+# Floor on the standard deviation in a traced z-score (`zscore(x, xp=jnp)`, inside jit). A
+# jitted function cannot raise, so a (near-)constant image there comes out as ~zeros instead
+# of NaN/inf; every real image has std >> 1e-6 (they are z-scored on the host first). The host
+# z-score uses no floor: a constant image is an error naming it (`check_not_constant`).
+ZSCORE_EPS = 1e-6
+
+
+def _image_names(name, shape) -> list[str]:
+  """One name per image: `name` itself for an (H, W) image; for an (N, H, W) stack, the
+  names given, or "<name> <i>"."""
+  if len(shape) == 2:
+    return [str(name)]
+  if isinstance(name, (str, os.PathLike)):
+    return [f"{name} {i}" for i in range(shape[0])]
+  if len(name) != shape[0]:
+    raise ValueError(f"{len(name)} names for {shape[0]} images")
+  return [str(n) for n in name]
+
+
+def check_not_constant(image: np.ndarray, name: str | Sequence[str] = "image") -> None:
+  """Raises InputError unless every image can be z-scored (the project's rule: an image that
+  is constant, holds NaN/inf or is empty is an error that names it, never NaN downstream).
+
+  Called on raw pixels: readers check before resampling, whose rounding could make a
+  constant image look slightly non-constant.
+
+  Args:
+    image: an image (H, W) or a stack (N, H, W), any real dtype.
+    name: what to call the image in errors (a file, a key); for a stack, one name per image
+      or a prefix ("<name> <i>").
 
   Raises:
-    InputError: the image holds a non-finite value or is constant; `name` (a file, a key)
-      is put in the message.
+    InputError: wrong rank, not real-valued, empty, non-finite or constant; for a stack the
+      message names the first such image and counts the others.
   """
-  x = np.asarray(image, np.float64)
-  if not np.all(np.isfinite(x)):
-    raise fileio.InputError(f"{name}: image holds non-finite values (NaN/inf)")
-  std = x.std()
-  if not std > 0:
-    raise fileio.InputError(f"{name}: constant image (std 0): cannot be z-scored")
-  return ((x - x.mean()) / std).astype(np.float32)
+  x = np.asarray(image)
+  label = str(name) if isinstance(name, (str, os.PathLike)) else "images"
+  if x.ndim not in (2, 3):
+    raise fileio.InputError(f"{label}: expected an image (H, W) or a stack (N, H, W), got "
+                            f"shape {x.shape}")
+  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+          or x.dtype == bool):
+    raise fileio.InputError(f"{label}: expected a real-valued image, got dtype {x.dtype}")
+  names = _image_names(name, x.shape)
+  if x.size == 0:
+    raise fileio.InputError(f"{label}: empty image {x.shape}")
+  stack = x.reshape(-1, *x.shape[-2:])
+  finite = np.isfinite(stack).all(axis=(1, 2))
+  with np.errstate(invalid="ignore"):
+    const = stack.max(axis=(1, 2)) == stack.min(axis=(1, 2))
+  bad = np.flatnonzero(~finite | const)
+  if not bad.size:
+    return
+  i = int(bad[0])
+  img = stack[i]
+  if not finite[i]:
+    kinds = "/".join(k for k, m in (("NaN", np.isnan(img)), ("inf", np.isinf(img))) if m.any())
+    n = img.size - int(np.isfinite(img).sum())
+    msg = (f"{names[i]}: {n} of {img.size} pixels are {kinds}; an image with non-finite "
+           "values cannot be z-scored")
+  else:
+    msg = (f"{names[i]}: constant image (every pixel is {img.flat[0].item()!r}); its standard "
+           "deviation is 0, so it cannot be z-scored and SSIM is undefined")
+  if bad.size > 1:
+    msg += f" ({bad.size - 1} more image(s) of {len(stack)} likewise)"
+  raise fileio.InputError(msg)
 
 
-def check_not_constant(image: np.ndarray, name: str) -> None:
-  """Raises InputError naming `name` if `image` has a non-finite value or is constant.
+def zscore(x, name: str | Sequence[str] = "image", *, xp=np, dtype=np.float32):
+  """The z-score of DeepSSIM: (x - mean) / std per image over (H, W), population std.
 
-  Checked on the raw pixels, before resampling (whose rounding could make a constant image
-  look slightly non-constant).
+  The one z-score of the project, applied before SSIM, before the network and after
+  augmentation. `xp` picks where it runs; the formula is the same:
+  * numpy (host, the default): computed in float64 as the reference's
+    (x - x.mean()) / x.std(), after `check_not_constant` (errors name the image);
+  * jax.numpy (traced, jittable): no checks, std floored at ZSCORE_EPS.
+
+  Args:
+    x: an image (H, W) or a stack (N, H, W); traced: any (..., H, W).
+    name: host only: the image's name in errors, or one name per image of a stack.
+    xp: numpy or jax.numpy.
+    dtype: host only: the dtype of the result (traced results keep x's float dtype).
+
+  Returns:
+    The z-scored images, the shape of x.
+
+  Raises:
+    InputError: host only: see `check_not_constant`.
   """
-  if not np.all(np.isfinite(image)):
-    raise fileio.InputError(f"{name}: image holds non-finite values (NaN/inf)")
-  if np.ptp(image) == 0:
-    raise fileio.InputError(f"{name}: constant image (all pixels {image.flat[0]}): cannot be "
-                        "z-scored")
+  eps = ZSCORE_EPS
+  if xp is np:
+    check_not_constant(x, name)
+    x, eps = np.asarray(x, np.float64), 0.0  # checked: every std > 0
+  mean = xp.mean(x, axis=(-2, -1), keepdims=True)
+  std = xp.std(x, axis=(-2, -1), keepdims=True)
+  z = (x - mean) / xp.maximum(std, eps)
+  return z.astype(dtype) if xp is np else z
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 DeepSSIM audits 2-D axial slices of brain MRI (IXI and CoRR in the paper). This module finds
 the volumes of a data set (`LAYOUTS`: IXI, CoRR legacy and BIDS, any folder of NIfTI files)
 and turns them into an image source of z-scored axial slices of one fixed size.
+Longer than most modules because each data-set layout and the orientation conventions
+below belong with the slicing they feed.
 
 Conventions (every slice of every data set comes out the same way):
 * Volumes are reoriented to RAS+ (`nib.as_closest_canonical`): axis 0 left -> Right,

@@ -1,0 +1,80 @@
+"""Rigid geometry of 2-D images, in JAX: rotation, flips and the candidate transforms.
+
+Two users share it: the augmentations (`augment`, a random flip and rotation per image)
+and the paper's aligned SSIM (`ssim.aligned_ssim`, phi: the best SSIM over a grid of rigid
+transforms of the second image). Both rotate with dm-pix's convention (`dm_pix.rotate`,
+order 1, mode 'nearest': bilinear, counter-clockwise about the image centre, edge pixels
+extended), here written as batched gathers. A candidate is indexed by one integer t: flip
+state t // K (0 none, 1 left-right, 2 up-down, 3 both), then rotation by angles[t % K].
+Everything is pure and jittable and acts on the last two axes of (..., H, W) arrays.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.jit
+def rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
+  """dm_pix.rotate(order=1, mode='nearest') of (..., H, W) images, all by the same angle.
+
+  The same bilinear pull-back (counter-clockwise about the centre, edge pixels extended),
+  written as four gathers with one index map shared by the whole batch: ~9x faster on
+  CPU than dm-pix, which interpolates trilinearly over an (H, W, 1) volume per image.
+  Angle 0 is the exact identity.
+
+  Args:
+    x: images (..., H, W).
+    angle: the rotation in radians (a scalar, may be traced).
+
+  Returns:
+    The rotated images, the shape and dtype of x.
+  """
+  h, w = x.shape[-2:]
+  c, s = jnp.cos(angle), jnp.sin(angle)
+  r = jnp.arange(h, dtype=jnp.float32)[:, None] - (h - 1) / 2.0
+  q = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) / 2.0
+  src_r = c * r + s * q + (h - 1) / 2.0
+  src_c = -s * r + c * q + (w - 1) / 2.0
+  r0, c0 = jnp.floor(src_r), jnp.floor(src_c)
+  fr, fc = src_r - r0, src_c - c0
+  clip_r = lambda i: jnp.clip(i, 0, h - 1).astype(jnp.int32)
+  clip_c = lambda i: jnp.clip(i, 0, w - 1).astype(jnp.int32)
+  flat = x.reshape(*x.shape[:-2], h * w)
+  take = lambda i, j: jnp.take(flat, (i * w + j).reshape(-1), axis=-1).reshape(x.shape)
+  ra, rb, ca, cb = clip_r(r0), clip_r(r0 + 1), clip_c(c0), clip_c(c0 + 1)
+  return ((1 - fr) * ((1 - fc) * take(ra, ca) + fc * take(ra, cb))
+          + fr * ((1 - fc) * take(rb, ca) + fc * take(rb, cb)))
+
+
+def transform(x: jax.Array, t: jax.Array, angles: jax.Array) -> jax.Array:
+  """Candidate t of (..., H, W) images: flip state t // len(angles) (bit 0: left-right,
+  bit 1: up-down), then rotation by angles[t % len(angles)] about the centre. t may be
+  traced (a loop index)."""
+  f = t // angles.shape[0]
+  x = jnp.where(f % 2 == 1, jnp.flip(x, -1), x)
+  x = jnp.where(f // 2 == 1, jnp.flip(x, -2), x)
+  return rotate(x, angles[t % angles.shape[0]])
+
+
+def num_candidates(angles: jax.Array, flips: bool = True) -> int:
+  """How many rigid candidates there are: len(angles), times 4 with flips."""
+  return (4 if flips else 1) * jnp.shape(angles)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("flips",))
+def transform_candidates(x: jax.Array, angles: jax.Array, *, flips: bool = True) -> jax.Array:
+  """Every rigid candidate (as tried by `ssim.aligned_ssim`), in its index order.
+
+  Args:
+    x: images (..., H, W).
+    angles: (K,) rotation angles in radians (counter-clockwise, about the centre).
+    flips: also the left-right, up-down and both flips.
+
+  Returns:
+    (T, ..., H, W), T = 4K (flips) or K; candidate t is `transform(x, t, angles)`.
+  """
+  angles = jnp.asarray(angles, jnp.float32)
+  ts = jnp.arange(num_candidates(angles, flips))
+  return jax.vmap(lambda t: transform(x, t, angles))(ts)
