@@ -82,8 +82,13 @@ def _cached_changes(path: str, record: dict) -> list:
   return banks.changes(banks.read_record(path), record)
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def prepare_data(config: ml_collections.ConfigDict, workdir: str, pair_table: bool = True
+                 ) -> dict:
   """Image banks and the pair table, built once into the workdir and reused after.
+
+  With pair_table=False (evaluation: it scores labelled test pairs only) the training pair
+  table and the training arrays are neither checked, built nor read: "table",
+  "table_path", "real_npy" and "synth_npy" are None.
 
   Each cached file (banks, pairs.csv, test_pairs.csv, the .npy copies) has a record of what
   it was made from beside it (<file>.record.json) and is reused only when the record
@@ -93,7 +98,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   cache = os.path.join(workdir, "data")
   has_synth = bool(config.data.synth.kind)
-  own_table = not config.data.pairs_csv
+  own_table = pair_table and not config.data.pairs_csv
   table_path = config.data.pairs_csv or os.path.join(workdir, "pairs.csv")
   if own_table:  # checked before any bank is rebuilt: a refused run writes nothing
     real_rec, _ = banks.cache_state(config.data.real, config, cache, "real")
@@ -126,6 +131,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
       write_labelled_test_pairs(test_path, real, banks.subset(synth, is_test), config.seed)
       banks.write_record(test_path, test_rec)
     train_synth = banks.subset(synth, ~is_test)
+  if not pair_table:
+    return {"real": real, "synth": synth, "table": None, "table_path": None,
+            "real_npy": None, "synth_npy": None, "test_pairs": test_path or None}
   if not own_table:
     if not os.path.exists(table_path):
       raise fileio.InputError(f"{table_path}: pair table not found")
@@ -419,7 +427,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   if data is None and matrices and all(matrices.values()):
     d = {"test_pairs": config.data.test_pairs_csv or None}  # scores come from the files
   else:
-    d = prepare_data(config, workdir) if data is None else data
+    d = prepare_data(config, workdir, pair_table=False) if data is None else data
   if not d["test_pairs"]:
     raise fileio.InputError("nothing to evaluate: set data.test_pairs_csv (real_key, synth_key, "
                         "label)")

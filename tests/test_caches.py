@@ -65,6 +65,26 @@ def test_evaluate_twice_rewrites_no_bank_array(trained):
   assert snapshot(wd) == before  # banks, arrays, pair table, records, checkpoints
 
 
+def test_evaluate_alone_builds_no_training_pair_table(tmp_path):
+  # --mode=evaluate scores the labelled test pairs only: on a fresh workdir it builds the
+  # banks and the held-out labelled pairs, never the training pair table (SSIM of every
+  # training pair) nor the training arrays.
+  c = tiny_config()
+  c.eval.metrics = ("ssim",)
+  wd = str(tmp_path)
+  results = jobs.evaluate_job(c, wd)
+  assert set(results) == {"ssim"} and results["ssim"]["fixed"]["n"] > 0
+  assert os.path.isfile(os.path.join(wd, "test_pairs.csv"))
+  assert os.path.isfile(os.path.join(wd, "eval", "results.json"))
+  for name in ("pairs.csv", "data/real.npy", "data/synth.npy"):
+    assert not os.path.exists(os.path.join(wd, name)), name
+  # The same scores as when the pair table is there (training prepares both).
+  d = jobs.prepare_data(c, wd)
+  assert os.path.isfile(os.path.join(wd, "pairs.csv"))
+  again = jobs.evaluate_job(c, wd, data=d)
+  assert again["ssim"]["fixed"] == results["ssim"]["fixed"]
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda c: setattr(c.model.overrides, "embed_dim", 32),
      r"model\.overrides\.embed_dim: 16 -> 32"),
