@@ -37,6 +37,7 @@ _LABELS_TEXT = ", ".join(f"{c} ({CLASS_NAMES[c].capitalize()})" for c in LABELS)
 # formula is used instead (the two agree to rounding; tests check it).
 SILHOUETTE_SKLEARN_MAX = 10_000
 _INT_RE = re.compile(r"^[+-]?\d+$")
+RATER_COLUMNS = ("r1_label", "r2_label", "r3_label")
 
 
 def classify(scores: np.ndarray, t_low: float = PAPER_THRESHOLDS[0],
@@ -264,7 +265,9 @@ def read_labelled_pairs(path: str) -> dict[str, Any]:
   The label column may also be called final_label (the reference's later test sets).
 
   Returns:
-    {"real_key": list[str], "synth_key": list[str], "label": (n,) int64 array}.
+    {"real_key": list[str], "synth_key": list[str], "label": (n,) int64 array}, plus
+    "raters" ((n, 3) int64: columns r1_label, r2_label, r3_label, the reference's annotated
+    sets) and "ssim" ((n,) float64 ground-truth SSIM) when the file has them.
 
   Raises:
     InputError naming the file (and line): missing file or columns, an empty key, a label
@@ -276,21 +279,74 @@ def read_labelled_pairs(path: str) -> dict[str, Any]:
     raise fileio.InputError(f"{path}: missing column 'label'; found {list(table)}")
   if not table[col]:
     raise fileio.InputError(f"{path}: no labelled pairs")
-  labels = np.empty(len(table[col]), np.int64)
-  for i, v in enumerate(table[col]):
-    v = v.strip()
-    if not _INT_RE.match(v):
-      raise fileio.InputError(f"{path}: line {i + 2}: label {v!r} is not an integer")
-    if int(v) not in LABELS:
-      raise fileio.InputError(f"{path}: line {i + 2}: label {int(v)} is not one of "
-                              f"{_LABELS_TEXT}")
-    labels[i] = int(v)
+  labels = _label_column(path, table[col], "label")
   for key in ("real_key", "synth_key"):
     for i, v in enumerate(table[key]):
       if not v.strip():
         raise fileio.InputError(f"{path}: line {i + 2}: empty {key}")
-  return {"real_key": [v.strip() for v in table["real_key"]],
-          "synth_key": [v.strip() for v in table["synth_key"]], "label": labels}
+  out = {"real_key": [v.strip() for v in table["real_key"]],
+         "synth_key": [v.strip() for v in table["synth_key"]], "label": labels}
+  present = [c for c in RATER_COLUMNS if c in table]
+  if present:  # the reference's annotated test sets: one label column per rater
+    missing = [c for c in RATER_COLUMNS if c not in table]
+    if missing:
+      raise fileio.InputError(f"{path}: has {present} but not {missing}: rater columns "
+                              f"come as a set {list(RATER_COLUMNS)}")
+    out["raters"] = np.stack([_label_column(path, table[c], c) for c in RATER_COLUMNS], 1)
+  if "ssim" in table:  # ground-truth SSIM of each pair (regression errors)
+    try:
+      ssim = np.asarray([float(v) for v in table["ssim"]], np.float64)
+    except ValueError as e:
+      raise fileio.InputError(f"{path}: column 'ssim': {e}") from None
+    if not np.isfinite(ssim).all():
+      raise fileio.InputError(f"{path}: column 'ssim': line "
+                              f"{int(np.flatnonzero(~np.isfinite(ssim))[0]) + 2} is not finite")
+    out["ssim"] = ssim
+  return out
+
+
+def _label_column(path: str, values: Sequence[str], name: str) -> np.ndarray:
+  labels = np.empty(len(values), np.int64)
+  for i, v in enumerate(values):
+    v = v.strip()
+    if not _INT_RE.match(v):
+      raise fileio.InputError(f"{path}: line {i + 2}: {name} {v!r} is not an integer")
+    if int(v) not in LABELS:
+      raise fileio.InputError(f"{path}: line {i + 2}: {name} {int(v)} is not one of "
+                              f"{_LABELS_TEXT}")
+    labels[i] = int(v)
+  return labels
+
+
+def fleiss_kappa_counts(counts: np.ndarray) -> float:
+  """Fleiss' kappa of an (items, categories) table of how many raters chose each category
+  (Fleiss 1971; every item rated by the same number of raters)."""
+  counts = np.asarray(counts, np.float64)
+  raters = counts.sum(1)
+  if counts.ndim != 2 or len(counts) == 0 or not np.all(raters == raters[0]) or raters[0] < 2:
+    raise ValueError("fleiss_kappa: an (items, categories) table, every item rated by the "
+                     "same number (>= 2) of raters")
+  m = raters[0]
+  p_item = ((counts ** 2).sum(1) - m) / (m * (m - 1))  # agreement on each item
+  p_cat = counts.sum(0) / counts.sum()
+  p_bar, p_e = p_item.mean(), (p_cat ** 2).sum()
+  return float("nan") if p_e == 1 else float((p_bar - p_e) / (1 - p_e))
+
+
+def fleiss_kappa(ratings: np.ndarray, categories: Sequence[int] = LABELS) -> float:
+  """Fleiss' kappa of (items, raters) category labels (the reference's inter-rater
+  agreement on its annotated test set: columns r1_label, r2_label, r3_label)."""
+  ratings = np.asarray(ratings)
+  counts = np.stack([(ratings == c).sum(1) for c in categories], 1)
+  return fleiss_kappa_counts(counts)
+
+
+def regression_errors(scores: np.ndarray, target: np.ndarray) -> dict[str, float]:
+  """MAE and RMSE of scores against ground-truth SSIM, with the spreads the reference's
+  eval_regression.py prints: std of |error| for the MAE, std of error^2 for the RMSE."""
+  d = np.asarray(scores, np.float64) - np.asarray(target, np.float64)
+  return {"mae": float(np.abs(d).mean()), "mae_std": float(np.abs(d).std()),
+          "rmse": float(np.sqrt((d ** 2).mean())), "rmse_std": float((d ** 2).std())}
 
 
 def write_results(path: str, results: Mapping[str, Any]) -> str:

@@ -466,6 +466,8 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
       name = metric if variant == "aligned" else f"{metric} (misaligned)"
       scores = precomputed if paths else score_pairs(metric, ctx, va, vb, ec.chunk)
       res = {"fixed": eval_lib.evaluate_scores(labels, scores, t_low, t_high)}
+      if "ssim" in pairs:  # ground-truth SSIM column: the reference's regression errors
+        res["regression"] = eval_lib.regression_errors(scores, pairs["ssim"])
       row = eval_lib.summary_row(name, res["fixed"])
       if fit.any() and (~fit).any():
         th = eval_lib.fit_thresholds(labels[fit], scores[fit])
@@ -491,6 +493,18 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   if parallel.is_main_process():
     eval_lib.write_results(os.path.join(out_dir, "results.json"), results)
     table = eval_lib.results_table(rows)
+    for name, res in results.items():
+      if "regression" in res:
+        r = res["regression"]
+        table += (f"\n{name}: against the ground-truth SSIM column, MAE {r['mae']:.4f} "
+                  f"+- {r['mae_std']:.4f}, RMSE {r['rmse']:.4f} +- {r['rmse_std']:.4f}")
+    if "raters" in pairs:  # the annotators' agreement on the labelled pairs
+      kappa = eval_lib.fleiss_kappa(pairs["raters"])
+      fileio.write_json(os.path.join(out_dir, "agreement.json"),
+                        fileio.json_ready({"fleiss_kappa": kappa, "n": len(labels),
+                                           "raters": list(eval_lib.RATER_COLUMNS)}))
+      table += (f"\nFleiss' kappa of {', '.join(eval_lib.RATER_COLUMNS)} on {len(labels)} "
+                f"pairs: {kappa:.4f}")
     fileio.write_text(os.path.join(out_dir, "table.txt"), table + "\n")
     print(table)
   return results

@@ -83,6 +83,19 @@ def test_evaluate_alone_builds_no_training_pair_table(tmp_path):
   assert os.path.isfile(os.path.join(wd, "pairs.csv"))
   again = jobs.evaluate_job(c, wd, data=d)
   assert again["ssim"]["fixed"] == results["ssim"]["fixed"]
+  # Raters' columns give their agreement (here unanimous: kappa 1); a ground-truth ssim
+  # column gives each metric's regression errors (here every pair's target is 0).
+  t = fileio.read_csv(os.path.join(wd, "test_pairs.csv"), ["real_key", "synth_key", "label"])
+  rows = [[r, s, lab, lab, lab, lab, "0"] for r, s, lab in
+          zip(t["real_key"], t["synth_key"], t["label"])]
+  fileio.write_csv(os.path.join(wd, "rated.csv"), ["real_key", "synth_key", "label", "r1_label",
+                                                   "r2_label", "r3_label", "ssim"], rows)
+  c.data.test_pairs_csv = os.path.join(wd, "rated.csv")
+  rated = jobs.evaluate_job(c, wd, data={**d, "test_pairs": c.data.test_pairs_csv})
+  with open(os.path.join(wd, "eval", "agreement.json")) as f:
+    assert json.load(f)["fleiss_kappa"] == 1.0
+  r = rated["ssim"]["regression"]
+  assert 0 < r["mae"] <= r["rmse"] <= 1
 
 
 @pytest.mark.parametrize("change,message", [

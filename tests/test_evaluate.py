@@ -169,3 +169,57 @@ def test_files_histogram_json_table(tmp_path):
   assert len(lines) == 4 and lines[0].split()[0] == "name"
   assert f"{rows[0]['macro_f1']:.4f}" in lines[2] and "ckpt-2" in lines[3]
   assert len({len(line) for line in lines}) == 1  # aligned
+
+
+# Fleiss (1971) as tabulated in Wikipedia's "Fleiss' kappa" article: 10 items, 14 raters,
+# 5 categories; P_bar = 0.378, P_e = 0.213, kappa = 0.210.
+FLEISS_TABLE = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0],
+                [2, 2, 8, 1, 1], [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2],
+                [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+
+
+def test_fleiss_kappa_hand_computed_and_statsmodels():
+  assert evaluate.fleiss_kappa_counts(FLEISS_TABLE) == pytest.approx(0.20993, abs=5e-5)
+  assert evaluate.fleiss_kappa([[1, 1, 1], [0, 0, 0], [2, 2, 2]]) == pytest.approx(1.0)
+  # By hand: per-item agreement P_i = 1, 1/3, 1, so P_bar = 7/9; category shares 5/9 and
+  # 4/9, so P_e = 41/81; kappa = (63/81 - 41/81) / (40/81) = 0.55.
+  assert evaluate.fleiss_kappa([[0, 0, 0], [0, 0, 1], [1, 1, 1]]) == pytest.approx(0.55)
+  # Total disagreement on one item, full agreement on the other: kappa 0 (P_bar = P_e = 1/2).
+  assert evaluate.fleiss_kappa([[0, 0, 0], [0, 1, 2]]) == pytest.approx(0.0)
+  from statsmodels.stats import inter_rater  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    truth = rng.integers(0, 3, 60)
+    ratings = np.where(rng.random((60, 3)) < 0.7, truth[:, None], rng.integers(0, 3, (60, 3)))
+    table, _ = inter_rater.aggregate_raters(ratings, n_cat=3)
+    assert evaluate.fleiss_kappa(ratings) == pytest.approx(inter_rater.fleiss_kappa(table),
+                                                           abs=1e-12)
+  with pytest.raises(ValueError, match="same number"):
+    evaluate.fleiss_kappa_counts([[1, 1], [2, 1]])
+
+
+def test_regression_errors_closed_form():
+  target = np.array([0.1, 0.5, 0.9, 0.3])
+  err = np.array([0.1, -0.2, 0.0, 0.3])
+  r = evaluate.regression_errors(target + err, target)
+  assert r["mae"] == pytest.approx(0.15) and r["rmse"] == pytest.approx(np.sqrt(0.035))
+  assert r["mae_std"] == pytest.approx(np.std([0.1, 0.2, 0.0, 0.3]))
+  assert r["rmse_std"] == pytest.approx(np.std([0.01, 0.04, 0.0, 0.09]))
+
+
+def test_rater_and_ssim_columns_are_read_and_checked(tmp_path):
+  p = tmp_path / "t.csv"
+  p.write_text("real_key,synth_key,final_label,r1_label,r2_label,r3_label,ssim\n"
+               "a,b,1,1,1,2,0.91\nc,d,0,0,0,0,0.2\n")
+  t = evaluate.read_labelled_pairs(str(p))
+  np.testing.assert_array_equal(t["raters"], [[1, 1, 2], [0, 0, 0]])
+  np.testing.assert_allclose(t["ssim"], [0.91, 0.2])
+  p.write_text("real_key,synth_key,label,r1_label,r2_label\na,b,1,1,1\n")
+  with pytest.raises(fileio.InputError, match=r"t\.csv: has .* but not \['r3_label'\]"):
+    evaluate.read_labelled_pairs(str(p))
+  p.write_text("real_key,synth_key,label,r1_label,r2_label,r3_label\na,b,1,1,7,1\n")
+  with pytest.raises(fileio.InputError, match=r"line 2: r2_label 7 is not one of"):
+    evaluate.read_labelled_pairs(str(p))
+  p.write_text("real_key,synth_key,label,ssim\na,b,1,nan\n")
+  with pytest.raises(fileio.InputError, match=r"column 'ssim': line 2 is not finite"):
+    evaluate.read_labelled_pairs(str(p))
