@@ -14,6 +14,8 @@ training images), batch sizes and the mesh. The registry is a plain dict:
                 under their criterion when the relative distance is < 1 (score > -1)
   convnext_raw  cosine of an untrained ConvNeXt's pooled features (no ImageNet weights:
                 the sanity floor a learned metric must beat)
+  fsim_reference  FSIM exactly as the DeepSSIM reference computes it (deepssim_jax.fsim:
+                a gradient-based stand-in for phase congruency, not Zhang et al.'s FSIM)
 
 Only deepssim and ssim live on [0, 1] where the paper's thresholds
 (evaluate.PAPER_THRESHOLDS) mean something; evaluate the others with thresholds fitted on a
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import calibrate, embed, fileio, pairs as pairs_lib, parallel
+from deepssim_jax import calibrate, embed, fileio, fsim, pairs as pairs_lib, parallel
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
@@ -133,6 +135,7 @@ METRICS: Dict[str, Metric] = {
     "pearson": lambda ctx, a, b: pearson(a, b),
     "carlini_l2": _carlini,
     "convnext_raw": _convnext_raw,
+    "fsim_reference": lambda ctx, a, b: fsim.score(a, b, ctx.get("batch_size", 256)),
 }
 
 # Metrics whose scores are on SSIM's scale, where the paper's fixed thresholds apply.
