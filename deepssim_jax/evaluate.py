@@ -259,6 +259,18 @@ def plot_histogram(path: str, scores: Sequence[float], labels: Sequence[int],
   return path
 
 
+def plot_macro_f1(path: str, rows: Sequence[Mapping[str, Any]]) -> str:
+  """Writes a PNG bar chart of each metric's macro F1 (summary_row rows): at the configured
+  thresholds and, where fitted, at its fitted thresholds. Returns path."""
+  names = [r["name"] for r in rows]
+  series = {"configured thresholds": [r.get("macro_f1") for r in rows]}
+  if any(r.get("fitted_macro_f1") is not None for r in rows):
+    series["fitted thresholds"] = [r.get("fitted_macro_f1") for r in rows]
+  fileio.write_bytes(path, plots.bars(names, series, title="Macro F1 per metric",
+                                      ylabel="macro F1", ylim=(0, 1.05)))
+  return path
+
+
 def read_labelled_pairs(path: str) -> dict[str, Any]:
   """Reads a labelled pair table: columns real_key, synth_key and label.
 

@@ -492,6 +492,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
                                 *plot_t, title=f"{name} on test pairs")
   if parallel.is_main_process():
     eval_lib.write_results(os.path.join(out_dir, "results.json"), results)
+    eval_lib.plot_macro_f1(os.path.join(out_dir, "macro_f1.png"), rows)
     table = eval_lib.results_table(rows)
     for name, res in results.items():
       if "regression" in res:

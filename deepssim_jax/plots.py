@@ -66,3 +66,31 @@ def histogram(groups: Sequence[tuple[str, np.ndarray, str]], lines: Mapping[str,
   ax.set_title(title)
   ax.legend(fontsize="small")
   return png(fig)
+
+
+def bars(names: Sequence[str], series: Mapping[str, Sequence[Optional[float]]], *,
+         size: Sequence[float] = (7.0, 4.0), dpi: int = 100, title: str = "",
+         ylabel: str = "", ylim: Optional[Sequence[float]] = None) -> bytes:
+  """Grouped bars: one group per name, one bar per series ({label: values, one per name};
+  a None or non-finite value leaves its bar out), each bar labelled with its value."""
+  if not names or not series:
+    raise ValueError("a bar chart needs at least one name and one series")
+  fig = figure(size, dpi)
+  ax = fig.add_subplot(1, 1, 1)
+  width = 0.8 / len(series)
+  x = np.arange(len(names))
+  for i, (label, values) in enumerate(series.items()):
+    if len(values) != len(names):
+      raise ValueError(f"series {label!r}: {len(values)} values for {len(names)} names")
+    v = np.array([np.nan if y is None else float(y) for y in values])
+    keep = np.isfinite(v)
+    pos = x[keep] + (i - (len(series) - 1) / 2) * width
+    drawn = ax.bar(pos, v[keep], width, label=label)
+    ax.bar_label(drawn, fmt="%.2f", fontsize=7)
+  ax.set_xticks(x, list(names), rotation=20, ha="right", fontsize=8)
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  return png(fig)

@@ -76,6 +76,7 @@ def test_evaluate_alone_builds_no_training_pair_table(tmp_path):
   assert set(results) == {"ssim"} and results["ssim"]["fixed"]["n"] > 0
   assert os.path.isfile(os.path.join(wd, "test_pairs.csv"))
   assert os.path.isfile(os.path.join(wd, "eval", "results.json"))
+  assert os.path.isfile(os.path.join(wd, "eval", "macro_f1.png"))
   for name in ("pairs.csv", "data/real.npy", "data/synth.npy"):
     assert not os.path.exists(os.path.join(wd, name)), name
   # The same scores as when the pair table is there (training prepares both).

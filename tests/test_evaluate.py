@@ -171,6 +171,23 @@ def test_files_histogram_json_table(tmp_path):
   assert len({len(line) for line in lines}) == 1  # aligned
 
 
+def test_macro_f1_bar_chart_draws_one_bar_per_value(tmp_path):
+  labels, scores = _fixed_case()
+  rows = [evaluate.summary_row(n, evaluate.evaluate_scores(labels, s))
+          for n, s in (("good", scores), ("noise", np.random.default_rng(1).random(200)))]
+  rows[0]["fitted_macro_f1"] = 0.9  # fitted thresholds for one metric only
+  png = evaluate.plot_macro_f1(str(tmp_path / "f1.png"), rows)
+  with Image.open(png) as im:
+    grey = np.asarray(im.convert("L"))
+  assert grey.std() > 0
+  from deepssim_jax import plots  # pylint: disable=g-import-not-at-top
+  fewer = plots.bars(["good", "noise"], {"a": [0.5, None]})
+  more = plots.bars(["good", "noise"], {"a": [0.5, 0.4]})
+  assert fewer != more  # a missing value leaves its bar out
+  with pytest.raises(ValueError, match="1 values for 2 names"):
+    plots.bars(["good", "noise"], {"a": [0.5]})
+
+
 # Fleiss (1971) as tabulated in Wikipedia's "Fleiss' kappa" article: 10 items, 14 raters,
 # 5 categories; P_bar = 0.378, P_e = 0.213, kappa = 0.210.
 FLEISS_TABLE = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0],
