@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 from absl import flags
 from ml_collections import config_flags
 
-from deepssim_jax import fileio, workdir as workdir_lib
+from deepssim_jax import fileio, parallel, validate, workdir as workdir_lib
 
 EXIT_USER_ERROR = 2
 VERBOSE_ENV = "DEEPSSIM_VERBOSE"
@@ -60,6 +60,25 @@ def run_flags() -> types.SimpleNamespace:
         process_id=flags.DEFINE_integer("process_id", None, "This process's index "
                                         "(multi-process).")))
   return _RUN_FLAGS[0]
+
+
+def start_run(example_config: str):
+  """What a training entry point does first: jax.distributed (multi-process settings from
+  run_flags(), or auto-detected), logging, and the config (required). Returns the config.
+
+  Raises:
+    validate.ConfigError: incomplete multi-process settings, or no --config.
+  """
+  f = run_flags()
+  try:
+    parallel.initialize_distributed(f.coordinator.value, f.num_processes.value,
+                                    f.process_id.value)
+  except ValueError as e:  # incomplete multi-process settings
+    raise validate.ConfigError(str(e)) from e
+  parallel.setup_logging()
+  if f.config.value is None:
+    raise validate.ConfigError(f"--config is required, e.g. --config={example_config}")
+  return f.config.value
 
 
 def verbose_requested(flag_value: bool = False, argv: Optional[Sequence[str]] = None) -> bool:

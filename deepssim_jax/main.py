@@ -14,21 +14,13 @@ Errors meant for users print one line `error: ...` and exit with status 2 (deeps
 import jax
 from absl import app, logging
 
-from deepssim_jax import cli, jobs, parallel, validate, workdir as workdir_lib
+from deepssim_jax import cli, jobs, validate, workdir as workdir_lib
 
 _FLAGS = cli.run_flags()
 
 
 def run() -> dict:
-  try:
-    parallel.initialize_distributed(_FLAGS.coordinator.value, _FLAGS.num_processes.value,
-                                    _FLAGS.process_id.value)
-  except ValueError as e:  # incomplete multi-process settings
-    raise validate.ConfigError(str(e)) from e
-  parallel.setup_logging()
-  config = _FLAGS.config.value
-  if config is None:
-    raise validate.ConfigError("--config is required, e.g. --config=configs/demo.py")
+  config = cli.start_run("configs/demo.py")
   mode = _FLAGS.mode.value or "train"
   if mode not in jobs.MODES:
     raise validate.ConfigError(f"--mode must be one of {sorted(jobs.MODES)}, got {mode!r}")

@@ -14,7 +14,7 @@ mode runs holding the workdir's lock after the temporaries of killed jobs are re
 import jax
 from absl import app, logging
 
-from deepssim_jax import cli, fileio, parallel, validate, workdir as workdir_lib
+from deepssim_jax import cli, fileio, validate, workdir as workdir_lib
 from ldm_jax import generate, nearest, train_autoencoder, train_diffusion
 
 MODES = {"autoencoder": train_autoencoder.train_and_evaluate,
@@ -30,20 +30,11 @@ def check_data(config) -> None:
   spec = config.data.train
   if spec.kind != "demo":
     fileio.require_path(spec.root, f"training images ({spec.kind})",
-                                 config.data.get("download_hint", ""))
+                        config.data.get("download_hint", ""))
 
 
 def run():
-  try:
-    parallel.initialize_distributed(_FLAGS.coordinator.value, _FLAGS.num_processes.value,
-                                    _FLAGS.process_id.value)
-  except ValueError as e:  # incomplete multi-process settings
-    raise validate.ConfigError(str(e)) from e
-  parallel.setup_logging()
-  config = _FLAGS.config.value
-  if config is None:
-    raise validate.ConfigError("--config is required, e.g. "
-                               "--config=configs/ldm_demo_autoencoder.py")
+  config = cli.start_run("configs/ldm_demo_autoencoder.py")
   mode = _FLAGS.mode.value or config.get("mode", "")
   if mode not in MODES:
     raise validate.ConfigError(f"--mode must be one of {sorted(MODES)} (the config has "
