@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.metrics = ("deepssim", "ssim")
   c.eval.batch_size = 64
   c.eval.chunk = 4096             # pairs scored per chunk (bounds memory)
+  # Weights files of the ResNet-50 baselines (metrics.BASELINES says what to download);
+  # a TorchScript file is read only with weights_torchscript True (loading one runs code).
+  c.eval.weights = ml_collections.ConfigDict({"sscd": "", "ums_sscd": "", "dar": ""})
+  c.eval.weights_torchscript = False
   c.eval.fit_fraction = 0.5       # synthetic images whose pairs fit thresholds (0: none)
   c.eval.carlini_alpha = 0.5      # Carlini et al.'s relative L2: alpha and n nearest
   c.eval.carlini_n = 50

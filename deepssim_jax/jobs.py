@@ -348,7 +348,9 @@ def metric_context(metric: str, config, workdir: str, real: dict) -> dict:
   ec = config.eval
   ctx = {"batch_size": ec.batch_size, "ssim_batch_size": config.pairs.batch_size,
          "train_images": real["images"], "carlini_alpha": ec.carlini_alpha,
-         "carlini_n": ec.carlini_n, "seed": config.seed}
+         "carlini_n": ec.carlini_n, "seed": config.seed,
+         "weights": ec.get("weights", {}),
+         "weights_torchscript": ec.get("weights_torchscript", False)}
   base, _, ck = metric.partition("@")
   if base == "deepssim":
     c = load_checkpoint(ck or ec.checkpoint, workdir)

@@ -16,6 +16,15 @@ training images), batch sizes and the mesh. The registry is a plain dict:
                 the sanity floor a learned metric must beat)
   fsim_reference  FSIM exactly as the DeepSSIM reference computes it (deepssim_jax.fsim:
                 a gradient-based stand-in for phase congruency, not Zhang et al.'s FSIM)
+  sscd, ums_sscd  cosine of SSCD descriptors (deepssim_jax.resnet, head gem_proj) with the
+                weights of Chen et al. / UMS-SSCD; input as the reference's factories: images
+                min-max scaled to [0, 1], resized to 288x288, repeated to RGB, (x - m) / m with
+                m ImageNet's channel means (the reference divides by the means, not the stds)
+  dar           Dar et al.'s contrastive ResNet-50 (1 channel, native size, min-max scaled);
+                scored as the reference's DarEmbeddingScorer: the Pearson correlation of the
+                two embeddings (1 - scipy's correlation distance), not their cosine
+The last three need weights files (config.eval.weights.<name>); the reference's thresholds
+for them are REFERENCE_THRESHOLDS (its scorers' classify).
 
 Only deepssim and ssim live on [0, 1] where the paper's thresholds
 (evaluate.PAPER_THRESHOLDS) mean something; evaluate the others with thresholds fitted on a
@@ -29,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import calibrate, embed, fileio, fsim, pairs as pairs_lib, parallel
+from deepssim_jax import (calibrate, embed, fileio, fsim, pairs as pairs_lib, parallel,
+                          resnet)
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
@@ -129,6 +139,64 @@ def raw_features(ctx, images: np.ndarray) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0, 0))
 
 
+# name: (model, input channels, resize to, what to download). TorchScript files are read
+# only with config.eval.weights_torchscript=True (loading one runs code), and only when
+# their state dict has torchvision's keys (resnet.KEY_TABLE).
+BASELINES = {
+    "sscd": (resnet.SSCD, 3, (288, 288), "sscd_disc_mixup.torchvision.pt from "
+             "github.com/facebookresearch/sscd-copy-detection (the torchvision state dict; "
+             "the reference loads the .torchscript.pt of the same model)"),
+    "ums_sscd": (resnet.SSCD, 3, (288, 288), "the UMS-SSCD TorchScript model of Chen et al.'s "
+                 "SIDE (AAAI 2026)"),
+    "dar": (resnet.Dar, 1, None, "Dar et al.'s contrastive ResNet-50 state dict (.pth, "
+            "Nature BME 2025, s41551-025-01468-8)"),
+}
+# The reference's scorers: (t_low, t_high) (Dar's is one binary threshold).
+REFERENCE_THRESHOLDS = {"sscd": (0.4, 0.6), "ums_sscd": (0.84, 0.89),
+                        "dar": (0.8030425, 0.8030425)}
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+
+
+def baseline_embeddings(name: str, ctx, images: np.ndarray) -> np.ndarray:
+  """(n, d) float64 embeddings of z-scored images (n, H, W) by a BASELINES network."""
+  make, channels, size, what = BASELINES[name]
+  if f"baseline:{name}" not in ctx:
+    path = (ctx.get("weights") or {}).get(name, "")
+    if not path:
+      raise fileio.InputError(f"{name}: no weights; set --config.eval.weights.{name}=<{what}>")
+    model = make()
+    variables = resnet.load(path, model, channels, ctx.get("weights_torchscript", False))
+
+    def fn(v, x):
+      lo = jnp.min(x, axis=(1, 2), keepdims=True)
+      x = (x - lo) / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True) - lo, 1e-12)
+      x = x[..., None]
+      if size is not None:
+        x = jax.image.resize(x, (x.shape[0], *size, 1), "linear")
+      if channels == 3:
+        x = (jnp.repeat(x, 3, axis=-1) - _IMAGENET_MEAN) / _IMAGENET_MEAN
+      return model.apply(v, x)
+    ctx[f"baseline:{name}"] = (variables, jax.jit(fn))
+  variables, fn = ctx[f"baseline:{name}"]
+  mesh = ctx.get("mesh") or parallel.make_mesh()
+  bs = embed.round_batch(ctx["batch_size"], mesh)
+  v = parallel.replicate(variables, mesh)
+  first, inverse = unique_rows(images)
+  out = []
+  for s in range(0, len(first), bs):
+    x = np.asarray(images[first[s:s + bs]], np.float32)
+    f = fn(v, parallel.shard_global_batch(parallel.pad_to(x, bs), mesh))
+    out.append(parallel.fetch(f).astype(np.float64)[:len(x)])
+  return np.concatenate(out)[inverse] if out else np.zeros((0, 0))
+
+
+def _baseline(name, ctx, a, b):
+  ea, eb = baseline_embeddings(name, ctx, a), baseline_embeddings(name, ctx, b)
+  if name == "dar":
+    return pearson(ea, eb)
+  return np.sum(ea * eb, axis=1)  # unit vectors: the cosine
+
+
 METRICS: Dict[str, Metric] = {
     "deepssim": _deepssim,
     "ssim": _ssim,
@@ -136,6 +204,7 @@ METRICS: Dict[str, Metric] = {
     "carlini_l2": _carlini,
     "convnext_raw": _convnext_raw,
     "fsim_reference": lambda ctx, a, b: fsim.score(a, b, ctx.get("batch_size", 256)),
+    **{name: functools.partial(_baseline, name) for name in BASELINES},
 }
 
 # Metrics whose scores are on SSIM's scale, where the paper's fixed thresholds apply.

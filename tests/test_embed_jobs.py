@@ -141,7 +141,8 @@ def test_metric_registry_scores_pairs(model_vars):
   b[2] = a[2]
   ctx = {"model": model, "variables": v, "batch_size": 4, "ssim_batch_size": 8,
          "train_images": images(10, 10), "carlini_alpha": 0.5, "carlini_n": 3, "seed": 0}
-  out = {name: metrics.get(name)(ctx, a, b) for name in metrics.METRICS}
+  out = {name: metrics.get(name)(ctx, a, b) for name in metrics.METRICS
+         if name not in metrics.BASELINES}  # those need weights files: tests/test_resnet.py
   for name, s in out.items():
     assert s.shape == (6,), name
   for name in ("deepssim", "ssim", "pearson", "convnext_raw"):
