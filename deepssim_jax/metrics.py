@@ -128,13 +128,19 @@ def raw_features(ctx, images: np.ndarray) -> np.ndarray:
         jax.random.key(ctx.get("seed", 0)), x)
     ctx["raw_fn"] = jax.jit(lambda v, x: jnp.mean(
         backbone.apply(v, jnp.repeat(x[..., None], 3, axis=-1), train=False), axis=(1, 2)))
+  return _batched(ctx["raw_fn"], ctx["raw_variables"], images, ctx)
+
+
+def _batched(fn, variables, images: np.ndarray, ctx) -> np.ndarray:
+  """fn(variables, batch) over images in fixed-size padded batches sharded over the mesh
+  (one compiled shape), as float64 rows."""
   mesh = ctx.get("mesh") or parallel.make_mesh()
   bs = embed.round_batch(ctx["batch_size"], mesh)
-  v = parallel.replicate(ctx["raw_variables"], mesh)
+  v = parallel.replicate(variables, mesh)
   out = []
   for s in range(0, len(images), bs):
     x = np.asarray(images[s:s + bs], np.float32)
-    f = ctx["raw_fn"](v, parallel.shard_global_batch(parallel.pad_to(x, bs), mesh))
+    f = fn(v, parallel.shard_global_batch(parallel.pad_to(x, bs), mesh))
     out.append(parallel.fetch(f).astype(np.float64)[:len(x)])
   return np.concatenate(out) if out else np.zeros((0, 0))
 
@@ -178,16 +184,8 @@ def baseline_embeddings(name: str, ctx, images: np.ndarray) -> np.ndarray:
       return model.apply(v, x)
     ctx[f"baseline:{name}"] = (variables, jax.jit(fn))
   variables, fn = ctx[f"baseline:{name}"]
-  mesh = ctx.get("mesh") or parallel.make_mesh()
-  bs = embed.round_batch(ctx["batch_size"], mesh)
-  v = parallel.replicate(variables, mesh)
-  first, inverse = unique_rows(images)
-  out = []
-  for s in range(0, len(first), bs):
-    x = np.asarray(images[first[s:s + bs]], np.float32)
-    f = fn(v, parallel.shard_global_batch(parallel.pad_to(x, bs), mesh))
-    out.append(parallel.fetch(f).astype(np.float64)[:len(x)])
-  return np.concatenate(out)[inverse] if out else np.zeros((0, 0))
+  first, inverse = unique_rows(images)  # pairs repeat their images: embed each once
+  return _batched(fn, variables, np.asarray(images)[first], ctx)[inverse]
 
 
 def _baseline(name, ctx, a, b):
