@@ -132,13 +132,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"
   c.eval.thresholds = evaluate.PAPER_THRESHOLDS
+  # A baseline the reference classifies with its own thresholds (metrics.BASELINES: SSCD
+  # 0.4 / 0.6, UMS-SSCD 0.84 / 0.89, Dar 0.8030425) uses them; False: eval.thresholds for all.
+  c.eval.reference_thresholds = True
   # Names of deepssim_jax.metrics.METRICS; "deepssim@<checkpoint>" compares checkpoints,
   # e.g. ("deepssim@best", "deepssim@latest", "deepssim@runs/b:best", "ssim", "pearson").
   c.eval.metrics = ("deepssim", "ssim")
   c.eval.batch_size = 64
   c.eval.chunk = 4096             # pairs scored per chunk (bounds memory)
-  # Weights files of the ResNet-50 baselines (metrics.BASELINES says what to download);
-  # a TorchScript file is read only with weights_torchscript True (loading one runs code).
+  # Weights files of the embedding baselines (metrics.BASELINES says what to download), or
+  # "random" (seeded random weights: a smoke run, never a result); unset, evaluate reports
+  # the metric as missing. A TorchScript file is read only with weights_torchscript True
+  # (loading one runs code).
   c.eval.weights = ml_collections.ConfigDict({"sscd": "", "ums_sscd": "", "dar": ""})
   c.eval.weights_torchscript = False
   c.eval.fit_fraction = 0.5       # synthetic images whose pairs fit thresholds (0: none)

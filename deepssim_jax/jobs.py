@@ -455,6 +455,15 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
   rows, results = [], {}
   for metric in ec.metrics:
     paths = matrices[metric]
+    source = None if paths else metrics_lib.weights_source(metric, ec.get("weights"))
+    if source == "missing":  # reported in the table and results.json, not scored
+      msg = metrics_lib.missing_message(metric)
+      logging.warning("evaluate: %s", msg)
+      results[metric] = {"missing": msg}
+      rows.append({"name": metric, "status": "missing weights"})
+      continue
+    th_metric = ((t_low, t_high) if paths or not ec.reference_thresholds
+                 else metrics_lib.reference_thresholds(metric) or (t_low, t_high))
     if paths:
       precomputed = ref_matrix.matrix_scores(
           *ref_matrix.read_reference_matrix(*paths), pairs["real_key"], pairs["synth_key"],
@@ -465,9 +474,10 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
     for variant, va, vb in variants:
       if paths and variant != "aligned":
         continue  # precomputed scores of the aligned images only
-      name = metric if variant == "aligned" else f"{metric} (misaligned)"
+      label = f"{metric} [random weights]" if source == metrics_lib.RANDOM_WEIGHTS else metric
+      name = label if variant == "aligned" else f"{label} (misaligned)"
       scores = precomputed if paths else score_pairs(metric, ctx, va, vb, ec.chunk)
-      res = {"fixed": eval_lib.evaluate_scores(labels, scores, t_low, t_high)}
+      res = {"fixed": eval_lib.evaluate_scores(labels, scores, *th_metric)}
       if "ssim" in pairs:  # ground-truth SSIM column: the reference's regression errors
         res["regression"] = eval_lib.regression_errors(scores, pairs["ssim"])
       row = eval_lib.summary_row(name, res["fixed"])
@@ -488,8 +498,9 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
         if paths:
           safe = f"matrix_{stem}_{fileio.fingerprint(metric)[:8]}"
         base = stem.removesuffix("_augmented") if paths else metric.split("@")[0]
-        plot_t = ((t_low, t_high) if base in metrics_lib.SSIM_SCALED
-                  or "fitted" not in res else (res["fitted"]["t_low"], res["fitted"]["t_high"]))
+        plot_t = (th_metric if base in metrics_lib.SSIM_SCALED or paths
+                  or metrics_lib.reference_thresholds(base) or "fitted" not in res
+                  else (res["fitted"]["t_low"], res["fitted"]["t_high"]))
         eval_lib.plot_histogram(os.path.join(out_dir, f"hist_{safe}.png"), scores, labels,
                                 *plot_t, title=f"{name} on test pairs")
   if parallel.is_main_process():
@@ -497,6 +508,8 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
     eval_lib.plot_macro_f1(os.path.join(out_dir, "macro_f1.png"), rows)
     table = eval_lib.results_table(rows)
     for name, res in results.items():
+      if "missing" in res:
+        table += f"\n{res['missing']}"
       if "regression" in res:
         r = res["regression"]
         table += (f"\n{name}: against the ground-truth SSIM column, MAE {r['mae']:.4f} "

@@ -23,8 +23,9 @@ training images), batch sizes and the mesh. The registry is a plain dict:
   dar           Dar et al.'s contrastive ResNet-50 (1 channel, native size, min-max scaled);
                 scored as the reference's DarEmbeddingScorer: the Pearson correlation of the
                 two embeddings (1 - scipy's correlation distance), not their cosine
-The last three need weights files (config.eval.weights.<name>); the reference's thresholds
-for them are REFERENCE_THRESHOLDS (its scorers' classify).
+The last three need weights files (config.eval.weights.<name>: a path, or "random" for a
+smoke run with seeded random weights; unset, --mode=evaluate reports them as missing); the
+reference's thresholds for them come with BASELINES (reference_thresholds).
 
 Only deepssim and ssim live on [0, 1] where the paper's thresholds
 (evaluate.PAPER_THRESHOLDS) mean something; evaluate the others with thresholds fitted on a
@@ -32,7 +33,8 @@ validation split.
 """
 
 import functools
-from typing import Any, Callable, Dict
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,44 +147,98 @@ def _batched(fn, variables, images: np.ndarray, ctx) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-# name: (model, input channels, resize to, what to download). TorchScript files are read
-# only with config.eval.weights_torchscript=True (loading one runs code), and only when
-# their state dict has torchvision's keys (resnet.KEY_TABLE).
-BASELINES = {
-    "sscd": (resnet.SSCD, 3, (288, 288), "sscd_disc_mixup.torchvision.pt from "
-             "github.com/facebookresearch/sscd-copy-detection (the torchvision state dict; "
-             "the reference loads the .torchscript.pt of the same model)"),
-    "ums_sscd": (resnet.SSCD, 3, (288, 288), "the UMS-SSCD TorchScript model of Chen et al.'s "
-                 "SIDE (AAAI 2026)"),
-    "dar": (resnet.Dar, 1, None, "Dar et al.'s contrastive ResNet-50 state dict (.pth, "
-            "Nature BME 2025, s41551-025-01468-8)"),
-}
-# The reference's scorers: (t_low, t_high) (Dar's is one binary threshold).
-REFERENCE_THRESHOLDS = {"sscd": (0.4, 0.6), "ums_sscd": (0.84, 0.89),
-                        "dar": (0.8030425, 0.8030425)}
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+
+
+def minmax_input(x: jax.Array, size: Optional[Sequence[int]], rgb: bool) -> jax.Array:
+  """The reference factories' input from z-scored images (n, H, W): min-max scaled to
+  [0, 1] per image, resized (bilinear) to `size` unless None, and with rgb repeated to three
+  channels and standardised as (x - m) / m, m ImageNet's channel means (the reference
+  divides by the means, not the stds) -> (n, H', W', 1 or 3)."""
+  lo = jnp.min(x, axis=(1, 2), keepdims=True)
+  x = (x - lo) / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True) - lo, 1e-12)
+  x = x[..., None]
+  if size is not None:
+    x = jax.image.resize(x, (x.shape[0], *size, 1), "linear")
+  if rgb:
+    x = (jnp.repeat(x, 3, axis=-1) - _IMAGENET_MEAN) / _IMAGENET_MEAN
+  return x
+
+
+# The embedding baselines, each a dict of functions: make() -> the Flax module;
+# load(path, model, torchscript) -> variables; prepare(z-scored (n, H, W)) -> the network's
+# input; score "cosine" or "pearson" (of the two embeddings); thresholds: the reference's
+# scorer's (t_low, t_high) (Dar's is one binary threshold); what: the file to download.
+# TorchScript files are read only with config.eval.weights_torchscript=True (loading one
+# runs code), and only when their state dict has torchvision's keys (resnet.KEY_TABLE).
+BASELINES = {
+    "sscd": dict(
+        make=resnet.SSCD, load=functools.partial(resnet.load, in_channels=3),
+        prepare=functools.partial(minmax_input, size=(288, 288), rgb=True), score="cosine",
+        thresholds=(0.4, 0.6),
+        what="sscd_disc_mixup.torchvision.pt from github.com/facebookresearch/sscd-copy-"
+             "detection (the torchvision state dict; the reference loads the "
+             ".torchscript.pt of the same model)"),
+    "ums_sscd": dict(
+        make=resnet.SSCD, load=functools.partial(resnet.load, in_channels=3),
+        prepare=functools.partial(minmax_input, size=(288, 288), rgb=True), score="cosine",
+        thresholds=(0.84, 0.89),
+        what="the UMS-SSCD TorchScript model of Chen et al.'s SIDE (AAAI 2026)"),
+    "dar": dict(
+        make=resnet.Dar, load=functools.partial(resnet.load, in_channels=1),
+        prepare=functools.partial(minmax_input, size=None, rgb=False), score="pearson",
+        thresholds=(0.8030425, 0.8030425),
+        what="Dar et al.'s contrastive ResNet-50 state dict (.pth, Nature BME 2025, "
+             "s41551-025-01468-8)"),
+}
+# eval.weights.<name> = "random": seeded random weights (a smoke test of the pipeline, never
+# a result); "" (unset): the metric is reported as missing, not scored.
+RANDOM_WEIGHTS = "random"
+
+
+def reference_thresholds(name: str) -> Optional[tuple[float, float]]:
+  """The reference's own (t_low, t_high) for a metric, None where it uses the paper's
+  (DeepSSIM, SSIM and FSIM share its DeepSSIM scorer's 0.60 / 0.85)."""
+  base = name.split("@")[0]
+  return tuple(BASELINES[base]["thresholds"]) if base in BASELINES else None
+
+
+def weights_source(name: str, weights: Optional[Mapping[str, str]]) -> Optional[str]:
+  """What a metric's weights come from: None (it needs none), "missing" (unset), "random"
+  or the file's path. A path that names no file is an error naming it."""
+  base = name.split("@")[0]
+  if base not in BASELINES:
+    return None
+  path = (weights or {}).get(base, "") or ""
+  if not path:
+    return "missing"
+  if path != RANDOM_WEIGHTS and not os.path.isfile(path):
+    raise fileio.InputError(f"{path}: no such weights file (--config.eval.weights.{base}; "
+                            f"expected {BASELINES[base]['what']})")
+  return path
+
+
+def missing_message(name: str) -> str:
+  base = name.split("@")[0]
+  return (f"{base}: no weights; set --config.eval.weights.{base}=<{BASELINES[base]['what']}> "
+          f"(or ={RANDOM_WEIGHTS} for a smoke run with random weights)")
 
 
 def baseline_embeddings(name: str, ctx, images: np.ndarray) -> np.ndarray:
   """(n, d) float64 embeddings of z-scored images (n, H, W) by a BASELINES network."""
-  make, channels, size, what = BASELINES[name]
+  spec = BASELINES[name]
   if f"baseline:{name}" not in ctx:
-    path = (ctx.get("weights") or {}).get(name, "")
-    if not path:
-      raise fileio.InputError(f"{name}: no weights; set --config.eval.weights.{name}=<{what}>")
-    model = make()
-    variables = resnet.load(path, model, channels, ctx.get("weights_torchscript", False))
-
-    def fn(v, x):
-      lo = jnp.min(x, axis=(1, 2), keepdims=True)
-      x = (x - lo) / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True) - lo, 1e-12)
-      x = x[..., None]
-      if size is not None:
-        x = jax.image.resize(x, (x.shape[0], *size, 1), "linear")
-      if channels == 3:
-        x = (jnp.repeat(x, 3, axis=-1) - _IMAGENET_MEAN) / _IMAGENET_MEAN
-      return model.apply(v, x)
-    ctx[f"baseline:{name}"] = (variables, jax.jit(fn))
+    source = weights_source(name, ctx.get("weights"))
+    if source == "missing":
+      raise fileio.InputError(missing_message(name))
+    model = spec["make"]()
+    if source == RANDOM_WEIGHTS:
+      variables = model.init(jax.random.key(ctx.get("seed", 0)),
+                             spec["prepare"](jnp.zeros((1, 64, 64), jnp.float32)))
+    else:
+      variables = spec["load"](source, model, torchscript=ctx.get("weights_torchscript", False))
+    fn = jax.jit(lambda v, x: model.apply(v, spec["prepare"](x)))
+    ctx[f"baseline:{name}"] = (variables, fn)
   variables, fn = ctx[f"baseline:{name}"]
   first, inverse = unique_rows(images)  # pairs repeat their images: embed each once
   return _batched(fn, variables, np.asarray(images)[first], ctx)[inverse]
@@ -190,7 +246,7 @@ def baseline_embeddings(name: str, ctx, images: np.ndarray) -> np.ndarray:
 
 def _baseline(name, ctx, a, b):
   ea, eb = baseline_embeddings(name, ctx, a), baseline_embeddings(name, ctx, b)
-  if name == "dar":
+  if BASELINES[name]["score"] == "pearson":
     return pearson(ea, eb)
   return np.sum(ea * eb, axis=1)  # unit vectors: the cosine
 

@@ -99,6 +99,40 @@ def test_evaluate_alone_builds_no_training_pair_table(tmp_path):
   assert 0 < r["mae"] <= r["rmse"] <= 1
 
 
+def test_evaluate_reports_missing_weights_and_uses_reference_thresholds(tmp_path,
+                                                                         monkeypatch):
+  # The paper's table skips nothing silently: a baseline without weights is a row saying so
+  # (and an entry in results.json); "random" scores with seeded random weights under a name
+  # that says so; a weights path naming no file stops with an error naming it. A baseline
+  # is classified at the reference's own thresholds (Dar: one binary threshold).
+  from deepssim_jax import metrics, resnet  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(metrics.BASELINES["dar"], "make",
+                      functools.partial(resnet.Dar, stages=(1, 1, 1, 1)))  # a tiny trunk
+  c = tiny_config()
+  c.eval.metrics = ("ssim", "sscd", "dar")
+  c.eval.weights.dar = "random"
+  wd = str(tmp_path)
+  results = jobs.evaluate_job(c, wd)
+  assert set(results) == {"ssim", "sscd", "dar [random weights]"}
+  assert "--config.eval.weights.sscd=" in results["sscd"]["missing"]
+  dar = results["dar [random weights]"]["fixed"]
+  assert dar["t_low"] == dar["t_high"] == metrics.BASELINES["dar"]["thresholds"][0]
+  assert dar["counts_pred"]["similar"] == 0  # one binary threshold: never Similar
+  assert results["ssim"]["fixed"]["t_low"] == c.eval.thresholds[0]
+  with open(os.path.join(wd, "eval", "results.json")) as f:
+    assert "missing" in json.load(f)["sscd"]
+  with open(os.path.join(wd, "eval", "table.txt")) as f:
+    table = f.read()
+  assert "missing weights" in table and "dar [random weights]" in table
+  c.eval.reference_thresholds = False  # the configured thresholds for every metric
+  c.eval.metrics = ("dar",)
+  assert jobs.evaluate_job(c, wd)["dar [random weights]"]["fixed"]["t_high"] == 0.85
+  c.eval.weights.dar = str(tmp_path / "nowhere.pth")
+  with pytest.raises(fileio.InputError, match="nowhere.pth: no such weights file"):
+    jobs.evaluate_job(c, wd)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda c: setattr(c.model.overrides, "embed_dim", 32),
      r"model\.overrides\.embed_dim: 16 -> 32"),
