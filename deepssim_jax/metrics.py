@@ -16,6 +16,8 @@ training images), batch sizes and the mesh. The registry is a plain dict:
                 the sanity floor a learned metric must beat)
   fsim_reference  FSIM exactly as the DeepSSIM reference computes it (deepssim_jax.fsim:
                 a gradient-based stand-in for phase congruency, not Zhang et al.'s FSIM)
+  fsim          Zhang et al.'s FSIM (IEEE TIP 2011: log-Gabor phase congruency, Scharr
+                gradients), grey-scale, as piq computes it; same 8-bit inputs as above
   sscd, ums_sscd  cosine of SSCD descriptors (deepssim_jax.resnet, head gem_proj) with the
                 weights of Chen et al. / UMS-SSCD; input as the reference's factories: images
                 min-max scaled to [0, 1], resized to 288x288, repeated to RGB, (x - m) / m with
@@ -27,9 +29,10 @@ The last three need weights files (config.eval.weights.<name>: a path, or "rando
 smoke run with seeded random weights; unset, --mode=evaluate reports them as missing); the
 reference's thresholds for them come with BASELINES (reference_thresholds).
 
-Only deepssim and ssim live on [0, 1] where the paper's thresholds
-(evaluate.PAPER_THRESHOLDS) mean something; evaluate the others with thresholds fitted on a
-validation split.
+The paper's thresholds (evaluate.PAPER_THRESHOLDS) apply to deepssim and ssim, and to both
+FSIMs: the reference's evaluation scripts have no FSIM scorer of their own, so its FSIM
+matrix is classified with the DeepSSIM scorer's 0.60 / 0.85, the only one on that scale.
+Evaluate pearson, carlini_l2 and convnext_raw with thresholds fitted on a validation split.
 """
 
 import functools
@@ -258,11 +261,12 @@ METRICS: Dict[str, Metric] = {
     "carlini_l2": _carlini,
     "convnext_raw": _convnext_raw,
     "fsim_reference": lambda ctx, a, b: fsim.score(a, b, ctx.get("batch_size", 256)),
+    "fsim": lambda ctx, a, b: fsim.score_zhang(a, b, ctx.get("batch_size", 256)),
     **{name: functools.partial(_baseline, name) for name in BASELINES},
 }
 
 # Metrics whose scores are on SSIM's scale, where the paper's fixed thresholds apply.
-SSIM_SCALED = ("deepssim", "ssim")
+SSIM_SCALED = ("deepssim", "ssim", "fsim_reference", "fsim")
 
 
 def get(name: str) -> Metric:

@@ -145,7 +145,7 @@ def test_metric_registry_scores_pairs(model_vars):
          if name not in metrics.BASELINES}  # those need weights files: tests/test_resnet.py
   for name, s in out.items():
     assert s.shape == (6,), name
-  for name in ("deepssim", "ssim", "pearson", "convnext_raw"):
+  for name in ("deepssim", "ssim", "pearson", "convnext_raw", "fsim_reference", "fsim"):
     assert out[name][2] == pytest.approx(1.0, abs=1e-5), name  # identical images
   want = [structural_similarity(a[i], b[i], data_range=a[i].max() - a[i].min())
           for i in range(6)]
