@@ -144,8 +144,12 @@ def base_config() -> ml_collections.ConfigDict:
   # "random" (seeded random weights: a smoke run, never a result); unset, evaluate reports
   # the metric as missing. A TorchScript file is read only with weights_torchscript True
   # (loading one runs code).
-  c.eval.weights = ml_collections.ConfigDict({"sscd": "", "ums_sscd": "", "dar": ""})
+  c.eval.weights = ml_collections.ConfigDict({"sscd": "", "ums_sscd": "", "dar": "",
+                                               "semdedup": ""})
   c.eval.weights_torchscript = False
+  # SemDeDup's open_clip image tower (clip.PRESETS) and activation: "gelu" (LAION, DataComp
+  # weights) or "quick_gelu" (OpenAI's); a weights file of another size is refused, naming it.
+  c.eval.clip = ml_collections.ConfigDict({"model": "ViT-B-32", "act": "gelu"})
   c.eval.fit_fraction = 0.5       # synthetic images whose pairs fit thresholds (0: none)
   c.eval.carlini_alpha = 0.5      # Carlini et al.'s relative L2: alpha and n nearest
   c.eval.carlini_n = 50

@@ -350,7 +350,8 @@ def metric_context(metric: str, config, workdir: str, real: dict) -> dict:
          "train_images": real["images"], "carlini_alpha": ec.carlini_alpha,
          "carlini_n": ec.carlini_n, "seed": config.seed,
          "weights": ec.get("weights", {}),
-         "weights_torchscript": ec.get("weights_torchscript", False)}
+         "weights_torchscript": ec.get("weights_torchscript", False),
+         "clip_model": ec.clip.model, "clip_act": ec.clip.act}
   base, _, ck = metric.partition("@")
   if base == "deepssim":
     c = load_checkpoint(ck or ec.checkpoint, workdir)

@@ -25,7 +25,11 @@ training images), batch sizes and the mesh. The registry is a plain dict:
   dar           Dar et al.'s contrastive ResNet-50 (1 channel, native size, min-max scaled);
                 scored as the reference's DarEmbeddingScorer: the Pearson correlation of the
                 two embeddings (1 - scipy's correlation distance), not their cosine
-The last three need weights files (config.eval.weights.<name>: a path, or "random" for a
+  semdedup      SemDeDup's cosine of CLIP image embeddings (deepssim_jax.clip: open_clip's
+                ViT image tower and the transform open_clip gives it, from 8-bit images);
+                the reference names no CLIP model: eval.clip.model (ViT-B-32 by default)
+                and eval.clip.act say which one the weights file holds
+The last four need weights files (config.eval.weights.<name>: a path, or "random" for a
 smoke run with seeded random weights; unset, --mode=evaluate reports them as missing); the
 reference's thresholds for them come with BASELINES (reference_thresholds).
 
@@ -43,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import (calibrate, embed, fileio, fsim, pairs as pairs_lib, parallel,
+from deepssim_jax import (calibrate, clip, embed, fileio, fsim, pairs as pairs_lib, parallel,
                           resnet)
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
@@ -168,7 +172,7 @@ def minmax_input(x: jax.Array, size: Optional[Sequence[int]], rgb: bool) -> jax.
   return x
 
 
-# The embedding baselines, each a dict of functions: make() -> the Flax module;
+# The embedding baselines, each a dict of functions: make(ctx) -> the Flax module;
 # load(path, model, torchscript) -> variables; prepare(z-scored (n, H, W)) -> the network's
 # input; score "cosine" or "pearson" (of the two embeddings); thresholds: the reference's
 # scorer's (t_low, t_high) (Dar's is one binary threshold); what: the file to download.
@@ -176,23 +180,28 @@ def minmax_input(x: jax.Array, size: Optional[Sequence[int]], rgb: bool) -> jax.
 # runs code), and only when their state dict has torchvision's keys (resnet.KEY_TABLE).
 BASELINES = {
     "sscd": dict(
-        make=resnet.SSCD, load=functools.partial(resnet.load, in_channels=3),
+        make=lambda ctx: resnet.SSCD(), load=functools.partial(resnet.load, in_channels=3),
         prepare=functools.partial(minmax_input, size=(288, 288), rgb=True), score="cosine",
         thresholds=(0.4, 0.6),
         what="sscd_disc_mixup.torchvision.pt from github.com/facebookresearch/sscd-copy-"
              "detection (the torchvision state dict; the reference loads the "
              ".torchscript.pt of the same model)"),
     "ums_sscd": dict(
-        make=resnet.SSCD, load=functools.partial(resnet.load, in_channels=3),
+        make=lambda ctx: resnet.SSCD(), load=functools.partial(resnet.load, in_channels=3),
         prepare=functools.partial(minmax_input, size=(288, 288), rgb=True), score="cosine",
         thresholds=(0.84, 0.89),
         what="the UMS-SSCD TorchScript model of Chen et al.'s SIDE (AAAI 2026)"),
     "dar": dict(
-        make=resnet.Dar, load=functools.partial(resnet.load, in_channels=1),
+        make=lambda ctx: resnet.Dar(), load=functools.partial(resnet.load, in_channels=1),
         prepare=functools.partial(minmax_input, size=None, rgb=False), score="pearson",
         thresholds=(0.8030425, 0.8030425),
         what="Dar et al.'s contrastive ResNet-50 state dict (.pth, Nature BME 2025, "
              "s41551-025-01468-8)"),
+    "semdedup": dict(
+        make=lambda ctx: clip.make(ctx.get("clip_model", clip.DEFAULT_MODEL),
+                                   ctx.get("clip_act", "gelu")),
+        load=clip.load, prepare=clip.preprocess, score="cosine",
+        thresholds=clip.REFERENCE_THRESHOLDS, what=clip.WEIGHTS),
 }
 # eval.weights.<name> = "random": seeded random weights (a smoke test of the pipeline, never
 # a result); "" (unset): the metric is reported as missing, not scored.
@@ -234,7 +243,7 @@ def baseline_embeddings(name: str, ctx, images: np.ndarray) -> np.ndarray:
     source = weights_source(name, ctx.get("weights"))
     if source == "missing":
       raise fileio.InputError(missing_message(name))
-    model = spec["make"]()
+    model = spec["make"](ctx)
     if source == RANDOM_WEIGHTS:
       variables = model.init(jax.random.key(ctx.get("seed", 0)),
                              spec["prepare"](jnp.zeros((1, 64, 64), jnp.float32)))
