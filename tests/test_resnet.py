@@ -127,3 +127,32 @@ def test_dar_metric_scores_pairs_from_a_pth(tmp_path):
   want = [np.corrcoef(e[i], e[j])[0, 1] for i, j in [(0, 0), (1, 2), (2, 1)]]
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert got[0] == pytest.approx(1.0, abs=1e-6)
+
+
+class _SSCDModel(torch.nn.Module):
+  """The released SSCD TorchScript's module layout (facebookresearch/sscd-copy-detection,
+  sscd/models/model.py, TV_RESNET50): a torchvision resnet50 as `backbone` with GeM as its
+  avgpool and fc the 512-d projection, then an L2 normalisation."""
+
+  def __init__(self):
+    super().__init__()
+    self.backbone = _torch_net("gem_proj")
+
+  def forward(self, x):
+    return torch.nn.functional.normalize(self.backbone(x))
+
+
+def test_sscd_torchscript_layout_loads_with_the_flag(tmp_path):
+  # The reference loads sscd_disc_mixup.torchscript.pt; its state dict is the module above
+  # (keys under backbone.). Converted with weights_torchscript, our embeddings equal the
+  # scripted module's.
+  net = _SSCDModel().eval()
+  path = str(tmp_path / "sscd_disc_mixup.torchscript.pt")
+  torch.jit.script(net).save(path)
+  x = _images(3)
+  with torch.no_grad():
+    want = torch.jit.load(path)(torch.from_numpy(x)).numpy()
+  model = resnet.SSCD()
+  variables = resnet.load(path, model, 3, torchscript=True)
+  got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
