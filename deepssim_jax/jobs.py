@@ -461,7 +461,7 @@ def evaluate_job(config: ml_collections.ConfigDict, workdir: str, data: dict | N
       msg = metrics_lib.missing_message(metric)
       logging.warning("evaluate: %s", msg)
       results[metric] = {"missing": msg}
-      rows.append({"name": metric, "status": "missing weights"})
+      rows.append({"name": f"{metric} [missing weights]"})
       continue
     th_metric = ((t_low, t_high) if paths or not ec.reference_thresholds
                  else metrics_lib.reference_thresholds(metric) or (t_low, t_high))
