@@ -23,7 +23,8 @@ the same pairs is printed as a row too.
 Levers (rows): recipe (configs/builtin.py as is), no_contrast (without contrast
 randomization), less_self (5% self pairs instead of 15%, balanced from a pool of 6x the
 pairs), unbalanced (uniform pair targets), gem (the DeepSSIM++ GeM head), wide
-(1.5x the widths, one more block), long (twice the epochs). Each (lever, head) trains once into
+(1.5x the widths, one more block), long (twice the epochs), shape (shape randomization:
+half the pairs through one random affine warp of both images, target recomputed). Each (lever, head) trains once into
 <workdir>/<lever>/<head> and is resumed or reused on a rerun; results.json there caches its
 scores.
 
@@ -54,6 +55,7 @@ LEVERS = {
     "wide": {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
                                      hidden_dim=256, embed_dim=128)},
     "long": {"train.num_epochs": None},  # twice the recipe's
+    "shape": {"aug.p_shape": 0.5},
 }
 # Fixed intensity maps of min-max scaled T1 intensities (knots x -> y), our approximation of
 # how tissues rank in other sequences: background ~0, CSF ~0.2-0.3, grey ~0.5, white ~0.7.

@@ -24,7 +24,8 @@ def get_config():
   c.model.name = "convnext_tiny"
   c.model.head = "gem"
   c.model.num_frozen_stages = 1
-  c.model.overrides.update(dict(hidden_dim=0, dropout=0.1, dtype="bfloat16"))
+  c.model.overrides.update(dict(hidden_dim=0, dropout=0.1))
+  c.model.dtype = "bfloat16"
   c.optim.layer_decay = 0.3
   c.train.batch_size = 128
   c.train.num_epochs = 65

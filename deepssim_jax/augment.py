@@ -34,6 +34,14 @@ class AugmentConfig:
   # random intensity map before anything else, and the target becomes their SSIM after it.
   p_contrast: float = 0.0
   contrast_knots: int = 6
+  # Shape randomization (ours): with p_shape, both images of a pair go through one random
+  # affine warp (log-scale per axis uniform in +-shape_max_scale, shear in +-shape_max_shear,
+  # shift in +-shape_max_shift of the size), and the target becomes their SSIM after it:
+  # heads of other sizes and proportions than the training heads.
+  p_shape: float = 0.0
+  shape_max_scale: float = 0.15
+  shape_max_shear: float = 0.1
+  shape_max_shift: float = 0.05
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -110,6 +118,38 @@ def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array
   new_target = ssim_lib.ssim_pairs(ra, rb)
   pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
   return pick(ra, a), pick(rb, b), pick(new_target, target)
+
+
+def random_affine(key: jax.Array, cfg: AugmentConfig, size) -> tuple[jax.Array, jax.Array]:
+  """(m (2, 2), shift (2,)) of a random warp for geometry.affine: per-axis scale
+  exp(uniform +-shape_max_scale), a shear of rows by columns in +-shape_max_shear, a shift
+  in +-shape_max_shift of each side."""
+  k_s, k_h, k_t = jax.random.split(key, 3)
+  log_s = jax.random.uniform(k_s, (2,), minval=-cfg.shape_max_scale, maxval=cfg.shape_max_scale)
+  shear = jax.random.uniform(k_h, (), minval=-cfg.shape_max_shear, maxval=cfg.shape_max_shear)
+  m = jnp.diag(jnp.exp(log_s)) @ jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[0, 1].set(shear)
+  shift = jax.random.uniform(k_t, (2,), minval=-cfg.shape_max_shift,
+                             maxval=cfg.shape_max_shift) * jnp.asarray(size, jnp.float32)
+  return m, shift
+
+
+def shape_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+                cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Shape randomization of a batch of pairs (B, H, W): with probability p_shape a pair is
+  drawn one random affine warp (random_affine), applied to both images (z-scored again),
+  and its target is replaced by the SSIM of the warped pair, so the target stays the true
+  SSIM of what the network sees. Other pairs are returned unchanged. As for contrast_pairs,
+  the stored target must be the plain SSIM of the pair (pairs.align False)."""
+  n = a.shape[0]
+  k_on, k_warp = jax.random.split(key)
+  on = jax.random.uniform(k_on, (n,)) < cfg.p_shape
+  m, shift = jax.vmap(lambda k: random_affine(k, cfg, a.shape[-2:]))(
+      jax.random.split(k_warp, n))
+  warp = jax.vmap(lambda x, mi, ti: images_lib.zscore(geometry.affine(x, mi, ti), xp=jnp))
+  wa, wb = warp(a, m, shift), warp(b, m, shift)
+  new_target = ssim_lib.ssim_pairs(wa, wb)
+  pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
+  return pick(wa, a), pick(wb, b), pick(new_target, target)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   # converted/trained checkpoint folder. Freezing needs it (frozen random layers are refused).
   c.model.init_from = ""
   c.model.overrides = ml_collections.ConfigDict()  # e.g. dims/depths for tiny test models
+  # Compute dtype of the backbone: float32 | bfloat16 (models.COMPUTE_DTYPES). Parameters,
+  # optimizer state, BatchNorm statistics, the loss and the embeddings stay float32.
+  c.model.dtype = "float32"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -128,6 +131,13 @@ def base_config() -> ml_collections.ConfigDict:
   # recomputed as their SSIM after it (augment.contrast_pairs; needs pairs.align False).
   c.aug.p_contrast = 0.0
   c.aug.contrast_knots = 6
+  # Shape randomization (ours): with p_shape a pair's two images go through one random
+  # affine warp (per-axis log-scale +-shape_max_scale, shear +-shape_max_shear, shift
+  # +-shape_max_shift of the size), target recomputed (augment.shape_pairs; pairs.align False).
+  c.aug.p_shape = 0.0
+  c.aug.shape_max_scale = 0.15
+  c.aug.shape_max_shear = 0.1
+  c.aug.shape_max_shift = 0.05
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

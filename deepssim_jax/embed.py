@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -37,8 +38,15 @@ from deepssim_jax import fileio, parallel, store
 
 
 def make_embed_fn(model):
-  """A jitted (variables, images (B, H, W)) -> L2-normalised embeddings (B, D)."""
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+  """A jitted (variables, images (B, H, W)) -> L2-normalised float32 embeddings (B, D),
+  whatever the model's compute dtype (compute_dtype)."""
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False).astype(jnp.float32))
+
+
+def compute_dtype(model) -> str:
+  """The name of the dtype a DeepSSIM model computes in ('float32' | 'bfloat16'; its
+  backbone's): part of what its embeddings are made with (jobs.embed_job's store identity)."""
+  return np.dtype(getattr(getattr(model, "backbone", None), "dtype", np.float32)).name
 
 
 def round_batch(batch_size: int, mesh) -> int:

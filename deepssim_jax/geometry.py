@@ -1,6 +1,7 @@
-"""Rigid geometry of 2-D images, in JAX: rotation, flips and the candidate transforms.
+"""Geometry of 2-D images, in JAX: affine warps, rotation, flips and the candidate transforms.
 
-Two users share it: the augmentations (`augment`, a random flip and rotation per image)
+Two users share it: the augmentations (`augment`: a random flip and rotation per image, and
+the shape randomization's affine warp of a pair)
 and the paper's aligned SSIM (`ssim.aligned_ssim`, phi: the best SSIM over a grid of rigid
 transforms of the second image). Both rotate with dm-pix's convention (`dm_pix.rotate`,
 order 1, mode 'nearest': bilinear, counter-clockwise about the image centre, edge pixels
@@ -15,28 +16,25 @@ import jax
 import jax.numpy as jnp
 
 
-@jax.jit
-def rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
-  """dm_pix.rotate(order=1, mode='nearest') of (..., H, W) images, all by the same angle.
-
-  The same bilinear pull-back (counter-clockwise about the centre, edge pixels extended),
-  written as four gathers with one index map shared by the whole batch: ~9x faster on
-  CPU than dm-pix, which interpolates trilinearly over an (H, W, 1) volume per image.
-  Angle 0 is the exact identity.
+def affine(x: jax.Array, m: jax.Array, shift: jax.Array) -> jax.Array:
+  """Bilinear pull-back of (..., H, W) images through one affine map about the centre:
+  output pixel p (row, column, centred) samples the input at m @ p + shift + centre, edge
+  pixels extended (dm_pix's order 1, mode 'nearest'), as four gathers with one index map
+  shared by the batch.
 
   Args:
     x: images (..., H, W).
-    angle: the rotation in radians (a scalar, may be traced).
+    m: (2, 2) matrix acting on (row, column) offsets from the centre (may be traced).
+    shift: (2,) offset in pixels (rows, columns) of the sampled point.
 
   Returns:
-    The rotated images, the shape and dtype of x.
+    The warped images, the shape and dtype of x. m the identity and shift 0: x exactly.
   """
   h, w = x.shape[-2:]
-  c, s = jnp.cos(angle), jnp.sin(angle)
   r = jnp.arange(h, dtype=jnp.float32)[:, None] - (h - 1) / 2.0
   q = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) / 2.0
-  src_r = c * r + s * q + (h - 1) / 2.0
-  src_c = -s * r + c * q + (w - 1) / 2.0
+  src_r = m[0, 0] * r + m[0, 1] * q + (shift[0] + (h - 1) / 2.0)
+  src_c = m[1, 0] * r + m[1, 1] * q + (shift[1] + (w - 1) / 2.0)
   r0, c0 = jnp.floor(src_r), jnp.floor(src_c)
   fr, fc = src_r - r0, src_c - c0
   clip_r = lambda i: jnp.clip(i, 0, h - 1).astype(jnp.int32)
@@ -46,6 +44,26 @@ def rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
   ra, rb, ca, cb = clip_r(r0), clip_r(r0 + 1), clip_c(c0), clip_c(c0 + 1)
   return ((1 - fr) * ((1 - fc) * take(ra, ca) + fc * take(ra, cb))
           + fr * ((1 - fc) * take(rb, ca) + fc * take(rb, cb)))
+
+
+@jax.jit
+def rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
+  """dm_pix.rotate(order=1, mode='nearest') of (..., H, W) images, all by the same angle.
+
+  The same bilinear pull-back (counter-clockwise about the centre, edge pixels extended):
+  `affine` with the rotation matrix, ~9x faster on CPU than dm-pix, which interpolates
+  trilinearly over an (H, W, 1) volume per image. Angle 0 is the exact identity.
+
+  Args:
+    x: images (..., H, W).
+    angle: the rotation in radians (a scalar, may be traced).
+
+  Returns:
+    The rotated images, the shape and dtype of x.
+  """
+  c, s = jnp.cos(angle), jnp.sin(angle)
+  return affine(x, jnp.stack([jnp.stack([c, s]), jnp.stack([-s, c])]),
+                jnp.zeros((2,), jnp.float32))
 
 
 def transform(x: jax.Array, t: jax.Array, angles: jax.Array) -> jax.Array:

@@ -281,10 +281,16 @@ def embed_job(config: ml_collections.ConfigDict, workdir: str, sets=None,
     src, root = image_source(config, workdir, name)
     keys = np.asarray(src.keys, dtype=str)
     image_size = [int(x) for x in config.data.image_size]
-    fp = fileio.fingerprint(ck["fingerprint"], root, keys, tuple(config.data.image_size), ec.dtype)
+    # The model's compute dtype (model.dtype of the checkpoint's config) moves embeddings by
+    # more than batch sizes do: a bfloat16 store is not a float32 one. float32 adds nothing
+    # to the hash, so stores written before it was recorded keep their fingerprint.
+    compute = embed.compute_dtype(ck["model"])
+    fp = fileio.fingerprint(ck["fingerprint"], root, keys, tuple(config.data.image_size), ec.dtype,
+                            *(() if compute == "float32" else (compute,)))
     meta = {"set": name, "data_root": root, "checkpoint": f"{ck['run']}:{ck['which']}",
             "step": ck["step"], "model": config.model.name, "image_size": image_size}
-    identity = {"checkpoint": ck["fingerprint"], "data_root": root, "image_size": image_size}
+    identity = {"checkpoint": ck["fingerprint"], "data_root": root, "image_size": image_size,
+                "compute_dtype": compute}
     out[name] = embed.embed_to_store(
         embed_fn, ck["variables"], src, store_folder(config, workdir, name),
         batch_size=ec.batch_size, shard_rows=ec.shard_rows, fingerprint=fp, meta=meta,

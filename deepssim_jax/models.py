@@ -18,6 +18,12 @@ so "freeze the first N stages" freezes exactly torchvision's features[0 : 2N] (N
 The blocks' 7x7 depthwise convolution comes from `depthwise.py`, in the form named by
 `depthwise_impl`; every form has the same parameters, so checkpoints are interchangeable.
 
+Compute dtype (`make_model(dtype=...)`, config.model.dtype: one of COMPUTE_DTYPES): the
+backbone computes in it; parameters are float32 whatever it is, and pooling, both heads
+(the BatchNorm statistics included), the L2 normalisation and so the embeddings and any
+loss on their cosines are float32. The dtype changes speed and the last bits only, never
+the parameter tree, so one checkpoint serves every dtype.
+
 The file is longer than most because it is one idea, the embedder's network: the ConvNeXt
 layers, the two heads, the registry of sizes and the freeze masks over their parameter tree.
 """
@@ -38,6 +44,26 @@ Array = jax.Array
 LN_EPS = 1e-6  # torchvision / Facebook ConvNeXt LayerNorm epsilon.
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d defaults: eps 1e-5, momentum 0.1 (flax: 0.9).
 BN_MOMENTUM = 0.9
+
+# Compute dtypes a model can run in (config.model.dtype); parameters are always float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(dtype: Any) -> Any:
+  """The jnp dtype of a compute dtype name ('float32' | 'bfloat16') or dtype.
+
+  Raises:
+    ValueError: any other dtype (float16 is not offered: bfloat16 has float32's range and
+      trains without loss scaling).
+  """
+  try:
+    as_dtype = dtype if isinstance(dtype, str) else jnp.dtype(dtype)
+  except TypeError:
+    as_dtype = None
+  for name, dt in COMPUTE_DTYPES.items():
+    if as_dtype == name or (not isinstance(as_dtype, str) and as_dtype == jnp.dtype(dt)):
+      return dt
+  raise ValueError(f"compute dtype {dtype!r}: expected one of {list(COMPUTE_DTYPES)}")
 
 
 # --------------------------------------------------------------------------- ConvNeXt
@@ -242,7 +268,8 @@ class DeepSSIM(nn.Module):
         (needs a 'dropout' rng and mutable 'batch_stats').
 
     Returns:
-      (B, embed_dim) float32 embeddings of unit L2 norm.
+      (B, embed_dim) float32 embeddings of unit L2 norm (float32 whatever the backbone's
+      compute dtype: pooling, head and normalisation are float32).
     """
     if x.ndim == 3:
       x = x[..., None]
@@ -259,7 +286,7 @@ class DeepSSIM(nn.Module):
           self.backbone(x, train=train, all_stages=True), train)
     else:
       raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
-    return l2_normalize(x)
+    return l2_normalize(x.astype(jnp.float32))
 
 
 HEADS = ("wacv", "gem")
@@ -367,22 +394,30 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 
 
 def make_model(name: str = "convnext_base", *, head: str = "wacv", embed_dim: int = 256,
-               hidden_dim: int = 512, dropout: float = 0.33, **backbone_overrides) -> DeepSSIM:
+               hidden_dim: int = 512, dropout: float = 0.33, dtype: Any = "float32",
+               **backbone_overrides) -> DeepSSIM:
   """Builds DeepSSIM with a named backbone.
 
   Args:
     name: key of MODELS.
     head, embed_dim, hidden_dim, dropout: head fields (see DeepSSIM).
-    **backbone_overrides: ConvNeXt fields (depths, dims, drop_path_rate, dtype,
-      depthwise_impl, gelu_approximate, layer_scale_init).
+    dtype: compute dtype, a key of COMPUTE_DTYPES (or its jnp dtype); the backbone computes
+      in it, the head of either kind ("wacv", "gem") in float32 (module docstring).
+    **backbone_overrides: ConvNeXt fields (depths, dims, drop_path_rate, depthwise_impl,
+      gelu_approximate, layer_scale_init).
 
   Returns:
     An unbound DeepSSIM module.
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-  return DeepSSIM(MODELS[name](**backbone_overrides), head=head, embed_dim=embed_dim,
-                  hidden_dim=hidden_dim, dropout=dropout)
+  return DeepSSIM(MODELS[name](dtype=compute_dtype(dtype), **backbone_overrides), head=head,
+                  embed_dim=embed_dim, hidden_dim=hidden_dim, dropout=dropout)
+
+
+def with_dtype(model: DeepSSIM, dtype: Any) -> DeepSSIM:
+  """The same DeepSSIM (same parameter tree) computing in another dtype."""
+  return model.clone(backbone=model.backbone.clone(dtype=compute_dtype(dtype)))
 
 
 # --------------------------------------------------------------------------- params helpers

@@ -30,7 +30,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from deepssim_jax import (augment, convert, convnext_keys, fileio, models, parallel, pipeline,
-                          runs)
+                          runs, validate)
 
 
 class TrainState(train_state.TrainState):
@@ -112,12 +112,36 @@ def learning_rate(optim: ml_collections.ConfigDict, step: jax.Array, total_steps
   return lr(step) if callable(lr) else jnp.asarray(lr, jnp.float32)
 
 
+def model_dtype(config: ml_collections.ConfigDict) -> str:
+  """The compute dtype name of a config's model: config.model.dtype, or a model.overrides
+  dtype (how configs set it before the field existed; configs without the field, such as
+  older config.json files, compute in float32).
+
+  Raises:
+    validate.ConfigError: a dtype not in models.COMPUTE_DTYPES, or an overrides dtype that
+      contradicts a non-default model.dtype.
+  """
+  m = config.model
+  field, legacy = m.get("dtype", "float32"), m.get("overrides", {}).get("dtype")
+  if legacy is not None and field not in ("float32", legacy):
+    raise validate.ConfigError(
+        f"config.model.dtype {field!r} and config.model.overrides.dtype {legacy!r} disagree",
+        hint="set the compute dtype with config.model.dtype only")
+  name = field if legacy is None else legacy
+  if name not in models.COMPUTE_DTYPES:
+    key = "model.dtype" if legacy is None else "model.overrides.dtype"
+    raise validate.ConfigError(f"config.{key} must be one of {list(models.COMPUTE_DTYPES)}, "
+                               f"got {name!r}", hint=validate.CONFIG_HINT)
+  return name
+
+
 def model_from_config(config: ml_collections.ConfigDict):
-  """The DeepSSIM module a config names (JSON-restored lists become tuples)."""
+  """The DeepSSIM module a config names (JSON-restored lists become tuples), computing in
+  config.model.dtype (model_dtype: a ConfigError names a bad one)."""
   overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-               for k, v in dict(config.model.get("overrides", {})).items()}
+               for k, v in dict(config.model.get("overrides", {})).items() if k != "dtype"}
   return models.make_model(config.model.name, head=config.model.get("head", "wacv"),
-                           **overrides)
+                           dtype=model_dtype(config), **overrides)
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_shape,
@@ -216,7 +240,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b)).
 
   With aug.p_contrast > 0, a share of the pairs first goes through a random intensity map
-  shared by both images, with the target recomputed (augment.contrast_pairs).
+  shared by both images, with the target recomputed (augment.contrast_pairs); with
+  aug.p_shape > 0 likewise through a random affine warp (augment.shape_pairs).
 
   Gradients of the frozen stages are replaced by zeros before anything reads them, so XLA
   drops their computation (and the backward pass below the first trainable layer) and
@@ -227,6 +252,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   a, b, target = batch["image_a"], batch["image_b"], batch["ssim"]
   if aug.p_contrast > 0:  # its own key: runs without it draw what they always drew
     a, b, target = augment.contrast_pairs(jax.random.fold_in(rng, 7), a, b, target, aug)
+  if aug.p_shape > 0:
+    a, b, target = augment.shape_pairs(jax.random.fold_in(rng, 8), a, b, target, aug)
   a = augment.augment_batch(k_a, a, aug)
   b = augment.augment_batch(k_b, b, aug)
 
@@ -370,10 +397,20 @@ def check_model_unchanged(workdir: str, config) -> None:
   saved = {**json.loads(config_lib.base_config().model.to_json_best_effort()), **saved}
   now = json.loads(config.to_json_best_effort()).get("model", {})
   saved.pop("init_from", None), now.pop("init_from", None)
+  saved, now = _dtype_in_field(saved), _dtype_in_field(now)
   diff = config_lib.config_changes(saved, now, "model.")
   if diff:
     raise fileio.InputError(f"{workdir}: its checkpoints are of another model ({'; '.join(diff)})"
                         f"; use a new workdir, or set these back to the values in {path}")
+
+
+def _dtype_in_field(model: dict) -> dict:
+  """A model section with a legacy overrides.dtype moved to its dtype field (the same
+  compute dtype either way, so a run begun with one form resumes with the other)."""
+  overrides = dict(model.get("overrides") or {})
+  if "dtype" not in overrides:
+    return model
+  return {**model, "dtype": overrides.pop("dtype"), "overrides": overrides}
 
 
 # ----------------------------------------------------------------------------- loop

@@ -158,7 +158,9 @@ _DEEPSSIM_RANGES = (
     ("eval.misaligned.p", 0.0, 1.0, False),
     ("aug.p_flip0", 0.0, 1.0, False), ("aug.p_flip1", 0.0, 1.0, False),
     ("aug.p_rotate", 0.0, 1.0, False), ("aug.p_gamma", 0.0, 1.0, False),
-    ("aug.p_contrast", 0.0, 1.0, False),
+    ("aug.p_contrast", 0.0, 1.0, False), ("aug.p_shape", 0.0, 1.0, False),
+    ("aug.shape_max_scale", 0.0, 1.0, False), ("aug.shape_max_shear", 0.0, 1.0, False),
+    ("aug.shape_max_shift", 0.0, 0.5, False),
     ("calibrate.dar.percentile", 0.0, 100.0, False),
 )
 
@@ -185,13 +187,16 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   lo, hi = c.value("aug.gamma_min"), c.value("aug.gamma_max")
   if _is_num(lo) and _is_num(hi) and hi < lo:
     c.fail("aug.gamma_max", f"must be >= config.aug.gamma_min ({lo:g})", hi)
-  p_contrast = c.value("aug.p_contrast")
-  if _is_num(p_contrast) and p_contrast > 0 and c.value("pairs.align"):
-    c.fail("aug.p_contrast", "contrast randomization recomputes plain SSIM targets, so it "
-           "needs config.pairs.align=False (aligned targets are not recomputed)", p_contrast)
+  for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape")):
+    p = c.value(key)
+    if _is_num(p) and p > 0 and c.value("pairs.align"):
+      c.fail(key, f"{what} randomization recomputes plain SSIM targets, so it needs "
+             "config.pairs.align=False (aligned targets are not recomputed)", p)
   c.num_min("eval.carlini_alpha", 0.0, strict=True)
   c.thresholds("eval.thresholds")
   c.thresholds("audit.thresholds")
+  from deepssim_jax import models  # pylint: disable=g-import-not-at-top
+  c.one_of("model.dtype", tuple(models.COMPUTE_DTYPES))
   for key in _DEEPSSIM_DEVICE_BATCHES.get(mode, ()):
     c.multiple_of_devices(key, num_devices)
   c.raise_if_any()

@@ -144,7 +144,8 @@ def diffusion_config() -> ml_collections.ConfigDict:
   c.train.num_grid_samples = 8
   c.train.valid_every_steps = 0   # with data.valid_fraction > 0; 0: every epoch
   c.train.ema_decay = 0.0         # >0: EMA of the UNet weights (used to sample; reference: 0)
-  c.train.mixed_precision = False  # bfloat16 compute (the reference: torch autocast)
+  # bfloat16 UNet compute, training and DDIM sampling (the reference: torch autocast)
+  c.train.mixed_precision = False
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_inference_steps = 50

@@ -18,7 +18,8 @@ uid whose N generated files all exist is skipped; an incomplete one is redone.
 <out>.record.json (beside the folder, so that the folder holds the layout alone) records
 what the samples were made with (generation_record: seed,
 DDIM steps and eta, the diffusion checkpoint's step and a fingerprint of its weights, the
-first stage, schedule and training records). A rerun with other settings is refused, naming
+first stage, schedule and training records, and bfloat16 compute when
+train.mixed_precision is on). A rerun with other settings is refused, naming
 what changed, rather than skipping "complete" folders of old samples or overwriting them:
 samples are expensive and may already be audited, and overwriting in place would leave a
 mix of both settings if interrupted. Only num_samples may grow (sample i depends on
@@ -98,6 +99,10 @@ def generation_record(config: ml_collections.ConfigDict, run: dict, step: int,
          "schedule": {k: v for k, v in config.schedule.to_dict().items()},
          "cond": config.cond.kind,
          "records": fileio.fingerprint(records["images"], *records["keys"])}
+  # The UNet's compute dtype (train.mixed_precision: bfloat16) changes the samples; float32
+  # is not recorded, so the records of samples generated before this field stay valid.
+  if config.train.get("mixed_precision", False):
+    rec["compute_dtype"] = "bfloat16"
   return json.loads(json.dumps(rec, sort_keys=True, default=str))
 
 

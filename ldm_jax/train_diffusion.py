@@ -32,8 +32,11 @@ reference) on fixed noise and timesteps (so values are comparable across steps, 
 the reference's fresh draws), logged as valid_loss, and the weights of the lowest kept in
 <workdir>/best (generation can use them: generate.checkpoint = "best"). train.ema_decay > 0
 keeps an exponential moving average of the UNet's weights, which then serves validation,
-sample grids, the best checkpoint and generation. train.mixed_precision computes in
-bfloat16 (weights, optimiser and loss stay float32; the reference uses torch autocast).
+sample grids, the best checkpoint and generation. train.mixed_precision computes the UNet
+in bfloat16 in training, validation, sample grids and generation's DDIM sampling (make_unet;
+weights, optimiser, loss and the DDIM latents stay float32, the first stage decodes in
+float32; the reference uses torch autocast). It may differ between training and
+generation: generation's record names it.
 
 Jitted `train_step` with the state donated, data-parallel over a Mesh, orbax checkpoints,
 resumable (same batches as an uninterrupted run), metrics.csv + loss.png, and DDIM sample

@@ -32,7 +32,7 @@ SLOW_FIRST = ("test_ldm_memorization.py", "test_ldm_train.py", "test_ldm_semanti
               "test_convert.py", "test_multihost.py", "test_train.py", "test_pairs_jobs.py",
               "test_caches.py", "test_cli_cases.py", "test_models.py", "test_cli_safety.py",
               "test_store_integrity.py", "test_score.py", "test_explain.py", "test_api.py",
-              "test_perceptual.py")
+              "test_perceptual.py", "test_bf16.py", "test_clip.py", "test_fsim.py")
 
 
 def pytest_collection_modifyitems(items):

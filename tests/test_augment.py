@@ -150,3 +150,32 @@ def test_contrast_pairs_recompute_the_target_on_the_remapped_pair():
   half = dataclasses.replace(OFF, p_contrast=0.5)
   _, _, t = augment.contrast_pairs(key, big_a, big_b, jnp.full((64,), 5.0), half)
   assert 20 <= int(np.sum(np.asarray(t) != 5.0)) <= 44
+
+
+def test_shape_pairs_warp_both_images_alike_and_recompute_the_target():
+  """p_shape 1: both images of a pair go through the same affine warp (random_affine's),
+  come out z-scored, and the target is scikit-image's SSIM of the warped pair; p 0:
+  untouched."""
+  from skimage.metrics import structural_similarity
+  from deepssim_jax import geometry
+  a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
+  target = jnp.full((4,), 0.123)
+  on = dataclasses.replace(OFF, p_shape=1.0)
+  key = jax.random.key(5)
+  wa, wb, t = augment.shape_pairs(key, a, b, target, on)
+  keys = jax.random.split(jax.random.split(key)[1], 4)
+  for i in range(4):
+    m, shift = augment.random_affine(keys[i], on, (24, 20))
+    s = np.linalg.svd(np.asarray(m), compute_uv=False)
+    assert not np.allclose(np.asarray(m), np.eye(2))
+    assert np.exp(-on.shape_max_scale) * 0.85 < s.min() <= s.max() < np.exp(on.shape_max_scale) * 1.15
+    assert np.all(np.abs(np.asarray(shift)) <= on.shape_max_shift * np.array([24, 20]))
+    for x, w in ((a[i], wa[i]), (b[i], wb[i])):
+      u = np.asarray(geometry.affine(x, m, shift), np.float64)
+      np.testing.assert_allclose(np.asarray(w), (u - u.mean()) / u.std(), atol=2e-4)
+    za, zb = np.asarray(wa[i], np.float64), np.asarray(wb[i], np.float64)
+    want = structural_similarity(za, zb, data_range=za.max() - za.min())
+    assert abs(float(t[i]) - want) < 1e-4, (float(t[i]), want)
+  wa, _, t = augment.shape_pairs(key, a, b, target, dataclasses.replace(OFF, p_shape=0.0))
+  np.testing.assert_array_equal(np.asarray(wa), np.asarray(a))
+  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))

@@ -37,3 +37,18 @@ def test_candidates_are_flips_then_rotations_in_index_order():
   no_flips = geometry.transform_candidates(x, angles, flips=False)
   assert geometry.num_candidates(angles, flips=False) == 3
   np.testing.assert_array_equal(no_flips, cands[:3])
+
+
+def test_affine_matches_scipy_and_the_identity_is_exact():
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  z = np.random.default_rng(3).normal(size=(2, 33, 28)).cumsum(1).cumsum(2).astype(np.float32)
+  m = np.array([[1.12, 0.08], [0.0, 0.9]], np.float32)
+  shift = np.array([1.7, -2.2], np.float32)
+  got = np.asarray(geometry.affine(jnp.asarray(z), jnp.asarray(m), jnp.asarray(shift)))
+  centre = (np.array(z.shape[1:]) - 1) / 2.0
+  for i in range(2):  # scipy: output[o] = input[m @ o + offset], edge pixels extended
+    want = ndimage.affine_transform(z[i].astype(np.float64), m, centre - m @ centre + shift,
+                                    order=1, mode="nearest")
+    np.testing.assert_allclose(got[i], want, atol=1e-3 * np.abs(z).max())
+  np.testing.assert_array_equal(
+      geometry.affine(jnp.asarray(z), jnp.eye(2), jnp.zeros(2)), z)

@@ -292,3 +292,21 @@ def test_gem_head_bf16_step_keeps_float32_params(sources):
   assert np.isfinite(float(m["loss"]))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(new.params))
   assert float(new.params["head"]["gem_0"][0]) != 3.0  # the GeM exponents learn
+
+
+@pytest.mark.parametrize("field", ["p_contrast", "p_shape"])
+def test_randomized_pairs_train_on_the_recomputed_target(sources, field):
+  # A pair of one image with itself stored with a wrong target 0: contrast or shape
+  # randomization at p 1 maps both images alike, so the step's target is their SSIM, 1,
+  # which the cosine of identical inputs meets (loss ~0); without it the loss is (1 - 0)^2.
+  config = tiny_config()
+  config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
+  config.model.overrides.update(dict(dropout=0.0, drop_path_rate=0.0))
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  batch = fixed_batch(sources[0])
+  batch = dict(batch, image_b=batch["image_a"], ssim=np.zeros_like(batch["ssim"]))
+  _, plain = _step_fn(config)(state, batch, jax.random.key(1))
+  config.aug[field] = 1.0
+  _, randomized = _step_fn(config)(state, batch, jax.random.key(1))
+  assert float(plain["loss"]) == pytest.approx(1.0, abs=1e-4)
+  assert float(randomized["loss"]) < 1e-4
