@@ -56,6 +56,8 @@ LEVERS = {
                                      hidden_dim=256, embed_dim=128)},
     "long": {"train.num_epochs": None},  # twice the recipe's
     "shape": {"aug.p_shape": 0.5},
+    "grid": {"model.head": "grid"},
+    "grid43": {"model.head": "grid", "model.overrides": {"grid": (4, 3)}},
 }
 # Fixed intensity maps of min-max scaled T1 intensities (knots x -> y), our approximation of
 # how tissues rank in other sequences: background ~0, CSF ~0.2-0.3, grey ~0.5, white ~0.7.
@@ -87,7 +89,10 @@ def lever_config(lever: str, held_out: str):
     section, field = key.split(".")
     if key == "train.num_epochs":
       value = 2 * c.train.num_epochs
-    c[section][field] = value
+    if isinstance(value, dict):  # overrides: merged into the recipe's
+      c[section][field].update(value)
+    else:
+      c[section][field] = value
   return c
 
 

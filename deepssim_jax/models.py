@@ -249,9 +249,13 @@ class DeepSSIM(nn.Module):
       the reference's funnel, 848 for ConvNeXt-Tiny).
     dropout: dropout rate of the head (active only when train=True).
     bn_momentum / bn_epsilon: BatchNorm running-average momentum (flax convention) and eps.
+    grid: ("grid" head, ours) the last stage average-pooled over a (rows, columns) grid of
+      regions and flattened into the paper's Head, so the embedding keeps where features
+      are, as SSIM, a mean of local comparisons, does.
   """
   backbone: nn.Module
   head: str = "wacv"
+  grid: Sequence[int] = (2, 2)
   embed_dim: int = 256
   hidden_dim: int = 512
   dropout: float = 0.33
@@ -284,12 +288,16 @@ class DeepSSIM(nn.Module):
     elif self.head == "gem":
       x = GemHead(self.embed_dim, self.hidden_dim, self.dropout, name="head")(
           self.backbone(x, train=train, all_stages=True), train)
+    elif self.head == "grid":
+      x = grid_pool(self.backbone(x, train=train).astype(jnp.float32), self.grid)
+      x = Head(self.embed_dim, self.hidden_dim, self.dropout, self.bn_momentum,
+               self.bn_epsilon, name="head")(x.reshape(x.shape[0], -1), train)
     else:
       raise ValueError(f"unknown head {self.head!r}; choose one of {HEADS}")
     return l2_normalize(x.astype(jnp.float32))
 
 
-HEADS = ("wacv", "gem")
+HEADS = ("wacv", "gem", "grid")
 
 
 class BatchNorm1d(nn.Module):
@@ -339,6 +347,19 @@ class Head(nn.Module):
     x = gelu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return _dense(self.embed_dim, name="embed")(x)
+
+
+def grid_pool(x: Array, grid: Sequence[int]) -> Array:
+  """(B, H, W, C) -> (B, gh, gw, C): the mean over each of a gh x gw grid of regions, rows
+  [floor(i H / gh), ceil((i + 1) H / gh)) as torch's AdaptiveAvgPool2d cuts them."""
+  h, w = x.shape[1:3]
+  gh, gw = grid
+  if gh > h or gw > w:
+    raise ValueError(f"grid {tuple(grid)} is finer than the last stage's {h} x {w} map")
+  rows = [(i * h // gh, -(-(i + 1) * h // gh)) for i in range(gh)]
+  cols = [(j * w // gw, -(-(j + 1) * w // gw)) for j in range(gw)]
+  return jnp.stack([jnp.stack([jnp.mean(x[:, r0:r1, c0:c1], axis=(1, 2)) for c0, c1 in cols],
+                              axis=1) for r0, r1 in rows], axis=1)
 
 
 def gem_pool(x: Array, p: Array, eps: float = 1e-6) -> Array:
@@ -395,12 +416,12 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 
 def make_model(name: str = "convnext_base", *, head: str = "wacv", embed_dim: int = 256,
                hidden_dim: int = 512, dropout: float = 0.33, dtype: Any = "float32",
-               **backbone_overrides) -> DeepSSIM:
+               grid: Sequence[int] = (2, 2), **backbone_overrides) -> DeepSSIM:
   """Builds DeepSSIM with a named backbone.
 
   Args:
     name: key of MODELS.
-    head, embed_dim, hidden_dim, dropout: head fields (see DeepSSIM).
+    head, embed_dim, hidden_dim, dropout, grid: head fields (see DeepSSIM).
     dtype: compute dtype, a key of COMPUTE_DTYPES (or its jnp dtype); the backbone computes
       in it, the head of either kind ("wacv", "gem") in float32 (module docstring).
     **backbone_overrides: ConvNeXt fields (depths, dims, drop_path_rate, depthwise_impl,
@@ -412,7 +433,8 @@ def make_model(name: str = "convnext_base", *, head: str = "wacv", embed_dim: in
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
   return DeepSSIM(MODELS[name](dtype=compute_dtype(dtype), **backbone_overrides), head=head,
-                  embed_dim=embed_dim, hidden_dim=hidden_dim, dropout=dropout)
+                  embed_dim=embed_dim, hidden_dim=hidden_dim, dropout=dropout,
+                  grid=tuple(grid))
 
 
 def with_dtype(model: DeepSSIM, dtype: Any) -> DeepSSIM:

@@ -241,3 +241,31 @@ def test_frozen_params_stay_fixed_under_multi_transform():
   for path, trainable in mask.items():
     changed = not np.array_equal(flat_old[path], flat_new[path])
     assert changed == trainable, path
+
+
+def test_grid_pool_equals_torch_adaptive_avg_pool_and_the_grid_head_keeps_layout():
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(4).standard_normal((2, 5, 7, 3)).astype(np.float32)
+  for grid in ((2, 2), (3, 2), (5, 7), (1, 1)):
+    want = torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)), grid).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(models.grid_pool(jnp.asarray(x), grid), want, atol=1e-6)
+  with pytest.raises(ValueError, match="finer"):
+    models.grid_pool(jnp.asarray(x), (6, 2))
+  # The grid head: one hidden input per (cell, channel) of the last stage, unit embeddings.
+  img = jnp.asarray(np.random.default_rng(5).standard_normal((1, 64, 64)), jnp.float32)
+  pair = jnp.concatenate([img, img[:, ::-1]])
+  model = models.make_model("convnext_atto", head="grid", grid=(2, 2), depths=(1, 1, 1, 1),
+                            dims=(8, 16, 32, 64), hidden_dim=32, embed_dim=16)
+  v = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), pair)
+  emb = model.apply(v, pair, train=False)
+  assert emb.shape == (2, 16)
+  np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+  assert v["params"]["head"]["hidden"]["kernel"].shape[0] == 2 * 2 * 64
+  feats = model.backbone.apply({"params": v["params"]["backbone"]},
+                               jnp.repeat(pair[..., None], 3, -1))
+  h = models.Head(16, 32).apply({"params": v["params"]["head"],
+                                 "batch_stats": v["batch_stats"]["head"]},
+                                models.grid_pool(feats, (2, 2)).reshape(2, -1), False)
+  np.testing.assert_allclose(emb, h / jnp.linalg.norm(h, axis=-1, keepdims=True), rtol=1e-5,
+                             atol=1e-6)
