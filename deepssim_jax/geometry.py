@@ -1,4 +1,5 @@
-"""Geometry of 2-D images, in JAX: affine warps, rotation, flips and the candidate transforms.
+"""Geometry of 2-D images, in JAX: affine warps, rotation, flips, the candidate transforms
+and area resizing (adaptive average pooling).
 
 Two users share it: the augmentations (`augment`: a random flip and rotation per image, and
 the shape randomization's affine warp of a pair)
@@ -14,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def affine(x: jax.Array, m: jax.Array, shift: jax.Array) -> jax.Array:
@@ -44,6 +46,25 @@ def affine(x: jax.Array, m: jax.Array, shift: jax.Array) -> jax.Array:
   ra, rb, ca, cb = clip_r(r0), clip_r(r0 + 1), clip_c(c0), clip_c(c0 + 1)
   return ((1 - fr) * ((1 - fc) * take(ra, ca) + fc * take(ra, cb))
           + fr * ((1 - fc) * take(rb, ca) + fc * take(rb, cb)))
+
+
+def area_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) averaging weights of torch's adaptive average pooling ('area'
+  interpolation) along one axis: output i is the mean of inputs
+  [floor(i n_in / n_out), ceil((i + 1) n_in / n_out))."""
+  w = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    lo, hi = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
+    w[i, lo:hi] = 1.0 / (hi - lo)
+  return w
+
+
+def area_resize(x: jax.Array, size) -> jax.Array:
+  """(..., H, W) -> (..., h, w) as torch.nn.functional.interpolate(mode='area') (MONAI's
+  Resize default), i.e. adaptive_avg_pool2d: two small matmuls, any up or down scale."""
+  wh = jnp.asarray(area_weights(x.shape[-2], size[0]))
+  ww = jnp.asarray(area_weights(x.shape[-1], size[1]))
+  return jnp.einsum("hH,...HW,wW->...hw", wh, x, ww, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.jit

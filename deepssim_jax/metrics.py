@@ -19,10 +19,12 @@ training images), batch sizes and the mesh. The registry is a plain dict:
   fsim          Zhang et al.'s FSIM (IEEE TIP 2011: log-Gabor phase congruency, Scharr
                 gradients), grey-scale, as piq computes it; same 8-bit inputs as above
   sscd, ums_sscd  cosine of SSCD descriptors (deepssim_jax.resnet, head gem_proj) with the
-                weights of Chen et al. / UMS-SSCD; input as the reference's factories: images
-                min-max scaled to [0, 1], resized to 288x288, repeated to RGB, (x - m) / m with
-                m ImageNet's channel means (the reference divides by the means, not the stds)
-  dar           Dar et al.'s contrastive ResNet-50 (1 channel, native size, min-max scaled);
+                weights of Chen et al. / UMS-SSCD; input as the reference's factories: the
+                8-bit image scaled to [0, 1], resized to 288x288 (MONAI's area mode), repeated
+                to RGB, (x - m) / m with m ImageNet's channel means (the reference divides by
+                the means, not the stds); tested equal to the MONAI transforms
+  dar           Dar et al.'s contrastive ResNet-50 (1 channel, native size, the 8-bit image
+                min-max scaled, as MONAI's ScaleIntensity);
                 scored as the reference's DarEmbeddingScorer: the Pearson correlation of the
                 two embeddings (1 - scipy's correlation distance), not their cosine
   semdedup      SemDeDup's cosine of CLIP image embeddings (deepssim_jax.clip: open_clip's
@@ -47,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import (calibrate, clip, embed, fileio, fsim, pairs as pairs_lib, parallel,
-                          resnet)
+from deepssim_jax import (calibrate, clip, embed, fileio, fsim, geometry, pairs as pairs_lib,
+                          parallel, resnet)
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
@@ -158,15 +160,15 @@ _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 
 
 def minmax_input(x: jax.Array, size: Optional[Sequence[int]], rgb: bool) -> jax.Array:
-  """The reference factories' input from z-scored images (n, H, W): min-max scaled to
-  [0, 1] per image, resized (bilinear) to `size` unless None, and with rgb repeated to three
-  channels and standardised as (x - m) / m, m ImageNet's channel means (the reference
-  divides by the means, not the stds) -> (n, H', W', 1 or 3)."""
-  lo = jnp.min(x, axis=(1, 2), keepdims=True)
-  x = (x - lo) / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True) - lo, 1e-12)
-  x = x[..., None]
+  """The reference factories' input from z-scored images (n, H, W): the 8-bit PNG it reads
+  (min-max to 0..255 per image, rounded) scaled to [0, 1], resized to `size` unless None
+  as MONAI's Resize does by default (area: adaptive average pooling), and with rgb repeated
+  to three channels and standardised as (x - m) / m, m ImageNet's channel means (the
+  reference divides by the means, not the stds) -> (n, H', W', 1 or 3)."""
+  x = fsim.to_uint8_scale(x) / 255.0
   if size is not None:
-    x = jax.image.resize(x, (x.shape[0], *size, 1), "linear")
+    x = geometry.area_resize(x, size)
+  x = x[..., None]
   if rgb:
     x = (jnp.repeat(x, 3, axis=-1) - _IMAGENET_MEAN) / _IMAGENET_MEAN
   return x

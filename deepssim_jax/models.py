@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from deepssim_jax import depthwise
+from deepssim_jax import depthwise, geometry
 
 Array = jax.Array
 
@@ -353,13 +353,9 @@ def grid_pool(x: Array, grid: Sequence[int]) -> Array:
   """(B, H, W, C) -> (B, gh, gw, C): the mean over each of a gh x gw grid of regions, rows
   [floor(i H / gh), ceil((i + 1) H / gh)) as torch's AdaptiveAvgPool2d cuts them."""
   h, w = x.shape[1:3]
-  gh, gw = grid
-  if gh > h or gw > w:
+  if grid[0] > h or grid[1] > w:
     raise ValueError(f"grid {tuple(grid)} is finer than the last stage's {h} x {w} map")
-  rows = [(i * h // gh, -(-(i + 1) * h // gh)) for i in range(gh)]
-  cols = [(j * w // gw, -(-(j + 1) * w // gw)) for j in range(gw)]
-  return jnp.stack([jnp.stack([jnp.mean(x[:, r0:r1, c0:c1], axis=(1, 2)) for c0, c1 in cols],
-                              axis=1) for r0, r1 in rows], axis=1)
+  return jnp.moveaxis(geometry.area_resize(jnp.moveaxis(x, -1, 1), grid), 1, -1)
 
 
 def gem_pool(x: Array, p: Array, eps: float = 1e-6) -> Array:

@@ -106,9 +106,8 @@ def test_evaluate_reports_missing_weights_and_uses_reference_thresholds(tmp_path
   # that says so; a weights path naming no file stops with an error naming it. A baseline
   # is classified at the reference's own thresholds (Dar: one binary threshold).
   from deepssim_jax import metrics, resnet  # pylint: disable=g-import-not-at-top
-  import functools  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(metrics.BASELINES["dar"], "make",
-                      functools.partial(resnet.Dar, stages=(1, 1, 1, 1)))  # a tiny trunk
+                      lambda ctx: resnet.Dar(stages=(1, 1, 1, 1)))  # a tiny trunk
   c = tiny_config()
   c.eval.metrics = ("ssim", "sscd", "dar")
   c.eval.weights.dar = "random"

@@ -123,6 +123,7 @@ def test_dar_metric_scores_pairs_from_a_pth(tmp_path):
   got = metrics.get("dar")({"batch_size": 2, "weights": {"dar": path}}, a, b)
   with torch.no_grad():
     u = (x - x.min(axis=(1, 2), keepdims=True)) / np.ptp(x, axis=(1, 2), keepdims=True)
+    u = np.round(u * 255.0) / 255.0  # the 8-bit PNG the reference reads
     e = torch.nn.functional.normalize(net(torch.from_numpy(u[:, None])), dim=1).numpy()
   want = [np.corrcoef(e[i], e[j])[0, 1] for i, j in [(0, 0), (1, 2), (2, 1)]]
   np.testing.assert_allclose(got, want, atol=1e-5)
@@ -156,3 +157,28 @@ def test_sscd_torchscript_layout_loads_with_the_flag(tmp_path):
   variables = resnet.load(path, model, 3, torchscript=True)
   got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
   assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def test_baseline_inputs_equal_the_reference_monai_transforms():
+  # The reference's factories on the 8-bit PNG it reads: SSCD / UMS-SSCD Resize((288, 288))
+  # (MONAI's default area mode) of the RGB uint8 image, /255, NormalizeIntensity with the
+  # ImageNet means as both mean and std, channel-wise; Dar: ScaleIntensity at native size.
+  monai_t = pytest.importorskip("monai.transforms")
+  from deepssim_jax import metrics  # pylint: disable=g-import-not-at-top
+  from deepssim_jax.data import demo  # pylint: disable=g-import-not-at-top
+  slices = demo.demo_sets(size=(136, 112), slices_per_head=1, num_copies=1, num_neighbours=1,
+                          num_other=1, heldout_per_head=0)["training"]["images"][:3]
+  m = np.array([0.485, 0.456, 0.406], np.float32)
+  sscd = monai_t.Compose([
+      monai_t.Resize((288, 288)), monai_t.EnsureType(dtype=np.float32),
+      monai_t.Lambda(lambda x: x / 255.0),
+      monai_t.NormalizeIntensity(m, m, channel_wise=True)])
+  dar = monai_t.ScaleIntensity()
+  for x in slices:
+    u8 = np.round((x - x.min()) / np.ptp(x) * 255.0).astype(np.uint8)  # the PNG
+    want = np.asarray(sscd(np.repeat(u8[None], 3, 0))).transpose(1, 2, 0)
+    got = np.asarray(metrics.minmax_input(jnp.asarray(x[None]), (288, 288), True))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    want = np.asarray(dar(u8[None].astype(np.float32)))[0]
+    got = np.asarray(metrics.minmax_input(jnp.asarray(x[None]), None, False))[0, ..., 0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
