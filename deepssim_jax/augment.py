@@ -98,6 +98,21 @@ def remap(x: jax.Array, ys: jax.Array) -> jax.Array:
   return images_lib.zscore(intensity_map((x - lo) / jnp.maximum(hi - lo, 1e-6), ys), xp=jnp)
 
 
+def _randomize_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array, p: float,
+                     draw) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """With probability p per pair, one transform draw(key_i) (a function of an (H, W) image)
+  applied to both images of pair i, whose target becomes the SSIM of the transformed pair;
+  other pairs unchanged. The key splits as (on, per-pair transform keys)."""
+  n = a.shape[0]
+  k_on, k_draw = jax.random.split(key)
+  on = jax.random.uniform(k_on, (n,)) < p
+  both = jax.vmap(lambda k, x, y: (lambda f: (f(x), f(y)))(draw(k)))
+  ta, tb = both(jax.random.split(k_draw, n), a, b)
+  new_target = ssim_lib.ssim_pairs(ta, tb)
+  pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
+  return pick(ta, a), pick(tb, b), pick(new_target, target)
+
+
 def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
                    cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Contrast randomization of a batch of pairs (B, H, W): with probability p_contrast a
@@ -109,15 +124,10 @@ def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array
   learns SSIM on contrasts it never saw. The stored target must be the plain SSIM of the
   pair (pairs.align False): an aligned target is not recomputed.
   """
-  n = a.shape[0]
-  k_on, k_map = jax.random.split(key)
-  on = jax.random.uniform(k_on, (n,)) < cfg.p_contrast
-  ys = jax.vmap(lambda k: random_map_values(k, cfg.contrast_knots))(
-      jax.random.split(k_map, n))
-  ra, rb = jax.vmap(remap)(a, ys), jax.vmap(remap)(b, ys)
-  new_target = ssim_lib.ssim_pairs(ra, rb)
-  pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
-  return pick(ra, a), pick(rb, b), pick(new_target, target)
+  def draw(k):
+    ys = random_map_values(k, cfg.contrast_knots)
+    return lambda x: remap(x, ys)
+  return _randomize_pairs(key, a, b, target, cfg.p_contrast, draw)
 
 
 def random_affine(key: jax.Array, cfg: AugmentConfig, size) -> tuple[jax.Array, jax.Array]:
@@ -140,16 +150,10 @@ def shape_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
   and its target is replaced by the SSIM of the warped pair, so the target stays the true
   SSIM of what the network sees. Other pairs are returned unchanged. As for contrast_pairs,
   the stored target must be the plain SSIM of the pair (pairs.align False)."""
-  n = a.shape[0]
-  k_on, k_warp = jax.random.split(key)
-  on = jax.random.uniform(k_on, (n,)) < cfg.p_shape
-  m, shift = jax.vmap(lambda k: random_affine(k, cfg, a.shape[-2:]))(
-      jax.random.split(k_warp, n))
-  warp = jax.vmap(lambda x, mi, ti: images_lib.zscore(geometry.affine(x, mi, ti), xp=jnp))
-  wa, wb = warp(a, m, shift), warp(b, m, shift)
-  new_target = ssim_lib.ssim_pairs(wa, wb)
-  pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
-  return pick(wa, a), pick(wb, b), pick(new_target, target)
+  def draw(k):
+    m, shift = random_affine(k, cfg, a.shape[-2:])
+    return lambda x: images_lib.zscore(geometry.affine(x, m, shift), xp=jnp)
+  return _randomize_pairs(key, a, b, target, cfg.p_shape, draw)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import convert, fileio
+from deepssim_jax import convert, fileio, fsim
 from deepssim_jax.clip_keys import infer_config, map_keys
 
 REFERENCE_THRESHOLDS = (0.97, 0.99905)  # the reference's SemDeDupEmbeddingScorer.classify
@@ -203,11 +203,7 @@ def preprocess(x: jax.Array, image_size: int = 224, quantize: bool = True,
                std: Sequence[float] = OPENAI_STD) -> jax.Array:
   """z-scored (n, H, W) images -> (n, S, S, 3) CLIP input, S = image_size, as the reference
   prepared its PNG slices (the module docstring; jittable, shapes static)."""
-  x = jnp.asarray(x, jnp.float32)
-  lo = jnp.min(x, axis=(1, 2), keepdims=True)
-  x = (x - lo) / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True) - lo, 1e-12) * 255.0
-  if quantize:
-    x = jnp.round(x)  # as np.round: half to even
+  x = fsim.to_uint8_scale(jnp.asarray(x, jnp.float32), rounded=quantize)  # the 8-bit PNG
   h, w = x.shape[1:]
   short, long = min(h, w), max(h, w)
   new_long = int(image_size * long / short)

@@ -51,13 +51,16 @@ SCHARR_X = np.array([[-3, 0, 3], [-10, 0, 10], [-3, 0, 3]], np.float32) / 16
 EPS32 = float(np.finfo(np.float32).eps)  # piq's phase-congruency epsilon (input dtype's)
 
 
-def to_uint8_scale(x: jax.Array) -> jax.Array:
-  """(n, H, W) images min-max scaled to 0..255 per image and rounded (a constant image
-  gives zeros, as write_png writes it)."""
+def to_uint8_scale(x: jax.Array, rounded: bool = True) -> jax.Array:
+  """(n, H, W) images min-max scaled to 0..255 per image and, with rounded, rounded to
+  integers: the 8-bit PNG the reference reads (data.images.write_png). A constant image
+  gives zeros, as write_png writes it. The one home of that scaling (both FSIMs, the
+  baselines' input in metrics, CLIP's in clip)."""
   lo = x.min(axis=(1, 2), keepdims=True)
   hi = x.max(axis=(1, 2), keepdims=True)
   span = jnp.where(hi > lo, hi - lo, 1.0)
-  return jnp.where(hi > lo, jnp.round((x - lo) / span * 255.0), 0.0)
+  u = (x - lo) / span * 255.0
+  return jnp.where(hi > lo, jnp.round(u) if rounded else u, 0.0)
 
 
 def _np_gradient(x: jax.Array, axis: int) -> jax.Array:
