@@ -13,6 +13,9 @@ Scripts (module docstrings say what each row measures and what "theirs" is):
   bench_embed_job.py  the embedding job end to end vs the torch forward alone
   bench_ldm.py        LDM autoencoder + discriminator step, UNet train step and DDIM sampling
                       vs MONAI
+  profile_cpu.py      where the time goes: the LDM's convolution and GroupNorm pieces vs
+                      torch's, and each network's thread time by operation kind (its own
+                      section of the page)
 
 Usage:
   python bench/run_all.py                       # the real sizes: an hour or more on a CPU
@@ -36,7 +39,7 @@ sys.path.insert(0, BENCH)
 
 import benchlib  # noqa: E402
 
-SCRIPTS = ("ssim", "match", "embedder", "embed_job", "ldm")
+SCRIPTS = ("ssim", "match", "embedder", "embed_job", "ldm", "profile_cpu")
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "torchvision", "monai", "scikit-image", "numpy")
 
 
@@ -71,7 +74,8 @@ def version(pkg: str) -> str:
 
 def run(name: str, quick: bool, json_path: str) -> tuple:
   """Runs bench_<name>.py; returns (seconds, exit status)."""
-  cmd = [sys.executable, os.path.join(BENCH, f"bench_{name}.py"), "--json=" + json_path]
+  script = name + ".py" if name.startswith("profile_") else f"bench_{name}.py"
+  cmd = [sys.executable, os.path.join(BENCH, script), "--json=" + json_path]
   if quick:
     cmd.append("--quick")
   print(f"\n=== {' '.join(cmd)}", flush=True)
@@ -107,12 +111,22 @@ def page(results: dict, quick: bool, started: datetime.datetime, load: tuple) ->
       "ours: share of matmul FLOP/s | theirs: share |",
       "|---|---|---|---|---|---|---|---|",
   ]
+  profiles = {n: r for n, r in results.items() if n.startswith("profile_")}
   for name, res in results.items():
+    if name in profiles:
+      continue
     if res.get("rows"):
       for r in res["rows"]:
         lines.append(f"| {name} " + benchlib.markdown_row(r))
     else:
       lines.append(f"| {name} | failed (exit status {res['status']}): no rows | | | | | | |")
+  for name, res in profiles.items():
+    lines += ["", f"## {name}: where the time goes", ""]
+    if res.get("ops"):
+      import profile_cpu  # pylint: disable=import-outside-toplevel
+      lines += [profile_cpu.__doc__.split("Usage:")[0].strip(), "", profile_cpu.markdown(res)]
+    else:
+      lines.append(f"failed (exit status {res['status']})")
   lines += ["", "Wall time per script: " + ", ".join(
       f"{name} {res['seconds']:.0f} s" for name, res in results.items()) + "."]
   return "\n".join(lines) + "\n"
@@ -145,7 +159,7 @@ def main(argv=None):
   with open(args.out, "w") as f:
     f.write(text)
   print("\n" + text + f"\nwritten to {args.out}")
-  failed = [n for n, r in results.items() if not r.get("rows")]
+  failed = [n for n, r in results.items() if not (r.get("rows") or r.get("ops"))]
   if failed:
     raise SystemExit(f"failed: {failed}")
 

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax import kernels
 from ldm_jax.blocks import (SpatialAttentionBlock, check_channels, conv, group_norm, per_level,
                             torch_bias_init, torch_kernel_init, upsample_nearest)
 
@@ -210,8 +211,8 @@ class AutoencoderKL(nn.Module):
     self.decoder = dec_cls(out_channels=self.out_channels,
                            with_nonlocal_attn=self.with_decoder_nonlocal_attn, **common)
     lc = self.latent_channels
-    conv1x1 = lambda: nn.Conv(lc, (1,) * self.spatial_dims, kernel_init=torch_kernel_init,
-                              bias_init=torch_bias_init(lc), dtype=self.dtype)
+    conv1x1 = lambda: kernels.Conv(lc, (1,) * self.spatial_dims, kernel_init=torch_kernel_init,
+                                   bias_init=torch_bias_init(lc), dtype=self.dtype)
     self.quant_conv_mu = conv1x1()
     self.quant_conv_log_sigma = conv1x1()
     self.post_quant_conv = conv1x1()

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import kernels
+
 Dtype = Any
 
 # torch.nn.Conv*/Linear default: kaiming_uniform(a=sqrt(5)) == uniform(+-1/sqrt(fan_in)).
@@ -72,9 +74,9 @@ def conv(x: jax.Array, features: int, kernel_size: int, *, name: str, strides: i
     kinit, binit = nn.initializers.zeros, nn.initializers.zeros
   else:
     kinit, binit = kernel_init or torch_kernel_init, torch_bias_init(fan_in)
-  return nn.Conv(features, (kernel_size,) * nd, strides=(strides,) * nd, padding=tuple(padding),
-                 use_bias=use_bias, kernel_init=kinit, bias_init=binit, dtype=dtype,
-                 name=name)(x)
+  return kernels.Conv(features, (kernel_size,) * nd, strides=(strides,) * nd,
+                      padding=tuple(padding), use_bias=use_bias, kernel_init=kinit,
+                      bias_init=binit, dtype=dtype, name=name)(x)
 
 
 def dense(x: jax.Array, features: int, *, name: str, use_bias: bool = True,
@@ -94,7 +96,7 @@ def group_norm(x: jax.Array, num_groups: int, eps: float, *, name: str,
   if x.shape[-1] % num_groups:
     raise ValueError(f"GroupNorm {name}: {x.shape[-1]} channels are not divisible by "
                      f"{num_groups} groups")
-  return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)(x)
+  return kernels.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)(x)
 
 
 class MultiHeadAttention(nn.Module):

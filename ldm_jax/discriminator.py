@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax import kernels
+
 Dtype = Any
 
 
@@ -47,7 +49,7 @@ class _ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     nd = x.ndim - 2
-    h = nn.Conv(self.features, (self.kernel_size,) * nd, strides=(self.stride,) * nd,
+    h = kernels.Conv(self.features, (self.kernel_size,) * nd, strides=(self.stride,) * nd,
                 padding=((self.padding, self.padding),) * nd, use_bias=False, dtype=self.dtype,
                 kernel_init=_normal(0.0, 0.02), name="conv")(x)
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -106,7 +108,7 @@ class PatchDiscriminator(nn.Module):
     k = (self.kernel_size,) * nd
     pad = ((self.padding, self.padding),) * nd
     outs = []
-    h = nn.Conv(self.channels, k, strides=(2,) * nd, padding=pad, dtype=self.dtype,
+    h = kernels.Conv(self.channels, k, strides=(2,) * nd, padding=pad, dtype=self.dtype,
                 kernel_init=_normal(0.0, 0.02), bias_init=nn.initializers.zeros,
                 name="initial_conv")(x)
     if self.dropout:
@@ -122,7 +124,7 @@ class PatchDiscriminator(nn.Module):
       features *= 2
     lk = self.last_conv_kernel_size or self.kernel_size
     lpad = ((lk - 1) // 2,) * 2
-    h = nn.Conv(self.out_channels, (lk,) * nd, padding=(lpad,) * nd, dtype=self.dtype,
+    h = kernels.Conv(self.out_channels, (lk,) * nd, padding=(lpad,) * nd, dtype=self.dtype,
                 kernel_init=_normal(0.0, 0.02), bias_init=nn.initializers.zeros,
                 name="final_conv")(h)
     outs.append(h)
