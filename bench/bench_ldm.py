@@ -160,6 +160,33 @@ def torch_side(spec: dict):
 # ----------------------------------------------------------------------------- ours
 
 
+def setup(quick: bool, ae_batch: int = None, batch: int = None, cond: str = None) -> dict:
+  """The benchmark's LDM: configs (configs/ldm_ixi_*.py, or the tiny networks with --quick),
+  batch sizes, no perceptual term, the networks, the padded latent shape (e.g. 34 x 28 ->
+  36 x 28) and the context width. Also profile_cpu.py's."""
+  from ldm_jax import input_pipeline, train_autoencoder, train_diffusion
+  acfg, dcfg = load_config("ldm_ixi_autoencoder"), load_config("ldm_ixi_diffusion")
+  if quick:
+    acfg.model.name, acfg.disc.name = "AutoencoderKL_tiny", "PatchDiscriminator_tiny"
+    dcfg.model.name = "DiffusionModelUNet_tiny"
+  acfg.train.batch_size = acfg.train.effective_batch_size = (
+      ae_batch or (2 if quick else acfg.train.batch_size))
+  acfg.loss.perceptual, acfg.loss.perceptual_kwargs = "none", {}
+  dcfg.cond.kind = cond or dcfg.cond.kind
+  dcfg.train.batch_size = batch or (2 if quick else dcfg.train.batch_size)
+  ae_model = train_autoencoder.make_autoencoder(acfg.model)
+  ih, iw = acfg.data.image_size
+  f = 2 ** (len(ae_model.channels) - 1)
+  m = dcfg.latent.pad_multiple
+  lh, lw = (math.ceil(s / f / m) * m for s in (ih, iw))
+  context_dim = 0 if dcfg.cond.kind == "none" else len(input_pipeline.COVARIATES)
+  return {"acfg": acfg, "dcfg": dcfg, "ae_model": ae_model,
+          "disc_model": train_autoencoder.make_discriminator(acfg.disc),
+          "unet_model": train_diffusion.make_unet(dcfg, ae_model.latent_channels,
+                                                  context_dim or None),
+          "latent_shape": (lh, lw, ae_model.latent_channels), "context_dim": context_dim}
+
+
 def flops_of(jitted, *args) -> float:
   """FLOPs XLA counts for the program before its own optimisation passes."""
   cost = jitted.lower(*args).cost_analysis()
@@ -190,7 +217,7 @@ def main(argv=None):
 
   import jax
   import jax.numpy as jnp
-  from ldm_jax import convert, diffusion, input_pipeline, train_autoencoder, train_diffusion
+  from ldm_jax import convert, diffusion, train_autoencoder, train_diffusion
 
   works = [w for w in args.works.split(",") if w]
   if set(works) - set(WORKS):
@@ -198,28 +225,13 @@ def main(argv=None):
   quick = args.quick
   reps = args.reps or (2 if quick else 5)
   ddim_reps = args.ddim_reps or (2 if quick else 3)
-  acfg, dcfg = load_config("ldm_ixi_autoencoder"), load_config("ldm_ixi_diffusion")
-  if quick:
-    acfg.model.name, acfg.disc.name = "AutoencoderKL_tiny", "PatchDiscriminator_tiny"
-    dcfg.model.name = "DiffusionModelUNet_tiny"
-  acfg.train.batch_size = acfg.train.effective_batch_size = (
-      args.ae_batch or (2 if quick else acfg.train.batch_size))
-  acfg.loss.perceptual, acfg.loss.perceptual_kwargs = "none", {}
-  dcfg.cond.kind = args.cond or dcfg.cond.kind
-  dcfg.train.batch_size = args.batch or (2 if quick else dcfg.train.batch_size)
-  n_ddim = args.ddim_steps or (3 if quick else dcfg.sample.num_inference_steps)
-
-  # Shapes: images (B, H, W, 1); latents padded to the config's multiple (34 x 28 -> 36 x 28).
-  ae_model = train_autoencoder.make_autoencoder(acfg.model)
-  disc_model = train_autoencoder.make_discriminator(acfg.disc)
+  su = setup(quick, args.ae_batch, args.batch, args.cond)
+  acfg, dcfg, ae_model, disc_model, unet_model = (
+      su[k] for k in ("acfg", "dcfg", "ae_model", "disc_model", "unet_model"))
   ih, iw = acfg.data.image_size
-  f = 2 ** (len(ae_model.channels) - 1)
-  m = dcfg.latent.pad_multiple
-  lh, lw = (math.ceil(s / f / m) * m for s in (ih, iw))
-  lc = ae_model.latent_channels
-  bsz, ae_bsz = dcfg.train.batch_size, acfg.train.batch_size
-  context_dim = 0 if dcfg.cond.kind == "none" else len(input_pipeline.COVARIATES)
-  unet_model = train_diffusion.make_unet(dcfg, lc, context_dim or None)
+  lh, lw, lc = su["latent_shape"]
+  bsz, ae_bsz, context_dim = dcfg.train.batch_size, acfg.train.batch_size, su["context_dim"]
+  n_ddim = args.ddim_steps or (3 if quick else dcfg.sample.num_inference_steps)
   s = dcfg.schedule
   spec = {"threads": benchlib.cores()}
   if "ae" in works:

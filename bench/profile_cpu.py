@@ -84,7 +84,8 @@ def torch_side(spec: dict):
 
 
 def our_ops(shapes, groups):
-  """name -> (callable that blocks, {variant: callable}) for the same works as torch_side."""
+  """op name -> {variant ("XLA", "ours", "flax"): zero-argument callable that blocks}, for
+  the same works as torch_side."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -173,15 +174,9 @@ def ldm_works(quick: bool):
   import jax
   import jax.numpy as jnp
   import bench_ldm
-  from ldm_jax import input_pipeline, train_autoencoder, train_diffusion
-  acfg, dcfg = bench_ldm.load_config("ldm_ixi_autoencoder"), bench_ldm.load_config(
-      "ldm_ixi_diffusion")
-  if quick:
-    acfg.model.name, acfg.disc.name = "AutoencoderKL_tiny", "PatchDiscriminator_tiny"
-    dcfg.model.name = "DiffusionModelUNet_tiny"
-    acfg.train.batch_size = dcfg.train.batch_size = 2
-  acfg.train.effective_batch_size = acfg.train.batch_size
-  acfg.loss.perceptual, acfg.loss.perceptual_kwargs = "none", {}
+  from ldm_jax import train_autoencoder, train_diffusion
+  su = bench_ldm.setup(quick)
+  acfg, dcfg, unet_model = su["acfg"], su["dcfg"], su["unet_model"]
   ih, iw = acfg.data.image_size
   works = {}
   state = {"ae": train_autoencoder.create_state(acfg, jax.random.key(0))}
@@ -192,13 +187,8 @@ def ldm_works(quick: bool):
     state["ae"], m = ae_step(state["ae"], images, jax.random.key(2))
     jax.block_until_ready(m)
   works["autoencoder + discriminator step"] = ae
-  ae_model = train_autoencoder.make_autoencoder(acfg.model)
-  f = 2 ** (len(ae_model.channels) - 1)
-  m = dcfg.latent.pad_multiple
-  lh, lw = (-(-s // f // m) * m for s in (ih, iw))
-  lc, bsz = ae_model.latent_channels, dcfg.train.batch_size
-  ctx_dim = 0 if dcfg.cond.kind == "none" else len(input_pipeline.COVARIATES)
-  unet_model = train_diffusion.make_unet(dcfg, lc, ctx_dim or None)
+  lh, lw, lc = su["latent_shape"]
+  bsz, ctx_dim = dcfg.train.batch_size, su["context_dim"]
   schedule = train_diffusion.make_schedule(dcfg)
   state["unet"] = train_diffusion.create_state(dcfg, unet_model, (lh, lw, lc), jax.random.key(0),
                                                cross_attention_dim=ctx_dim or None)

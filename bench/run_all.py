@@ -73,7 +73,7 @@ def version(pkg: str) -> str:
 
 
 def run(name: str, quick: bool, json_path: str) -> tuple:
-  """Runs bench_<name>.py; returns (seconds, exit status)."""
+  """Runs bench_<name>.py (profile_<x>: profile_<x>.py); returns (seconds, exit status)."""
   script = name + ".py" if name.startswith("profile_") else f"bench_{name}.py"
   cmd = [sys.executable, os.path.join(BENCH, script), "--json=" + json_path]
   if quick:

@@ -50,8 +50,8 @@ class _ConvNormAct(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     nd = x.ndim - 2
     h = kernels.Conv(self.features, (self.kernel_size,) * nd, strides=(self.stride,) * nd,
-                padding=((self.padding, self.padding),) * nd, use_bias=False, dtype=self.dtype,
-                kernel_init=_normal(0.0, 0.02), name="conv")(x)
+                     padding=((self.padding, self.padding),) * nd, use_bias=False,
+                     dtype=self.dtype, kernel_init=_normal(0.0, 0.02), name="conv")(x)
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype, scale_init=_normal(1.0, 0.02), name="norm")(h)
     if self.dropout:
@@ -109,8 +109,8 @@ class PatchDiscriminator(nn.Module):
     pad = ((self.padding, self.padding),) * nd
     outs = []
     h = kernels.Conv(self.channels, k, strides=(2,) * nd, padding=pad, dtype=self.dtype,
-                kernel_init=_normal(0.0, 0.02), bias_init=nn.initializers.zeros,
-                name="initial_conv")(x)
+                     kernel_init=_normal(0.0, 0.02), bias_init=nn.initializers.zeros,
+                     name="initial_conv")(x)
     if self.dropout:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.leaky_relu(h, self.negative_slope)
@@ -125,8 +125,8 @@ class PatchDiscriminator(nn.Module):
     lk = self.last_conv_kernel_size or self.kernel_size
     lpad = ((lk - 1) // 2,) * 2
     h = kernels.Conv(self.out_channels, (lk,) * nd, padding=(lpad,) * nd, dtype=self.dtype,
-                kernel_init=_normal(0.0, 0.02), bias_init=nn.initializers.zeros,
-                name="final_conv")(h)
+                     kernel_init=_normal(0.0, 0.02), bias_init=nn.initializers.zeros,
+                     name="final_conv")(h)
     outs.append(h)
     return outs
 

@@ -131,32 +131,33 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 Conv.__doc__ = "flax's nn.Conv (same parameters) with `conv_general_dilated` above."
 
 
-def _gn_stats(xf, num_groups, eps):
-  """Per (batch, channel) mean and 1 / std of each channel's group; xf is (B, S, C) float32."""
-  b, _, c = xf.shape
+def _group_mean(s, num_groups, n):
+  """(B, C) per-channel sums -> (B, C): the mean over each channel's group (n elements)."""
+  b, c = s.shape
   per = c // num_groups
-  n = xf.shape[1] * per
-  to_channels = lambda s: jnp.repeat(s, per, axis=1)          # (B, G) -> (B, C)
-  mean = to_channels(xf.sum(1).reshape(b, num_groups, per).sum(-1) / n)
-  var = jnp.square(xf - mean[:, None]).sum(1).reshape(b, num_groups, per).sum(-1) / n
-  return mean, to_channels(lax.rsqrt(var + eps))
+  return jnp.repeat(s.reshape(b, num_groups, per).sum(-1) / n, per, axis=1)
+
+
+def _as_rows(x):
+  """(B, *spatial, C) -> (B, S, C) float32."""
+  return x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, eps, dtype):
+  # Per (batch, channel): the group's mean and 1 / std (two-pass variance); then one scale
+  # and shift per channel.
+  xf = _as_rows(x)
+  n = xf.shape[1] * (x.shape[-1] // num_groups)
+  mean = _group_mean(xf.sum(1), num_groups, n)
+  inv = lax.rsqrt(_group_mean(jnp.square(xf - mean[:, None]).sum(1), num_groups, n) + eps)
+  a = inv * scale
+  y = xf * a[:, None] + (bias - mean * a)[:, None]
+  return y.reshape(x.shape).astype(dtype), (x, scale, mean, inv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _group_norm(x, scale, bias, num_groups, eps, dtype):
-  xf = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
-  mean, inv = _gn_stats(xf, num_groups, eps)
-  a = inv * scale
-  y = xf * a[:, None] + (bias - mean * a)[:, None]
-  return y.reshape(x.shape).astype(dtype)
-
-
-def _group_norm_fwd(x, scale, bias, num_groups, eps, dtype):
-  xf = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
-  mean, inv = _gn_stats(xf, num_groups, eps)
-  a = inv * scale
-  y = xf * a[:, None] + (bias - mean * a)[:, None]
-  return y.reshape(x.shape).astype(dtype), (x, scale, mean, inv)
+  return _group_norm_fwd(x, scale, bias, num_groups, eps, dtype)[0]
 
 
 def _group_norm_bwd(num_groups, eps, dtype, res, dy):
@@ -165,15 +166,11 @@ def _group_norm_bwd(num_groups, eps, dtype, res, dy):
   #   dx = inv (dy scale - mean_g(dy scale) - xhat mean_g(dy scale xhat)),
   # with mean_g over a group's positions and channels: one reduction pass, one elementwise.
   x, scale, mean, inv = res
-  b, c = x.shape[0], x.shape[-1]
-  per = c // num_groups
-  xf = x.reshape(b, -1, c).astype(jnp.float32)
-  dyf = dy.reshape(b, -1, c).astype(jnp.float32)
-  n = xf.shape[1] * per
+  xf, dyf = _as_rows(x), _as_rows(dy)
+  n = xf.shape[1] * (x.shape[-1] // num_groups)
   xhat = (xf - mean[:, None]) * inv[:, None]
   s1, s2 = dyf.sum(1), (dyf * xhat).sum(1)                     # (B, C)
-  group_mean = lambda s: jnp.repeat(s.reshape(b, num_groups, per).sum(-1) / n, per, axis=1)
-  m1, m2 = group_mean(s1 * scale), group_mean(s2 * scale)
+  m1, m2 = _group_mean(s1 * scale, num_groups, n), _group_mean(s2 * scale, num_groups, n)
   dx = inv[:, None] * (dyf * scale - m1[:, None] - xhat * m2[:, None])
   return dx.reshape(x.shape).astype(x.dtype), s2.sum(0), s1.sum(0)
 
