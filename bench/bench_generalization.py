@@ -20,15 +20,21 @@ fixed piecewise-linear map of the min-max scaled T1 intensities applied to every
 matter, background dark) and "PD-like" (flatter, grey slightly above white). Plain SSIM on
 the same pairs is printed as a row too.
 
-Levers (rows): recipe (configs/builtin.py as is: with shape randomization, half the pairs
-through one random affine warp of both images, target recomputed), no_shape (the recipe
-before 2026-12-03, without it); measured on no_shape and compared with it: no_contrast
-(without contrast randomization), less_self (5% self pairs instead of 15%, balanced from a
-pool of 6x the pairs), unbalanced (uniform pair targets), gem (the DeepSSIM++ GeM head),
-wide (1.5x the widths, one more block), long (twice the epochs), grid / grid43 (the grid
-head, 2 x 2 / 4 x 3 regions). Each (lever, head) trains once into
-<workdir>/<lever>/<head> and is resumed or reused on a rerun; results.json there caches its
-scores.
+Levers (rows), each a change of its base lever (LEVERS) and compared with it:
+* recipe: configs/builtin.py as is;
+* dropout_short: the recipe before its second change of 2026-12-03 (the paper's head
+  dropout 0.33, 3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
+  (9 epochs at lr 2e-3), flat (balanced targets with the scarce bins' pairs repeated to an
+  even share), no_aug (no augmentation or randomization at all: a diagnostic of the fit);
+* no_shape: dropout_short without shape randomization (the recipe before the first
+  change); measured on it: no_contrast (without contrast randomization), less_self (5%
+  self pairs instead of 15%, balanced from a pool of 6x the pairs), unbalanced (uniform
+  pair targets), gem (the DeepSSIM++ GeM head), wide (1.5x the widths, one more block),
+  long (twice the epochs), grid / grid43 (the grid head, 2 x 2 / 4 x 3 regions);
+* calibrated (DERIVED: trains nothing): the recipe's folds with the cosine mapped to SSIM
+  by an isotonic regression fitted on pairs of the fold's own training heads.
+Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
+rerun; results.json there caches its scores.
 
 Usage:
   python bench/bench_generalization.py                                   # recipe, 5 heads
@@ -48,31 +54,54 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-# The recipe is configs/builtin.py as it is. Levers measured before shape randomization
-# joined the recipe (2026-12-03) keep aug.p_shape 0 and are compared with no_shape, that
-# earlier recipe, so every cached row stays what the committed command computes.
-_BEFORE_SHAPE = {"aug.p_shape": 0.0}
+# Each lever is (its base lever, the settings it changes there): its config is
+# configs/builtin.py with the settings of its chain of bases applied root first, and its row
+# is compared with its base's on the same heads. The recipe is configs/builtin.py as it is;
+# the recipes before it are levers too, so every cached row stays what the committed
+# command computes.
+_BEFORE = {"model.overrides": {"dropout": 0.33}, "train.num_epochs": 3,
+           "optim.learning_rate": 1e-3}
 LEVERS = {
-    "recipe": {},
-    "no_shape": dict(_BEFORE_SHAPE),
-    "no_contrast": {"aug.p_contrast": 0.0, **_BEFORE_SHAPE},
-    "less_self": {"pairs.self_fraction": 0.05, "pairs.pool_factor": 6.0, **_BEFORE_SHAPE},
-    "unbalanced": {"pairs.balance_bins": 0, **_BEFORE_SHAPE},
-    "gem": {"model.head": "gem", **_BEFORE_SHAPE},
-    "wide": {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
-                                     hidden_dim=256, embed_dim=128), **_BEFORE_SHAPE},
-    "long": {"train.num_epochs": None, **_BEFORE_SHAPE},  # twice the recipe's
-    "grid": {"model.head": "grid", **_BEFORE_SHAPE},
-    "grid43": {"model.head": "grid", "model.overrides": {"grid": (4, 3)}, **_BEFORE_SHAPE},
+    "recipe": (None, {}),
+    # the recipe before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
+    "dropout_short": ("recipe", _BEFORE),
+    # measured on dropout_short
+    "no_dropout": ("dropout_short", {"model.overrides": {"dropout": 0.0}}),
+    "long3": ("dropout_short", {"train.num_epochs": 9, "optim.learning_rate": 2e-3}),
+    "flat": ("dropout_short", {"pairs.balance_repeat": True}),
+    "no_aug": ("dropout_short", {"aug.p_flip0": 0.0, "aug.p_flip1": 0.0, "aug.p_rotate": 0.0,
+                                 "aug.p_gamma": 0.0, "aug.p_contrast": 0.0,
+                                 "aug.p_shape": 0.0}),
+    # the recipe before 2026-12-03 (1st change): without shape randomization
+    "no_shape": ("dropout_short", {"aug.p_shape": 0.0}),
+    # measured on no_shape
+    "no_contrast": ("no_shape", {"aug.p_contrast": 0.0}),
+    "less_self": ("no_shape", {"pairs.self_fraction": 0.05, "pairs.pool_factor": 6.0}),
+    "unbalanced": ("no_shape", {"pairs.balance_bins": 0}),
+    "gem": ("no_shape", {"model.head": "gem"}),
+    "wide": ("no_shape", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
+                                                  hidden_dim=256, embed_dim=128)}),
+    "long": ("no_shape", {"train.num_epochs": 6}),
+    "grid": ("no_shape", {"model.head": "grid"}),
+    "grid43": ("no_shape", {"model.head": "grid", "model.overrides": {"grid": (4, 3)}}),
 }
 
 
+# Levers that train nothing: each scores its base lever's trained folds another way.
+# calibrated: the fold's cosine through a monotone map to SSIM (isotonic regression) fitted
+# on pairs of the fold's own training heads (calibration_pairs), never the held-out head.
+DERIVED = {"calibrated": "recipe"}
+# Calibration pairs: slices of one training head at most this far apart (and as many
+# pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
+CALIBRATION_MAX_MM = 30.0
+CALIBRATION_COPY_SHARE = 0.15
+
+
 def base_of(lever: str):
-  """The lever a row's difference is taken from: no_shape for the levers measured on it,
-  recipe for the others (none for the recipe itself and plain SSIM)."""
-  if lever in ("recipe", "plain SSIM"):
-    return None
-  return "no_shape" if lever != "no_shape" and "aug.p_shape" in LEVERS[lever] else "recipe"
+  """The lever a row's difference is taken from (None for the recipe and plain SSIM)."""
+  if lever in DERIVED:
+    return DERIVED[lever]
+  return LEVERS[lever][0] if lever in LEVERS else None
 
 
 # Fixed intensity maps of min-max scaled T1 intensities (knots x -> y), our approximation of
@@ -98,17 +127,20 @@ def builtin_config():
 
 
 def lever_config(lever: str, held_out: str):
+  """configs/builtin.py trained without `held_out`, with the lever's chain of settings."""
   mod, c = builtin_config()
-  heads = tuple(h for h in mod.ALL_HEADS if h[0] != held_out)
-  c.data.demo.train_heads = heads
-  for key, value in LEVERS[lever].items():
-    section, field = key.split(".")
-    if key == "train.num_epochs":
-      value = 2 * c.train.num_epochs
-    if isinstance(value, dict):  # overrides: merged into the recipe's
-      c[section][field].update(value)
-    else:
-      c[section][field] = value
+  c.data.demo.train_heads = tuple(h for h in mod.ALL_HEADS if h[0] != held_out)
+  chain = []
+  while lever is not None:
+    lever, settings = LEVERS[lever]
+    chain.insert(0, settings)
+  for settings in chain:
+    for key, value in settings.items():
+      section, field = key.split(".")
+      if isinstance(value, dict):  # overrides: merged into the recipe's
+        c[section][field].update(value)
+      else:
+        c[section][field] = value
   return c
 
 
@@ -170,6 +202,67 @@ def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
   return np.stack(images), np.asarray(pairs), np.asarray(labels)
 
 
+def calibration_pairs(held_out: str, seed: int = 1):
+  """(images, pairs, SSIM targets, weights) from the heads a fold trained on: every pair of
+  slices of one head at most CALIBRATION_MAX_MM apart, as many random pairs of two heads,
+  and an augmented copy of every slice (target 1, the training augmentation's
+  probabilities) weighted to CALIBRATION_COPY_SHARE of the total."""
+  from deepssim_jax import ssim as ssim_lib
+  from deepssim_jax.data import demo, images as images_lib
+  mod, config = builtin_config()
+  rng = np.random.default_rng(seed)
+  images, pairs, starts = [], [], []
+  for head, lo, hi in mod.ALL_HEADS:
+    if head == held_out:
+      continue
+    ks, imgs, mm = head_slices(head, (lo, hi))
+    start = len(images)
+    starts.append((start, len(ks)))
+    images.extend(imgs)
+    dist = np.abs(ks[:, None] - ks[None, :]) * mm
+    pairs.extend((start + int(i), start + int(j))
+                 for i, j in np.argwhere(np.triu(dist <= CALIBRATION_MAX_MM, 1)))
+  n_within = len(pairs)
+  for _ in range(n_within):
+    (sa, na), (sb, nb) = (starts[i] for i in rng.choice(len(starts), 2, replace=False))
+    pairs.append((sa + int(rng.integers(na)), sb + int(rng.integers(nb))))
+  n_real = len(images)
+  a = config.aug
+  for i in range(n_real):
+    x, _ = demo.augment(images[i], rng, p_flip=a.p_flip0, p_rotate=a.p_rotate,
+                        max_angle=a.max_angle, p_gamma=a.p_gamma)
+    images.append(images_lib.zscore(x, "copy"))
+    pairs.append((i, len(images) - 1))
+  images, pairs = np.stack(images), np.asarray(pairs)
+  target = np.asarray(ssim_lib.ssim_indexed(images, images, pairs[:, 0], pairs[:, 1]))
+  is_copy = np.arange(len(pairs)) >= 2 * n_within
+  target = np.where(is_copy, 1.0, target)
+  share = CALIBRATION_COPY_SHARE
+  weights = np.where(is_copy, share * (~is_copy).sum() / ((1 - share) * is_copy.sum()), 1.0)
+  return images, pairs, target, weights
+
+
+def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
+  """A DERIVED lever's scores: its base fold's model and cached pairs, another scoring."""
+  from sklearn.isotonic import IsotonicRegression
+  from deepssim_jax import api, evaluate, fileio
+  base = fold_scores(DERIVED[lever], held_out, workdir)
+  model = api.load(os.path.join(workdir, DERIVED[lever], held_out) + ":best")
+  imgs, pairs, target, weights = calibration_pairs(held_out)
+  emb = model.embed(imgs)
+  cos = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
+  iso = IsotonicRegression(y_min=-1.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+  iso.fit(cos, target, sample_weight=weights)
+  res = {"lever": lever, "held_out": held_out, "step": base["step"],
+         "train_s": base["train_s"], "calibration_pairs": int(len(pairs)), "contrasts": {}}
+  for contrast, c in base["contrasts"].items():
+    s = iso.predict(np.asarray(c["scores"]))
+    res["contrasts"][contrast] = {**c, "deepssim": evaluate.evaluate_scores(
+        np.asarray(c["labels"]), s), "scores": s.tolist()}
+  fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
+  return res
+
+
 def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
   """Trains (or reuses) the fold and scores every contrast's pairs: cached in results.json."""
   import jax
@@ -181,6 +274,8 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
   if os.path.isfile(cache):
     with open(cache) as f:
       return json.load(f)
+  if lever in DERIVED:
+    return derived_scores(lever, held_out, workdir)
   config = lever_config(lever, held_out)
   validate.check_deepssim(config, "train", jax.device_count())
   t0 = time.perf_counter()
@@ -216,7 +311,7 @@ def table(results: list) -> str:
     for contrast, c in r["contrasts"].items():
       rows.setdefault((r["lever"], contrast), {})[r["held_out"]] = c["deepssim"]
       rows.setdefault(("plain SSIM", contrast), {})[r["held_out"]] = c["ssim"]
-  order = list(LEVERS) + ["plain SSIM"]
+  order = list(LEVERS) + list(DERIVED) + ["plain SSIM"]
   for (lever, contrast), by_head in sorted(
       rows.items(), key=lambda kv: (order.index(kv[0][0]), list(CONTRASTS).index(kv[0][1]))):
     f1 = {h: by_head[h]["macro_f1"] for h in by_head}
@@ -251,8 +346,8 @@ def main():
            else args.heads.split(","))
   levers = args.levers.split(",")
   for lever in levers:
-    if lever not in LEVERS:
-      raise SystemExit(f"unknown lever {lever!r}; choose from {sorted(LEVERS)}")
+    if lever not in LEVERS and lever not in DERIVED:
+      raise SystemExit(f"unknown lever {lever!r}; choose from {sorted(LEVERS) + sorted(DERIVED)}")
   results = []
   for lever in levers:
     for head in heads:

@@ -225,18 +225,18 @@ class Model:
 
   def explain(self, a: Images, b: Images, score: str = "similarity"
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Explanation maps of a pair (multi-scale LayerCAM, deepssim_jax.explain): for each
+    """Explanation maps of a pair (deepssim_jax.explain; by default occlusion): for each
     image an (H, W) map in [0, 1] of the regions that make the pair match (score
-    "similarity", the reference's) or differ ("dissimilarity"); exact copies get maps of 0.
-    Settings (stages, eps, max_cosine): explain.default_config()."""
+    "similarity") or differ ("dissimilarity"); exact copies get maps of 0. Settings
+    (method, window, stride, stages, eps, max_cosine): explain.default_config()."""
     from deepssim_jax import explain  # pylint: disable=g-import-not-at-top
     xa, xb = self._read(a, "a"), self._read(b, "b")
     if len(xa) != 1 or len(xb) != 1:
       raise fileio.InputError("explain: give one image for a and one for b")
     cfg = explain.default_config()
-    ma, mb = explain.pair_maps(self.model, self.variables, xa[0], xb[0],
-                               stages=tuple(cfg.stages), score=score, eps=cfg.eps,
-                               max_cosine=cfg.max_cosine)
+    ma, mb = explain.pair_maps(self.model, self.variables, xa[0], xb[0], method=cfg.method,
+                               score=score, stages=tuple(cfg.stages), window=cfg.window,
+                               stride=cfg.stride, eps=cfg.eps, max_cosine=cfg.max_cosine)
     return np.asarray(ma), np.asarray(mb)
 
 

@@ -304,7 +304,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
              f"{n_train} training images; classes under the paper's thresholds "
              f"(score <= {t_low:g} Different, > {t_high:g} Duplicate, else Similar). "
              "The difference image is |synthetic - training| of the z-scored images."],
-      explainer=explainer)
+      explainer=explainer,
+      map_how=explain.describe(config.explain) if explainer is not None else "")
   files = {"audit.csv": write_audit_csv,
            "summary.json": json.dumps(fileio.json_ready(summary), indent=2,
                                       sort_keys=True) + "\n",

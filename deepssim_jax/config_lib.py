@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pairs.align_flips = True
   c.pairs.balance_bins = 0        # >0: even targets over that many bins of [0, 1] (ours)
   c.pairs.pool_factor = 4.0       # balanced: targets computed for this many x num_pairs
+  c.pairs.balance_repeat = False  # balanced: scarce bins repeat pairs to an even share (ours)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "convnext_base"

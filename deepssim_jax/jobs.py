@@ -47,6 +47,8 @@ def pair_record(config: ml_collections.ConfigDict, real_fp: str, synth_fp: str) 
                align_flips=bool(pc.align_flips))
   if pc.balance_bins:
     rec["pool_factor"] = float(pc.pool_factor)
+    if pc.get("balance_repeat", False):
+      rec["balance_repeat"] = True
   if pc.get("self_fraction", 0.0) and not config.data.synth.kind:
     rec["self_fraction"] = float(pc.self_fraction)
   return rec
@@ -150,7 +152,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, pair_table: bo
           matched_fraction=pc.matched_fraction, valid_fraction=pc.valid_fraction,
           batch_size=pc.batch_size, align=pc.align, align_angles=tuple(pc.align_angles),
           align_flips=pc.align_flips, balance_bins=pc.balance_bins,
-          pool_factor=pc.pool_factor,
+          pool_factor=pc.pool_factor, balance_repeat=pc.get("balance_repeat", False),
           self_fraction=0.0 if has_synth else pc.get("self_fraction", 0.0))
       if parallel.is_main_process():
         banks.drop_record(table_path)

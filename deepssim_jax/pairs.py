@@ -97,19 +97,34 @@ def sample_pairs(num_real: int, num_synth: int, num_pairs: int, seed: int,
   return real_idx, synth_idx, valid_synth[synth_idx]
 
 
-def balance_targets(targets: np.ndarray, num: int, bins: int, seed: int) -> np.ndarray:
+def balance_targets(targets: np.ndarray, num: int, bins: int, seed: int,
+                    repeat: bool = False) -> np.ndarray:
   """Indices of `num` of the pairs whose target histogram over `bins` equal bins of [0, 1]
   is as flat as the pool allows (targets below 0 count in the first bin, above 1 in the last).
 
   Water-filling: every bin gets an equal share of what is left; a bin holding fewer pairs
   than its share gives all of them and the rest is shared among the other bins. Which pairs
   of a bin are kept is random (seeded). Returns sorted indices.
+
+  repeat=True: every non-empty bin gets an equal share (num // its count, the remainder to
+  the first bins), a bin with fewer pairs repeating them (each pair as evenly often as the
+  share allows), so the histogram is flat and the scarce high-target pairs weigh as much as
+  the common low ones; `num` is not capped at the pool's size.
   """
   if bins < 1:
     raise ValueError(f"pairs.balance_bins must be >= 1 (got {bins})")
-  num = min(num, len(targets))
   which = np.clip((np.asarray(targets) * bins).astype(np.int64), 0, bins - 1)
   members = [np.flatnonzero(which == b) for b in range(bins)]
+  if repeat:
+    rng = np.random.default_rng(seed)
+    full = [m for m in members if len(m)]
+    if not full:
+      return np.zeros(0, np.int64)
+    quota = np.full(len(full), num // len(full)) + (np.arange(len(full)) < num % len(full))
+    chosen = [np.concatenate([rng.permutation(m) for _ in range(-(-q // len(m)))])[:q]
+              for m, q in zip(full, quota)]
+    return np.sort(np.concatenate(chosen))
+  num = min(num, len(targets))
   quota = np.zeros(bins, np.int64)
   left, open_bins = num, [b for b in range(bins) if len(members[b])]
   while left and open_bins:
@@ -187,7 +202,8 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
                      matched_fraction: float, valid_fraction: float, batch_size: int,
                      align: bool, align_angles: tuple, align_flips: bool,
                      balance_bins: int = 0, pool_factor: float = 4.0,
-                     self_fraction: float = 0.0, mesh=None) -> PairTable:
+                     balance_repeat: bool = False, self_fraction: float = 0.0,
+                     mesh=None) -> PairTable:
   """Samples pairs between two image banks and computes their SSIM targets.
 
   Banks are dicts with `keys` (N,) and z-scored `images` (N, H, W); the synthetic bank may
@@ -196,7 +212,7 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   balance_bins > 0 (ours, not the reference's uniform sampling): targets are computed for a
   pool of pool_factor x num_pairs sampled pairs, and num_pairs of them are kept so that the
   targets spread as evenly as the pool allows over balance_bins bins of [0, 1]
-  (`balance_targets`).
+  (`balance_targets`); balance_repeat: exactly evenly, the scarce bins' pairs repeated.
 
   self_fraction > 0 (pairs within one set, real_bank is synth_bank): that share of the rows
   pairs an image with itself (target 1), every image in turn (rows repeat when there are
@@ -228,7 +244,7 @@ def build_pair_table(real_bank: dict, synth_bank: dict, *, num_pairs: int, seed:
   s = compute_ssim(real_bank["images"], synth_bank["images"], ia, ib, batch_size=batch_size,
                    align=align, align_angles=align_angles, align_flips=align_flips, mesh=mesh)
   if balance_bins:
-    keep = balance_targets(s, num_pairs, balance_bins, seed)
+    keep = balance_targets(s, num_pairs, balance_bins, seed, repeat=balance_repeat)
     keep = keep[np.random.default_rng(seed).permutation(len(keep))]
     ia, ib, is_valid, s = ia[keep], ib[keep], is_valid[keep], s[keep]
     logging.info("Balanced pairs: %d of a pool of %d; targets per bin %s", len(keep), pool,

@@ -209,11 +209,9 @@ def _pct(v) -> str:
 
 # Captions of the explanation maps (deepssim_jax.explain's scores).
 MAP_NAMES = {"similarity": "what makes them match", "dissimilarity": "where they differ"}
-MAP_NOTE = ("Explanation maps ({name}): multi-scale LayerCAM of the DeepSSIM score "
-            "(as DeepSSIM++ explains it), averaged over the ConvNeXt stages and scaled to "
-            "[0, 1] per image; the high end of the colour map (red in turbo) marks the "
-            "regions that most {what}. An exact copy (cosine 1) has a flat map: the "
-            "cosine's gradient vanishes at its maximum.")
+MAP_NOTE = ("Explanation maps ({name}): {how}, scaled to [0, 1] per image; the high end "
+            "of the colour map (red in turbo) marks the regions that most {what}. An exact "
+            "copy (cosine 1) has a flat map.")
 MAP_NOTE_WHAT = {"similarity": "raise the two images' similarity",
                  "dissimilarity": "lower the two images' similarity"}
 
@@ -342,8 +340,8 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
                  extra: Optional[Mapping[str, np.ndarray]] = None,
                  notes: Sequence[str] = (),
                  explainer: Optional[Callable[[np.ndarray, np.ndarray],
-                                              Mapping[str, Sequence[np.ndarray]]]] = None
-                 ) -> str:
+                                              Mapping[str, Sequence[np.ndarray]]]] = None,
+                 map_how: str = "explanation maps of the DeepSSIM score") -> str:
   """Renders the report of an audit (nothing is written).
 
   Args:
@@ -362,6 +360,7 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
       name: (synthetic maps, training maps)} in [0, 1] (explain.explain_pairs with the
       audit's model); each score's maps are laid over the pair's images (overlay_pngs),
       one row per score. None: no maps.
+    map_how: how the maps were computed (explain.describe), for their caption.
   """
   s = np.asarray(scores, np.float64).reshape(-1)
   n = len(s)
@@ -390,7 +389,7 @@ def build_report(summary: Mapping[str, Any], scores: np.ndarray, labels: np.ndar
                     "train_png": pngs["train"], "diff_png": pngs["diff"],
                     "overlays": overlays,
                     "extra": {k: np.asarray(v)[i] for k, v in dict(extra or {}).items()}})
-  notes = list(notes) + [MAP_NOTE.format(name=MAP_NAMES.get(score, score),
+  notes = list(notes) + [MAP_NOTE.format(name=MAP_NAMES.get(score, score), how=map_how,
                                          what=MAP_NOTE_WHAT.get(score, score))
                          for score in maps]
   hist = histogram_png(s, lines, int(cfg.hist_bins), (cfg.hist_width_in, cfg.hist_height_in),

@@ -128,7 +128,7 @@ def test_report_shows_explanation_maps_of_the_checkpoint_model(model_fn, tiny_mo
   for a in overlays:
     im = _decode(a["src"])
     assert im.mode == "RGB" and im.size == (SIZE[1] * 2, SIZE[0] * 2)
-  assert "LayerCAM" in text
+  assert "occlusion: the change of the DeepSSIM score when each 16 x 16 square" in text
   # The maps are those of explain for the shown pairs (here: the most similar pair's).
   table = fileio.read_csv(os.path.join(folder, "audit.csv"), ["synth_id", "train_id_1", "score_1"])
   top = int(np.argmax(fileio.float_column("audit.csv", table, "score_1")))

@@ -53,6 +53,24 @@ def test_balance_targets_flattens_the_histogram_as_far_as_the_pool_allows():
     pairs.balance_targets(t, 10, 0, seed=0)
 
 
+def test_balance_targets_with_repeats_is_flat_and_repeats_evenly():
+  rng = np.random.default_rng(0)
+  t = np.concatenate([rng.uniform(0.0, 0.5, 900), rng.uniform(0.6, 0.9, 30),
+                      rng.uniform(0.9, 1.0, 5)])  # bin 5 empty
+  keep = pairs.balance_targets(t, 403, 10, seed=1, repeat=True)
+  assert len(keep) == 403
+  counts = np.histogram(t[keep], 10, (0, 1))[0]
+  assert counts[5] == 0
+  full = counts[np.arange(10) != 5]
+  assert full.max() - full.min() <= 1 and full.sum() == 403  # 9 bins, 44 or 45 each
+  # A bin with fewer pairs than its share repeats each of them as evenly as the share allows.
+  times = np.bincount(keep, minlength=len(t))[t >= 0.9]
+  assert times.max() - times.min() <= 1 and times.sum() == counts[9]
+  # A bin with more pairs than its share keeps distinct ones.
+  assert np.bincount(keep, minlength=len(t))[t < 0.1].max() == 1
+  np.testing.assert_array_equal(keep, pairs.balance_targets(t, 403, 10, seed=1, repeat=True))
+
+
 def test_pair_table_ssim_equals_scikit_image(tmp_path):
   rng = np.random.default_rng(0)
   def bank(n, prefix):

@@ -127,7 +127,7 @@ def test_gallery_shows_explanation_maps_as_overlays():
     return _ramp_maps(a, b)
 
   text = report.build_report(summary, scores, labels, sids, tids, synth, train,
-                             {"t_low": 0.6}, cfg, explainer=explainer)
+                             {"t_low": 0.6}, cfg, explainer=explainer, map_how="ramp maps")
   p = _parse(text)
   order = np.argsort(-scores)[:3]
   assert len(calls) == 1  # one call with the gallery rows, most suspicious first
@@ -143,7 +143,7 @@ def test_gallery_shows_explanation_maps_as_overlays():
     im.load()
     assert im.format == "PNG" and im.mode == "RGB" and im.size == (W * 2, H * 2)
   assert text.count('data-map="similarity"') == 3 and "what makes them match" in text
-  assert "LayerCAM" in text
+  assert "Explanation maps (what makes them match): ramp maps, scaled" in text
   # The brightest pixel of the synthetic image (map 1) gets turbo's top colour (dark red)
   # at alpha 0.6 over white.
   import matplotlib  # pylint: disable=g-import-not-at-top
