@@ -298,7 +298,9 @@ def occlusion_maps(model: models.DeepSSIM, variables: Any, a: np.ndarray, b: np.
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   p, h, w = a.shape
   masks = occlusion_windows((h, w), int(window), int(stride))
-  cover = masks.sum(0).astype(np.float32)
+  weights = masks.astype(np.float32) / masks.sum(0)  # each square's share of its pixels' mean
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  variables = parallel.replicate(variables, mesh)
   embed_fn = embed_lib.make_embed_fn(model) if embed_fn is None else embed_fn
 
   def embed(x):
@@ -314,7 +316,7 @@ def occlusion_maps(model: models.DeepSSIM, variables: Any, a: np.ndarray, b: np.
       continue
     for side, (x, other) in enumerate(((a[i], e[p + i]), (b[i], e[i]))):
       delta = embed(np.where(masks, 0.0, x[None]).astype(np.float32)) @ other - cos[i]
-      value = np.tensordot(delta, masks.astype(np.float32), axes=1) / cover
+      value = np.tensordot(delta, weights, axes=1)
       for score, m in (("similarity", np.maximum(-value, 0)),
                        ("dissimilarity", np.maximum(value, 0))):
         out[score][side][i] = m / (m.max() + eps)
