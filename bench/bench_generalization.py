@@ -18,12 +18,17 @@ Each pair set is also scored after an intensity remap that mimics other MRI cont
 fixed piecewise-linear map of the min-max scaled T1 intensities applied to every image
 (both images of a pair, before the copy is made), "T2-like" (CSF bright, grey above white
 matter, background dark) and "PD-like" (flatter, grey slightly above white). Plain SSIM on
-the same pairs is printed as a row too.
+the same pairs is printed as a row too, and SSIM's ceiling ("SSIM, copies as 1": each
+copy scored 1, the rest by SSIM), what an exact SSIM that ignored the copies' flips,
+rotations, gamma and noise would get.
 
 Levers (rows), each a change of its base lever (LEVERS) and compared with it:
-* recipe: configs/builtin.py as is; measured on it: long18 (18 epochs instead of 9);
-* dropout_short: the recipe before its second change of 2026-12-03 (the paper's head
-  dropout 0.33, 3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
+* recipe: configs/builtin.py as is (18 epochs since 2026-12-03's third change); measured on it:
+  shape_strong (shape randomization p 0.8 with larger warps: scale exp(+-0.25), shear
+  +-0.15, shift +-8%), contrast_strong (contrast randomization p 0.8), long36 (36 epochs);
+* epochs9: the recipe before that third change (9 epochs);
+* dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
+  3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
   (9 epochs at lr 2e-3), flat (balanced targets with the scarce bins' pairs repeated to an
   even share), no_aug (no augmentation or randomization at all: a diagnostic of the fit);
 * no_shape: dropout_short without shape randomization (the recipe before the first
@@ -31,7 +36,7 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   self pairs instead of 15%, balanced from a pool of 6x the pairs), unbalanced (uniform
   pair targets), gem (the DeepSSIM++ GeM head), wide (1.5x the widths, one more block),
   long (twice the epochs), grid / grid43 (the grid head, 2 x 2 / 4 x 3 regions);
-* calibrated (DERIVED: trains nothing): the recipe's folds with the cosine mapped to SSIM
+* calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
 rerun; results.json there caches its scores.
@@ -64,9 +69,14 @@ _BEFORE = {"model.overrides": {"dropout": 0.33}, "train.num_epochs": 3,
 LEVERS = {
     "recipe": (None, {}),
     # measured on the recipe
-    "long18": ("recipe", {"train.num_epochs": 18}),
+    "shape_strong": ("recipe", {"aug.p_shape": 0.8, "aug.shape_max_scale": 0.25,
+                                "aug.shape_max_shear": 0.15, "aug.shape_max_shift": 0.08}),
+    "contrast_strong": ("recipe", {"aug.p_contrast": 0.8}),
+    "long36": ("recipe", {"train.num_epochs": 36}),
+    # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
+    "epochs9": ("recipe", {"train.num_epochs": 9}),
     # the recipe before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
-    "dropout_short": ("recipe", _BEFORE),
+    "dropout_short": ("epochs9", _BEFORE),
     # measured on dropout_short
     "no_dropout": ("dropout_short", {"model.overrides": {"dropout": 0.0}}),
     "long3": ("dropout_short", {"train.num_epochs": 9, "optim.learning_rate": 2e-3}),
@@ -92,7 +102,7 @@ LEVERS = {
 # Levers that train nothing: each scores its base lever's trained folds another way.
 # calibrated: the fold's cosine through a monotone map to SSIM (isotonic regression) fitted
 # on pairs of the fold's own training heads (calibration_pairs), never the held-out head.
-DERIVED = {"calibrated": "recipe"}
+DERIVED = {"calibrated": "epochs9"}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
 CALIBRATION_MAX_MM = 30.0
@@ -114,6 +124,7 @@ CONTRASTS = {
     "PD-like": ((0.0, 0.1, 0.3, 0.5, 0.7, 1.0), (0.0, 0.1, 0.75, 0.9, 0.7, 0.6)),
 }
 PAIRS_PER_CLASS = 40
+DUPLICATE = 1  # a Duplicate pair's label (evaluate's classes: 0 Different, 2 Similar)
 SIMILAR_MM = (2.0, 4.0)
 DIFFERENT_MM = 20.0
 NOISE_SIGMA = 0.05
@@ -184,7 +195,7 @@ def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
     x = x + rng.normal(0.0, NOISE_SIGMA, x.shape).astype(np.float32)
     images.append(images_lib.zscore(x, "noisy copy"))
     pairs.append((int(i), len(images) - 1))
-    labels.append(1)
+    labels.append(DUPLICATE)
   dist = np.abs(ks[:, None] - ks[None, :]) * mm
   lo, hi = SIMILAR_MM if mm <= SIMILAR_MM[1] else (mm, mm)
   near = np.argwhere(np.triu((dist >= lo - 1e-6) & (dist <= hi + 1e-6), 1))
@@ -300,10 +311,16 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
   return res
 
 
+CEILING = "SSIM, copies as 1"
+
+
 def table(results: list) -> str:
   """Markdown: per lever and contrast, macro F1 per held-out head, the mean, the difference
   from its base's mean on the same heads (base_of), and the per-class recalls averaged over heads;
-  plain SSIM (the same pairs) once per contrast."""
+  plain SSIM (the same pairs) once per contrast, and SSIM's ceiling: the same SSIM with
+  every copy scored as its source (1), what a metric that reproduced SSIM exactly and
+  ignored the copy's flip / rotation / gamma / noise would get."""
+  from deepssim_jax import evaluate
   heads = sorted({r["held_out"] for r in results})
   lines = ["| lever | contrast | " + " | ".join(heads) + " | mean macro F1 | vs its base "
            "(base_of), same heads | R Duplicate | R Similar | R Different |",
@@ -313,7 +330,11 @@ def table(results: list) -> str:
     for contrast, c in r["contrasts"].items():
       rows.setdefault((r["lever"], contrast), {})[r["held_out"]] = c["deepssim"]
       rows.setdefault(("plain SSIM", contrast), {})[r["held_out"]] = c["ssim"]
-  order = list(LEVERS) + list(DERIVED) + ["plain SSIM"]
+      labels = np.asarray(c["labels"])
+      ceiling = np.where(labels == DUPLICATE, 1.0, np.asarray(c["ssim_scores"]))
+      rows.setdefault((CEILING, contrast), {})[r["held_out"]] = evaluate.evaluate_scores(
+          labels, ceiling)
+  order = list(LEVERS) + list(DERIVED) + ["plain SSIM", CEILING]
   for (lever, contrast), by_head in sorted(
       rows.items(), key=lambda kv: (order.index(kv[0][0]), list(CONTRASTS).index(kv[0][1]))):
     f1 = {h: by_head[h]["macro_f1"] for h in by_head}
