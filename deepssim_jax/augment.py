@@ -9,6 +9,7 @@ they act on z-scored 2-D images of shape (H, W) (single) or (B, H, W) (batched).
 """
 
 import dataclasses
+import math
 
 import dm_pix as pix
 import jax
@@ -42,6 +43,12 @@ class AugmentConfig:
   shape_max_scale: float = 0.15
   shape_max_shear: float = 0.1
   shape_max_shift: float = 0.05
+  # Resolution randomization (ours): with p_blur, both images of a pair are smoothed by one
+  # Gaussian (sigma uniform in [blur_min_sigma, blur_max_sigma] pixels), and the target
+  # becomes their SSIM after it: scanners of other resolution and smoothness.
+  p_blur: float = 0.0
+  blur_min_sigma: float = 0.5
+  blur_max_sigma: float = 1.5
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -154,6 +161,35 @@ def shape_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
     m, shift = random_affine(k, cfg, a.shape[-2:])
     return lambda x: images_lib.zscore(geometry.affine(x, m, shift), xp=jnp)
   return _randomize_pairs(key, a, b, target, cfg.p_shape, draw)
+
+
+def blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+  """An (H, W) image smoothed by a Gaussian of `sigma` pixels (dm-pix's separable kernel of
+  2 radius + 1 taps), the border read as the image's minimum (the background: no bright or
+  dark rim appears)."""
+  lo = jnp.min(x)
+  y = pix.gaussian_blur((x - lo)[..., None], sigma, 2 * radius + 1)[..., 0]
+  return y + lo
+
+
+def blur_radius(cfg: AugmentConfig) -> int:
+  """Kernel radius of blur_pairs: 3 of the largest sigma (at least 1 pixel)."""
+  return max(1, int(math.ceil(3.0 * cfg.blur_max_sigma)))
+
+
+def blur_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+               cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Resolution randomization of a batch of pairs (B, H, W): with probability p_blur a pair
+  is drawn one sigma uniform in [blur_min_sigma, blur_max_sigma], both images are blurred
+  by it (blur; z-scored again) and its target is replaced by the SSIM of the blurred pair.
+  Other pairs are returned unchanged. As for contrast_pairs, the stored target must be
+  the plain SSIM of the pair (pairs.align False)."""
+  radius = blur_radius(cfg)
+
+  def draw(k):
+    sigma = jax.random.uniform(k, (), minval=cfg.blur_min_sigma, maxval=cfg.blur_max_sigma)
+    return lambda x: images_lib.zscore(blur(x, sigma, radius), xp=jnp)
+  return _randomize_pairs(key, a, b, target, cfg.p_blur, draw)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

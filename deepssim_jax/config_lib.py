@@ -139,6 +139,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.shape_max_scale = 0.15
   c.aug.shape_max_shear = 0.1
   c.aug.shape_max_shift = 0.05
+  # Resolution randomization (ours): with p_blur a pair's two images are smoothed by one
+  # Gaussian of sigma uniform in [blur_min_sigma, blur_max_sigma] pixels, target recomputed
+  # (augment.blur_pairs; pairs.align False).
+  c.aug.p_blur = 0.0
+  c.aug.blur_min_sigma = 0.5
+  c.aug.blur_max_sigma = 1.5
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -160,7 +160,7 @@ _DEEPSSIM_RANGES = (
     ("aug.p_rotate", 0.0, 1.0, False), ("aug.p_gamma", 0.0, 1.0, False),
     ("aug.p_contrast", 0.0, 1.0, False), ("aug.p_shape", 0.0, 1.0, False),
     ("aug.shape_max_scale", 0.0, 1.0, False), ("aug.shape_max_shear", 0.0, 1.0, False),
-    ("aug.shape_max_shift", 0.0, 0.5, False),
+    ("aug.shape_max_shift", 0.0, 0.5, False), ("aug.p_blur", 0.0, 1.0, False),
     ("calibrate.dar.percentile", 0.0, 100.0, False),
 )
 
@@ -187,7 +187,12 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   lo, hi = c.value("aug.gamma_min"), c.value("aug.gamma_max")
   if _is_num(lo) and _is_num(hi) and hi < lo:
     c.fail("aug.gamma_max", f"must be >= config.aug.gamma_min ({lo:g})", hi)
-  for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape")):
+  c.num_min("aug.blur_min_sigma", 0.0, strict=True)
+  lo, hi = c.value("aug.blur_min_sigma"), c.value("aug.blur_max_sigma")
+  if _is_num(lo) and _is_num(hi) and hi < lo:
+    c.fail("aug.blur_max_sigma", f"must be >= config.aug.blur_min_sigma ({lo:g})", hi)
+  for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape"),
+                    ("aug.p_blur", "resolution")):
     p = c.value(key)
     if _is_num(p) and p > 0 and c.value("pairs.align"):
       c.fail(key, f"{what} randomization recomputes plain SSIM targets, so it needs "

@@ -179,3 +179,35 @@ def test_shape_pairs_warp_both_images_alike_and_recompute_the_target():
   wa, _, t = augment.shape_pairs(key, a, b, target, dataclasses.replace(OFF, p_shape=0.0))
   np.testing.assert_array_equal(np.asarray(wa), np.asarray(a))
   np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+
+
+def test_blur_pairs_smooth_both_images_alike_and_recompute_the_target():
+  """p_blur 1: both images of a pair are smoothed by one Gaussian of sigma in the range
+  (scipy.ndimage.gaussian_filter with the border read as the image's minimum, the
+  independent reference), come out z-scored, and the target is scikit-image's SSIM of the
+  blurred pair; p 0: untouched."""
+  from scipy import ndimage
+  from skimage.metrics import structural_similarity
+  a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
+  target = jnp.full((4,), 0.123)
+  on = dataclasses.replace(OFF, p_blur=1.0, blur_min_sigma=0.5, blur_max_sigma=1.5)
+  key = jax.random.key(6)
+  ba, bb, t = augment.blur_pairs(key, a, b, target, on)
+  radius = augment.blur_radius(on)
+  assert radius == 5
+  keys = jax.random.split(jax.random.split(key)[1], 4)
+  sigmas = [float(jax.random.uniform(k, (), minval=0.5, maxval=1.5)) for k in keys]
+  assert len(set(sigmas)) == 4 and all(0.5 <= s <= 1.5 for s in sigmas)
+  for i, sigma in enumerate(sigmas):
+    for x, y in ((a[i], ba[i]), (b[i], bb[i])):
+      x = np.asarray(x, np.float64)
+      u = ndimage.gaussian_filter(x, sigma, mode="constant", cval=x.min(),
+                                  truncate=radius / sigma)
+      np.testing.assert_allclose(np.asarray(y), (u - u.mean()) / u.std(), atol=2e-4)
+      assert np.std(np.diff(np.asarray(y), axis=1)) < np.std(np.diff(x / x.std(), axis=1))
+    za, zb = np.asarray(ba[i], np.float64), np.asarray(bb[i], np.float64)
+    want = structural_similarity(za, zb, data_range=za.max() - za.min())
+    assert abs(float(t[i]) - want) < 1e-4, (float(t[i]), want)
+  ba, _, t = augment.blur_pairs(key, a, b, target, dataclasses.replace(OFF, p_blur=0.0))
+  np.testing.assert_array_equal(np.asarray(ba), np.asarray(a))
+  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
