@@ -202,6 +202,15 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   c.thresholds("audit.thresholds")
   from deepssim_jax import models  # pylint: disable=g-import-not-at-top
   c.one_of("model.dtype", tuple(models.COMPUTE_DTYPES))
+  from deepssim_jax import explain  # pylint: disable=g-import-not-at-top
+  c.one_of("explain.method", explain.METHODS)
+  scores = c.value("explain.scores")
+  if scores is not _MISSING and (isinstance(scores, str)
+                                 or any(s not in explain.SCORES for s in scores)):
+    c.fail("explain.scores", f"must be a tuple of {list(explain.SCORES)}", scores)
+  for key in ("explain.window", "explain.stride", "explain.batch_size",
+              "explain.occlusion_batch_size"):
+    c.int_min(key, 1)
   for key in _DEEPSSIM_DEVICE_BATCHES.get(mode, ()):
     c.multiple_of_devices(key, num_devices)
   c.raise_if_any()

@@ -313,6 +313,11 @@ def test_verbose_shows_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
     ("pairs.valid_fraction", 1.5, "config.pairs.valid_fraction must be in [0, 1), got 1.5"),
     ("train.batch_size", 6, "config.train.batch_size must be a multiple of the 4 devices"),
     ("aug.p_blur", 1.5, "config.aug.p_blur must be in [0, 1], got 1.5"),
+    ("explain.method", "gradcam",
+     "config.explain.method must be one of ['occlusion', 'layercam'], got 'gradcam'"),
+    ("explain.scores", ("similar",), "config.explain.scores must be a tuple of ['similarity', "
+     "'dissimilarity'], got ('similar',)"),
+    ("explain.window", 0, "config.explain.window must be >= 1, got 0"),
     ("aug.blur_min_sigma", 0.0, "config.aug.blur_min_sigma must be > 0, got 0.0"),
     ("aug.blur_max_sigma", 0.2, "config.aug.blur_max_sigma must be >= config.aug.blur_min_sigma"
      " (0.5), got 0.2"),
