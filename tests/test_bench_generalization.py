@@ -1,0 +1,76 @@
+"""bench/bench_generalization.py's levers and table: each lever's config is the recipe with
+its chain of bases' settings applied root first, and the table's rows say what they claim."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from deepssim_jax import evaluate, validate
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location(
+      "bench_generalization", os.path.join(ROOT, "bench", "bench_generalization.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_every_lever_is_a_valid_config_without_the_held_out_head(bench):
+  _, recipe = bench.builtin_config()
+  for lever in bench.LEVERS:
+    c = bench.lever_config(lever, "robex")
+    validate.check_deepssim(c, "train", num_devices=4)
+    heads = [h[0] for h in c.data.demo.train_heads]
+    assert "robex" not in heads and len(heads) == len(recipe.data.demo.train_heads) - 1
+  for lever, base in bench.DERIVED.items():
+    assert base in bench.LEVERS and bench.base_of(lever) == base
+
+
+def test_lever_chains_apply_their_bases_settings_root_first(bench):
+  _, recipe = bench.builtin_config()
+  c = bench.lever_config("recipe", "colin27")
+  assert c.train.num_epochs == recipe.train.num_epochs
+  assert c.model.overrides.dropout == recipe.model.overrides.dropout
+  e9 = bench.lever_config("epochs9", "colin27")
+  assert e9.train.num_epochs == 9 and e9.model.overrides.dropout == 0.0
+  d = bench.lever_config("dropout_short", "colin27")  # on epochs9: its own settings win
+  assert (d.train.num_epochs, d.optim.learning_rate, d.model.overrides.dropout) == (3, 1e-3, 0.33)
+  assert d.model.overrides.dims == recipe.model.overrides.dims  # overrides merge, not replace
+  g = bench.lever_config("gem", "colin27")  # gem -> no_shape -> dropout_short -> epochs9
+  assert g.model.head == "gem" and g.aug.p_shape == 0.0 and g.train.num_epochs == 3
+  assert g.model.overrides.dropout == 0.33 and g.aug.p_contrast == recipe.aug.p_contrast
+  b = bench.lever_config("blur", "colin27")
+  assert b.aug.p_blur == 0.5 and b.train.num_epochs == recipe.train.num_epochs
+
+
+def _result(bench, lever, head, labels, scores, ssim_scores):
+  labels = np.asarray(labels)
+  return {"lever": lever, "held_out": head, "contrasts": {"T1": {
+      "deepssim": evaluate.evaluate_scores(labels, np.asarray(scores)),
+      "ssim": evaluate.evaluate_scores(labels, np.asarray(ssim_scores)),
+      "scores": list(scores), "ssim_scores": list(ssim_scores), "labels": labels.tolist()}}}
+
+
+def test_table_rows_deltas_and_ssim_ceiling(bench):
+  # Two pairs per class: Duplicate (1), Similar (2), Different (0).
+  labels = [1, 1, 2, 2, 0, 0]
+  ssim = [0.3, 0.5, 0.7, 0.8, 0.2, 0.1]  # copies misread by SSIM; the rest right
+  perfect = [0.95, 0.9, 0.7, 0.75, 0.1, 0.2]
+  wrong_similar = [0.95, 0.9, 0.9, 0.95, 0.1, 0.2]  # Similar scored as Duplicate
+  md = bench.table([_result(bench, "recipe", "colin27", labels, perfect, ssim),
+                    _result(bench, "epochs9", "colin27", labels, wrong_similar, ssim)])
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+          for line in md.splitlines()[2:]}
+  assert rows[("recipe", "T1")][0] == "1.000" and rows[("recipe", "T1")][2] == "-"
+  f1 = evaluate.evaluate_scores(np.asarray(labels), np.asarray(wrong_similar))["macro_f1"]
+  assert rows[("epochs9", "T1")][0] == f"{f1:.3f}"
+  assert rows[("epochs9", "T1")][2] == f"{f1 - 1.0:+.3f}"  # against its base, the recipe
+  assert rows[("plain SSIM", "T1")][0] != "1.000"
+  assert rows[(bench.CEILING, "T1")][0] == "1.000"  # copies as 1, the rest by SSIM
+  assert rows[(bench.CEILING, "T1")][3:] == ["1.00", "1.00", "1.00"]
