@@ -25,7 +25,7 @@ rotations, gamma and noise would get.
 Levers (rows), each a change of its base lever (LEVERS) and compared with it:
 * recipe: configs/builtin.py as is (18 epochs since 2026-12-03's third change); measured on it:
   shape_strong (shape randomization p 0.8 with larger warps: scale exp(+-0.25), shear
-  +-0.15, shift +-8%), contrast_strong (contrast randomization p 0.8), long36 (36 epochs),
+  +-0.15, shift +-8%), long36 (36 epochs),
   blur (resolution randomization: with p 0.5 both images of a pair blurred by one Gaussian
   of sigma 0.5-1.5 pixels, target recomputed);
 * epochs9: the recipe before that third change (9 epochs);
@@ -73,7 +73,6 @@ LEVERS = {
     # measured on the recipe
     "shape_strong": ("recipe", {"aug.p_shape": 0.8, "aug.shape_max_scale": 0.25,
                                 "aug.shape_max_shear": 0.15, "aug.shape_max_shift": 0.08}),
-    "contrast_strong": ("recipe", {"aug.p_contrast": 0.8}),
     "long36": ("recipe", {"train.num_epochs": 36}),
     "blur": ("recipe", {"aug.p_blur": 0.5}),
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
