@@ -18,6 +18,14 @@ def _images(n=6, h=20, w=16, seed=0):
   return jnp.asarray((x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True))
 
 
+def _assert_target_is_ssim(xa, xb, t):
+  """A pair's recomputed target is scikit-image's SSIM of the pair as returned."""
+  from skimage.metrics import structural_similarity
+  za, zb = np.asarray(xa, np.float64), np.asarray(xb, np.float64)
+  want = structural_similarity(za, zb, data_range=za.max() - za.min())
+  assert abs(float(t) - want) < 1e-4, (float(t), want)
+
+
 def test_identity_when_all_probabilities_are_zero():
   x = _images()
   y = augment.augment_batch(jax.random.key(0), x, OFF)
@@ -122,7 +130,6 @@ def test_reproducible_from_seed_and_independent_per_image():
 def test_contrast_pairs_recompute_the_target_on_the_remapped_pair():
   """p_contrast 1: both images go through one map (0 stays 0, max knot 1), come out
   z-scored, and the target is scikit-image's SSIM of the remapped pair; p 0: untouched."""
-  from skimage.metrics import structural_similarity
   a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
   target = jnp.full((4,), 0.123)
   on = dataclasses.replace(OFF, p_contrast=1.0, contrast_knots=5)
@@ -138,9 +145,7 @@ def test_contrast_pairs_recompute_the_target_on_the_remapped_pair():
       u = (x - x.min()) / np.ptp(x)
       m = np.interp(u, np.linspace(0, 1, 5), y)  # independent: numpy's interp
       np.testing.assert_allclose(np.asarray(r), (m - m.mean()) / m.std(), atol=2e-4)
-    za, zb = np.asarray(ra[i], np.float64), np.asarray(rb[i], np.float64)
-    want = structural_similarity(za, zb, data_range=za.max() - za.min())
-    assert abs(float(t[i]) - want) < 1e-4, (float(t[i]), want)
+    _assert_target_is_ssim(ra[i], rb[i], t[i])
   off = dataclasses.replace(OFF, p_contrast=0.0)
   ra, rb, t = augment.contrast_pairs(key, a, b, target, off)
   np.testing.assert_array_equal(np.asarray(ra), np.asarray(a))
@@ -156,7 +161,6 @@ def test_shape_pairs_warp_both_images_alike_and_recompute_the_target():
   """p_shape 1: both images of a pair go through the same affine warp (random_affine's),
   come out z-scored, and the target is scikit-image's SSIM of the warped pair; p 0:
   untouched."""
-  from skimage.metrics import structural_similarity
   from deepssim_jax import geometry
   a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
   target = jnp.full((4,), 0.123)
@@ -173,9 +177,7 @@ def test_shape_pairs_warp_both_images_alike_and_recompute_the_target():
     for x, w in ((a[i], wa[i]), (b[i], wb[i])):
       u = np.asarray(geometry.affine(x, m, shift), np.float64)
       np.testing.assert_allclose(np.asarray(w), (u - u.mean()) / u.std(), atol=2e-4)
-    za, zb = np.asarray(wa[i], np.float64), np.asarray(wb[i], np.float64)
-    want = structural_similarity(za, zb, data_range=za.max() - za.min())
-    assert abs(float(t[i]) - want) < 1e-4, (float(t[i]), want)
+    _assert_target_is_ssim(wa[i], wb[i], t[i])
   wa, _, t = augment.shape_pairs(key, a, b, target, dataclasses.replace(OFF, p_shape=0.0))
   np.testing.assert_array_equal(np.asarray(wa), np.asarray(a))
   np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
@@ -187,7 +189,6 @@ def test_blur_pairs_smooth_both_images_alike_and_recompute_the_target():
   independent reference), come out z-scored, and the target is scikit-image's SSIM of the
   blurred pair; p 0: untouched."""
   from scipy import ndimage
-  from skimage.metrics import structural_similarity
   a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
   target = jnp.full((4,), 0.123)
   on = dataclasses.replace(OFF, p_blur=1.0, blur_min_sigma=0.5, blur_max_sigma=1.5)
@@ -205,9 +206,7 @@ def test_blur_pairs_smooth_both_images_alike_and_recompute_the_target():
                                   truncate=radius / sigma)
       np.testing.assert_allclose(np.asarray(y), (u - u.mean()) / u.std(), atol=2e-4)
       assert np.std(np.diff(np.asarray(y), axis=1)) < np.std(np.diff(x / x.std(), axis=1))
-    za, zb = np.asarray(ba[i], np.float64), np.asarray(bb[i], np.float64)
-    want = structural_similarity(za, zb, data_range=za.max() - za.min())
-    assert abs(float(t[i]) - want) < 1e-4, (float(t[i]), want)
+    _assert_target_is_ssim(ba[i], bb[i], t[i])
   ba, _, t = augment.blur_pairs(key, a, b, target, dataclasses.replace(OFF, p_blur=0.0))
   np.testing.assert_array_equal(np.asarray(ba), np.asarray(a))
   np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
