@@ -27,7 +27,10 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   shape_strong (shape randomization p 0.8 with larger warps: scale exp(+-0.25), shear
   +-0.15, shift +-8%), long36 (36 epochs),
   blur (resolution randomization: with p 0.5 both images of a pair blurred by one Gaussian
-  of sigma 0.5-1.5 pixels, target recomputed);
+  of sigma 0.5-1.5 pixels, target recomputed), planes (coronal and sagittal slices of the
+  training heads as further training images, 20 per plane and head), elastic (anatomy
+  randomization: with p 0.5 both images of a pair warped by one smooth random displacement
+  field, control points on a 5 x 5 grid moved up to 6 pixels, target recomputed);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -75,6 +78,10 @@ LEVERS = {
                                 "aug.shape_max_shear": 0.15, "aug.shape_max_shift": 0.08}),
     "long36": ("recipe", {"train.num_epochs": 36}),
     "blur": ("recipe", {"aug.p_blur": 0.5}),
+    "planes": ("recipe", {"data.demo.extra_planes": (("coronal", 0.3, 0.65),
+                                                     ("sagittal", 0.25, 0.75)),
+                          "data.demo.extra_slices_per_head": 20}),
+    "elastic": ("recipe", {"aug.p_elastic": 0.5}),
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
     # the recipe before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
@@ -151,11 +158,14 @@ def lever_config(lever: str, held_out: str):
     chain.insert(0, settings)
   for settings in chain:
     for key, value in settings.items():
-      section, field = key.split(".")
+      *path, field = key.split(".")
+      node = c
+      for name in path:
+        node = node[name]
       if isinstance(value, dict):  # overrides: merged into the recipe's
-        c[section][field].update(value)
+        node[field].update(value)
       else:
-        c[section][field] = value
+        node[field] = value
   return c
 
 

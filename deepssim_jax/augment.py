@@ -49,6 +49,13 @@ class AugmentConfig:
   p_blur: float = 0.0
   blur_min_sigma: float = 0.5
   blur_max_sigma: float = 1.5
+  # Anatomy randomization (ours): with p_elastic, both images of a pair go through one
+  # smooth random displacement field (control points on an elastic_grid x elastic_grid
+  # grid, each displaced uniformly in +-elastic_max_disp pixels per axis, interpolated
+  # bilinearly), and the target becomes their SSIM after it: heads of other anatomy.
+  p_elastic: float = 0.0
+  elastic_grid: int = 5
+  elastic_max_disp: float = 6.0
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -190,6 +197,34 @@ def blur_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
     sigma = jax.random.uniform(k, (), minval=cfg.blur_min_sigma, maxval=cfg.blur_max_sigma)
     return lambda x: images_lib.zscore(blur(x, sigma, radius), xp=jnp)
   return _randomize_pairs(key, a, b, target, cfg.p_blur, draw)
+
+
+def random_displacement(key: jax.Array, cfg: AugmentConfig, size) -> jax.Array:
+  """(2, H, W) row and column displacements (pixels) of a random smooth field: an
+  elastic_grid x elastic_grid grid of control points spanning the image, each uniform in
+  +-elastic_max_disp per axis, interpolated bilinearly between them (so no displacement
+  exceeds elastic_max_disp)."""
+  g, (h, w) = cfg.elastic_grid, size
+  d = jax.random.uniform(key, (2, g, g), minval=-cfg.elastic_max_disp,
+                         maxval=cfg.elastic_max_disp)
+  # Control point (i, j) sits at row i (h - 1) / (g - 1), column j (w - 1) / (g - 1).
+  r = jnp.linspace(0.0, g - 1.0, h)[:, None]
+  c = jnp.linspace(0.0, g - 1.0, w)[None, :]
+  return jax.vmap(lambda f: geometry.sample(f, r, c))(d)
+
+
+def elastic_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+                  cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Anatomy randomization of a batch of pairs (B, H, W): with probability p_elastic a pair
+  is drawn one smooth random displacement field (random_displacement), both images are
+  warped by it (geometry.displace; z-scored again) and its target is replaced by the SSIM
+  of the warped pair: the same two slices of a head of somewhat different anatomy. Other
+  pairs are returned unchanged. As for contrast_pairs, the stored target must be the plain
+  SSIM of the pair (pairs.align False)."""
+  def draw(k):
+    dr, dc = random_displacement(k, cfg, a.shape[-2:])
+    return lambda x: images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
+  return _randomize_pairs(key, a, b, target, cfg.p_elastic, draw)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

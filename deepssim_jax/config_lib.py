@@ -145,6 +145,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.p_blur = 0.0
   c.aug.blur_min_sigma = 0.5
   c.aug.blur_max_sigma = 1.5
+  # Anatomy randomization (ours): with p_elastic a pair's two images go through one smooth
+  # random displacement field (an elastic_grid x elastic_grid grid of control points, each
+  # moved uniformly +-elastic_max_disp pixels per axis, bilinear between them), target
+  # recomputed (augment.elastic_pairs; pairs.align False).
+  c.aug.p_elastic = 0.0
+  c.aug.elastic_grid = 5
+  c.aug.elastic_max_disp = 6.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

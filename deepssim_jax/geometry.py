@@ -18,11 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def sample(x: jax.Array, src_r: jax.Array, src_c: jax.Array) -> jax.Array:
+  """Bilinear samples of (..., H, W) images at (h, w) source coordinates (row, column):
+  (..., h, w), edge pixels extended (dm_pix's order 1, mode 'nearest'), as four gathers
+  with one index map shared by the batch."""
+  h, w = x.shape[-2:]
+  src_r, src_c = jnp.broadcast_arrays(src_r, src_c)
+  out_shape = x.shape[:-2] + src_r.shape
+  r0, c0 = jnp.floor(src_r), jnp.floor(src_c)
+  fr, fc = src_r - r0, src_c - c0
+  clip_r = lambda i: jnp.clip(i, 0, h - 1).astype(jnp.int32)
+  clip_c = lambda i: jnp.clip(i, 0, w - 1).astype(jnp.int32)
+  flat = x.reshape(*x.shape[:-2], h * w)
+  take = lambda i, j: jnp.take(flat, (i * w + j).reshape(-1), axis=-1).reshape(out_shape)
+  ra, rb, ca, cb = clip_r(r0), clip_r(r0 + 1), clip_c(c0), clip_c(c0 + 1)
+  return ((1 - fr) * ((1 - fc) * take(ra, ca) + fc * take(ra, cb))
+          + fr * ((1 - fc) * take(rb, ca) + fc * take(rb, cb)))
+
+
 def affine(x: jax.Array, m: jax.Array, shift: jax.Array) -> jax.Array:
   """Bilinear pull-back of (..., H, W) images through one affine map about the centre:
   output pixel p (row, column, centred) samples the input at m @ p + shift + centre, edge
-  pixels extended (dm_pix's order 1, mode 'nearest'), as four gathers with one index map
-  shared by the batch.
+  pixels extended (sample).
 
   Args:
     x: images (..., H, W).
@@ -37,15 +54,17 @@ def affine(x: jax.Array, m: jax.Array, shift: jax.Array) -> jax.Array:
   q = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) / 2.0
   src_r = m[0, 0] * r + m[0, 1] * q + (shift[0] + (h - 1) / 2.0)
   src_c = m[1, 0] * r + m[1, 1] * q + (shift[1] + (w - 1) / 2.0)
-  r0, c0 = jnp.floor(src_r), jnp.floor(src_c)
-  fr, fc = src_r - r0, src_c - c0
-  clip_r = lambda i: jnp.clip(i, 0, h - 1).astype(jnp.int32)
-  clip_c = lambda i: jnp.clip(i, 0, w - 1).astype(jnp.int32)
-  flat = x.reshape(*x.shape[:-2], h * w)
-  take = lambda i, j: jnp.take(flat, (i * w + j).reshape(-1), axis=-1).reshape(x.shape)
-  ra, rb, ca, cb = clip_r(r0), clip_r(r0 + 1), clip_c(c0), clip_c(c0 + 1)
-  return ((1 - fr) * ((1 - fc) * take(ra, ca) + fc * take(ra, cb))
-          + fr * ((1 - fc) * take(rb, ca) + fc * take(rb, cb)))
+  return sample(x, src_r, src_c)
+
+
+def displace(x: jax.Array, dr: jax.Array, dc: jax.Array) -> jax.Array:
+  """Bilinear pull-back of (..., H, W) images through a displacement field: output pixel
+  (r, c) samples the input at (r + dr[r, c], c + dc[r, c]), edge pixels extended (sample;
+  scipy.ndimage.map_coordinates(order=1, mode='nearest')). dr = dc = 0: x exactly."""
+  h, w = x.shape[-2:]
+  r = jnp.arange(h, dtype=jnp.float32)[:, None]
+  c = jnp.arange(w, dtype=jnp.float32)[None, :]
+  return sample(x, r + dr, c + dc)
 
 
 def area_weights(n_in: int, n_out: int) -> np.ndarray:

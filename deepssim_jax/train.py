@@ -242,7 +242,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   With aug.p_contrast > 0, a share of the pairs first goes through a random intensity map
   shared by both images, with the target recomputed (augment.contrast_pairs); with
   aug.p_shape > 0 likewise through a random affine warp (augment.shape_pairs), and with
-  aug.p_blur > 0 through a random Gaussian blur (augment.blur_pairs).
+  aug.p_blur > 0 through a random Gaussian blur (augment.blur_pairs), and with
+  aug.p_elastic > 0 through a smooth random displacement field (augment.elastic_pairs).
 
   Gradients of the frozen stages are replaced by zeros before anything reads them, so XLA
   drops their computation (and the backward pass below the first trainable layer) and
@@ -257,6 +258,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
     a, b, target = augment.shape_pairs(jax.random.fold_in(rng, 8), a, b, target, aug)
   if aug.p_blur > 0:
     a, b, target = augment.blur_pairs(jax.random.fold_in(rng, 9), a, b, target, aug)
+  if aug.p_elastic > 0:
+    a, b, target = augment.elastic_pairs(jax.random.fold_in(rng, 10), a, b, target, aug)
   a = augment.augment_batch(k_a, a, aug)
   b = augment.augment_batch(k_b, b, aug)
 

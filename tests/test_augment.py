@@ -210,3 +210,35 @@ def test_blur_pairs_smooth_both_images_alike_and_recompute_the_target():
   ba, _, t = augment.blur_pairs(key, a, b, target, dataclasses.replace(OFF, p_blur=0.0))
   np.testing.assert_array_equal(np.asarray(ba), np.asarray(a))
   np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+
+
+def test_elastic_pairs_warp_both_images_alike_and_recompute_the_target():
+  """p_elastic 1: both images of a pair go through one smooth displacement field
+  (random_displacement's: bilinear between control points, within +-elastic_max_disp,
+  scipy.ndimage.map_coordinates as the independent warp), come out z-scored, and the
+  target is scikit-image's SSIM of the warped pair; p 0: untouched."""
+  from scipy import ndimage
+  a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
+  target = jnp.full((4,), 0.123)
+  on = dataclasses.replace(OFF, p_elastic=1.0, elastic_grid=3, elastic_max_disp=2.0)
+  key = jax.random.key(7)
+  wa, wb, t = augment.elastic_pairs(key, a, b, target, on)
+  keys = jax.random.split(jax.random.split(key)[1], 4)
+  r, c = np.mgrid[0:24, 0:20]
+  for i in range(4):
+    dr, dc = np.asarray(augment.random_displacement(keys[i], on, (24, 20)), np.float64)
+    # A 3 x 3 grid of control points uniform in +-2: the image's corners are its corners,
+    # and between them the field is bilinear, so no step exceeds 4 px per 11.5 rows.
+    d = np.asarray(jax.random.uniform(keys[i], (2, 3, 3), minval=-2.0, maxval=2.0))
+    np.testing.assert_allclose(dr[[0, 0, 23, 23], [0, 19, 0, 19]], d[0][[0, 0, 2, 2], [0, 2, 0, 2]],
+                               atol=1e-5)
+    assert 0 < np.abs(dr).max() <= 2.0 and 0 < np.abs(dc).max() <= 2.0
+    assert np.max(np.abs(np.diff(dr, axis=0))) <= 4.0 / 11.5 + 1e-5
+    for x, w in ((a[i], wa[i]), (b[i], wb[i])):
+      u = ndimage.map_coordinates(np.asarray(x, np.float64), [r + dr, c + dc], order=1,
+                                  mode="nearest")
+      np.testing.assert_allclose(np.asarray(w), (u - u.mean()) / u.std(), atol=2e-4)
+    _assert_target_is_ssim(wa[i], wb[i], t[i])
+  wa, _, t = augment.elastic_pairs(key, a, b, target, dataclasses.replace(OFF, p_elastic=0.0))
+  np.testing.assert_array_equal(np.asarray(wa), np.asarray(a))
+  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))

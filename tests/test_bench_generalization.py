@@ -47,6 +47,10 @@ def test_lever_chains_apply_their_bases_settings_root_first(bench):
   assert g.model.overrides.dropout == 0.33 and g.aug.p_contrast == recipe.aug.p_contrast
   b = bench.lever_config("blur", "colin27")
   assert b.aug.p_blur == 0.5 and b.train.num_epochs == recipe.train.num_epochs
+  p = bench.lever_config("planes", "colin27")  # a setting three levels deep (data.demo.*)
+  assert [plane for plane, _, _ in p.data.demo.extra_planes] == ["coronal", "sagittal"]
+  assert p.data.demo.extra_slices_per_head == 20 and "extra_planes" not in recipe.data.demo
+  assert bench.lever_config("elastic", "colin27").aug.p_elastic == 0.5 > recipe.aug.p_elastic
 
 
 def _result(bench, lever, head, labels, scores, ssim_scores):

@@ -95,6 +95,38 @@ def test_ground_truth_is_sensible_by_ssim(sets):
   assert max(other) < 0.6
 
 
+def test_extra_planes_add_training_images_only():
+  planes = (("coronal", 0.3, 0.65), ("sagittal", 0.25, 0.75))
+  base = demo.demo_sets(SIZE, seed=3, **SMALL)
+  more = demo.demo_sets(SIZE, seed=3, extra_planes=planes, extra_slices_per_head=2, **SMALL)
+  n_axial = len(base["training"]["keys"])
+  t = more["training"]
+  # The axial training slices come first and are unchanged; then 2 per plane and head.
+  np.testing.assert_array_equal(t["keys"][:n_axial], base["training"]["keys"])
+  np.testing.assert_array_equal(t["images"][:n_axial], base["training"]["images"])
+  assert collections.Counter(t["meta"]["plane"]) == {"axial": n_axial, "coronal": 8,
+                                                    "sagittal": 8}
+  extra = t["keys"][n_axial:]
+  assert all(re.fullmatch(r"[a-z0-9]+/[xy]\d{3}", k) for k in extra)
+  # Each extra image is that plane's slice of its head, in the plane's band.
+  i = n_axial + 1  # the first head's second coronal slice
+  head = str(t["meta"]["subject"][i])
+  path = f"{demo.MRI_DIR}/{head}-T1.nii.gz"
+  vol, zooms = volumes.load_canonical(path)
+  k = int(t["meta"]["slice"][i])
+  assert t["keys"][i] == volumes.slice_key(head, k, "coronal")
+  assert k == volumes.band_slices(vol.shape[1], (0.3, 0.65), 2)[1]
+  np.testing.assert_array_equal(t["images"][i], volumes.slice_image(
+      vol, zooms, k, SIZE, None, path, "coronal"))
+  # Copies, neighbours, other-head and held-out images are exactly those without them.
+  for name in ("synthetic", "heldout"):
+    np.testing.assert_array_equal(more[name]["images"], base[name]["images"])
+    for col, values in base[name]["meta"].items():
+      np.testing.assert_array_equal(more[name]["meta"][col], values)
+  with pytest.raises(ValueError, match="extra_planes: the axial slices"):
+    demo.demo_sets(SIZE, extra_planes=(("axial", 0.1, 0.2),), **SMALL)
+
+
 def test_copies_are_augmented_sources():
   s = demo.demo_sets(SIZE, seed=1, num_copies=6, p_flip=0.5, p_rotate=1.0, p_gamma=1.0,
                      **{k: v for k, v in SMALL.items() if k != "num_copies"})

@@ -52,3 +52,24 @@ def test_affine_matches_scipy_and_the_identity_is_exact():
     np.testing.assert_allclose(got[i], want, atol=1e-3 * np.abs(z).max())
   np.testing.assert_array_equal(
       geometry.affine(jnp.asarray(z), jnp.eye(2), jnp.zeros(2)), z)
+
+
+def test_displace_matches_scipy_and_zero_is_exact():
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  z = rng.normal(size=(2, 33, 28)).cumsum(1).cumsum(2).astype(np.float32)
+  dr, dc = rng.uniform(-3.0, 3.0, (2, 33, 28)).astype(np.float32)  # past the edges too
+  got = np.asarray(geometry.displace(jnp.asarray(z), jnp.asarray(dr), jnp.asarray(dc)))
+  r, c = np.mgrid[0:33, 0:28]
+  for i in range(2):  # scipy: output[r, c] = input at (r + dr, c + dc), edge pixels extended
+    want = ndimage.map_coordinates(z[i].astype(np.float64), [r + dr, c + dc], order=1,
+                                   mode="nearest")
+    np.testing.assert_allclose(got[i], want, atol=1e-4 * np.abs(z).max())
+  zero = jnp.zeros((33, 28))
+  np.testing.assert_array_equal(geometry.displace(jnp.asarray(z), zero, zero), z)
+  # sample() on another grid: (..., h, w) out of (..., H, W), as scipy's map_coordinates.
+  rows, cols = rng.uniform(-1, 34, (5, 7)), rng.uniform(-1, 29, (5, 7))
+  got = np.asarray(geometry.sample(jnp.asarray(z), jnp.asarray(rows), jnp.asarray(cols)))
+  assert got.shape == (2, 5, 7)
+  np.testing.assert_allclose(got[1], ndimage.map_coordinates(
+      z[1].astype(np.float64), [rows, cols], order=1, mode="nearest"), atol=1e-4 * np.abs(z).max())

@@ -294,10 +294,10 @@ def test_gem_head_bf16_step_keeps_float32_params(sources):
   assert float(new.params["head"]["gem_0"][0]) != 3.0  # the GeM exponents learn
 
 
-@pytest.mark.parametrize("field", ["p_contrast", "p_shape", "p_blur"])
+@pytest.mark.parametrize("field", ["p_contrast", "p_shape", "p_blur", "p_elastic"])
 def test_randomized_pairs_train_on_the_recomputed_target(sources, field):
-  # A pair of one image with itself stored with a wrong target 0: contrast, shape or blur
-  # randomization at p 1 maps both images alike, so the step's target is their SSIM, 1,
+  # A pair of one image with itself stored with a wrong target 0: contrast, shape, blur or
+  # anatomy randomization at p 1 maps both images alike, so the step's target is their SSIM, 1,
   # which the cosine of identical inputs meets (loss ~0); without it the loss is (1 - 0)^2.
   config = tiny_config()
   config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))

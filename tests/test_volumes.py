@@ -113,6 +113,47 @@ def test_ras_reorientation(tmp_path):
   assert np.all(view[:3, :3] == 5.0) and np.all(view[3:, 3:] < 5.0)
 
 
+def test_coronal_and_sagittal_views_are_radiological():
+  # A marker in the superior-anterior-right corner of a RAS+ volume: superior is up in both
+  # views, the patient's right on the coronal view's left, anterior on the sagittal's left.
+  vol = np.zeros((12, 14, 10), np.float32)
+  vol[-3:, -3:, -3:] = 5.0
+  for plane, k, shape in (("coronal", 13, (10, 12)), ("sagittal", 11, (10, 14))):
+    axis, view_fn, _ = volumes.PLANES[plane]
+    assert volumes.plane_depth(vol.shape, plane) == vol.shape[axis]
+    view = view_fn(vol, k)
+    assert view.shape == shape
+    assert np.all(view[:3, :3] == 5.0) and np.all(view[3:, :] == 0) and np.all(view[:, 3:] == 0)
+  # The closed forms: coronal img[r, c] = vol[X-1-c, k, Z-1-r]; sagittal vol[k, Y-1-c, Z-1-r].
+  rnd = _noise_volume()
+  X, Y, Z = rnd.shape
+  r, c = np.mgrid[0:Z, 0:X]
+  np.testing.assert_array_equal(volumes.PLANES["coronal"][1](rnd, 5), rnd[X - 1 - c, 5, Z - 1 - r])
+  r, c = np.mgrid[0:Z, 0:Y]
+  np.testing.assert_array_equal(volumes.PLANES["sagittal"][1](rnd, 4),
+                                rnd[4, Y - 1 - c, Z - 1 - r])
+  assert volumes.slice_key("a", 7, "coronal") == "a/y007"
+  assert volumes.slice_key("a", 7, "sagittal") == "a/x007"
+  assert volumes.slice_key("a", 7) == "a/z007"
+  with pytest.raises(ValueError, match="unknown plane 'oblique'"):
+    volumes.slice_image(rnd, (1.0, 1.0, 1.0), 0, SIZE, plane="oblique")
+
+
+def test_every_plane_keeps_a_ball_round():
+  # A ball of radius 40 mm on 0.8 x 2.5 x 2.0 mm voxels: round in every plane's image.
+  zooms = (0.8, 2.5, 2.0)
+  shape = (200, 80, 100)
+  axes = [(np.arange(n) + 0.5) * d - n * d / 2 for n, d in zip(shape, zooms)]
+  ball = ((axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2
+           + axes[2][None, None, :] ** 2) <= 40 ** 2).astype(np.float32) * 100
+  for plane in volumes.PLANES:
+    k = shape[volumes.PLANES[plane][0]] // 2
+    x = volumes.slice_image(ball, zooms, k, SIZE, spacing_mm=1.0, plane=plane)
+    inside = x > (x.min() + x.max()) / 2
+    h, w = inside.any(1).sum(), inside.any(0).sum()
+    assert abs(h - 80) <= 2 and abs(w - 80) <= 2, (plane, h, w)
+
+
 def test_anisotropic_voxels_keep_a_disc_round(tmp_path):
   # A disc of radius 40 mm sampled on 0.8 x 2.5 mm voxels (160 x 200 mm field of view).
   dx, dy = 0.8, 2.5

@@ -4,7 +4,8 @@ Everything downstream (SSIM targets, training, the memorization audit) needs a t
 and a "generated" set whose memorized images are known. Real generated data is not
 shippable, so the demo builds one from the five vendored volumes (data/mri, see its README):
 
-* training: real axial slices of four heads (evenly spaced in a central band per head);
+* training: real axial slices of four heads (evenly spaced in a central band per head),
+  optionally with coronal / sagittal slices of them too (`extra_planes`);
 * synthetic: a shuffled mix of
   (a) copies: training slices, each possibly flipped along either axis, rotated by up to
       `max_angle` rad and gamma-adjusted (these are memorized: label 1 Duplicate);
@@ -136,6 +137,8 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
               heldout_per_head: int = 4, p_flip: float = 0.5, p_rotate: float = 0.5,
               max_angle: float = 0.17, p_gamma: float = 0.5,
               gamma_range: Sequence[float] = (0.5, 1.5), spacing_mm: float | None = None,
+              extra_planes: Sequence[tuple[str, float, float]] = (),
+              extra_slices_per_head: int = 0,
               data_dir: str = MRI_DIR) -> dict[str, dict]:
   """Builds the demo training, synthetic and held-out image banks (module docstring).
 
@@ -159,6 +162,12 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
     heldout_per_head: real held-out slices per training head (0 for none).
     p_flip, p_rotate, max_angle, p_gamma, gamma_range: copy augmentation (see augment).
     spacing_mm: None fits each slice into size; a number fixes mm per pixel.
+    extra_planes: (plane, band lo, band hi) of further training images of every training
+      head: its 'coronal' or 'sagittal' slices in that band (volumes.PLANES), keys
+      '<head>/y<k>' / '<head>/x<k>'. More anatomy for a metric trained on few heads; copies,
+      neighbours and held-out slices stay axial. Default none.
+    extra_slices_per_head: slices per extra plane and head, evenly spaced in its band; 0:
+      every slice of the band.
     data_dir: folder of the vendored volumes.
 
   Returns:
@@ -171,7 +180,7 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
   rng = np.random.default_rng(seed)
   lo_mm, hi_mm = neighbour_mm
   heads = {}  # head -> (volume, zooms, training slices, path)
-  train_keys, train_imgs, train_meta = [], [], {"subject": [], "slice": []}
+  train_keys, train_imgs, train_meta = [], [], {"subject": [], "slice": [], "plane": []}
   for head, lo, hi in train_heads:
     path = _head_path(data_dir, head)
     vol, zooms = volumes.load_canonical(path)
@@ -185,6 +194,20 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
       train_imgs.append(volumes.slice_image(vol, zooms, k, size, spacing_mm, path))
       train_meta["subject"].append(head)
       train_meta["slice"].append(k)
+      train_meta["plane"].append("axial")
+  n_axial = len(train_keys)  # copies derive from axial training slices only
+  for head, (vol, zooms, _, path) in heads.items():
+    for plane, lo, hi in extra_planes:
+      if plane == "axial":
+        raise ValueError("extra_planes: the axial slices are the training heads' own; "
+                         "list 'coronal' or 'sagittal'")
+      depth = volumes.plane_depth(vol.shape, plane)
+      for k in volumes.band_slices(depth, (lo, hi), extra_slices_per_head or None):
+        train_keys.append(volumes.slice_key(head, k, plane))
+        train_imgs.append(volumes.slice_image(vol, zooms, k, size, spacing_mm, path, plane))
+        train_meta["subject"].append(head)
+        train_meta["slice"].append(k)
+        train_meta["plane"].append(plane)
   training = _bank(train_keys, train_imgs, train_meta, size)
 
   # Neighbour candidates: every non-training slice whose distance to the nearest training
@@ -207,8 +230,7 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
 
   # (image, kind, source_key, augment info, subject, slice, offset_mm)
   synth = []
-  n_train = len(train_keys)
-  src = rng.choice(n_train, num_copies, replace=num_copies > n_train)
+  src = rng.choice(n_axial, num_copies, replace=num_copies > n_axial)
   no_aug = {"augment": "none", "angle": 0.0, "gamma": 1.0}
   aug = (p_flip, p_rotate, max_angle, p_gamma, gamma_range)
   for i in src:

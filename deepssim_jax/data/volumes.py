@@ -288,27 +288,50 @@ def axial_view(vol: np.ndarray, k: int) -> np.ndarray:
   return vol[::-1, ::-1, k].T
 
 
+# The radiological views of the three planes of a RAS+ volume: (the axis slice k indexes,
+# view of slice k, the (row, column) axes of that view, whose voxel sizes are the pixel's).
+# Coronal: superior up, patient right on the image's left, (Z, X); sagittal: superior up,
+# anterior on the image's left, (Z, Y).
+PLANES = {
+    "axial": (2, axial_view, (1, 0)),
+    "coronal": (1, lambda vol, k: vol[::-1, k, ::-1].T, (2, 0)),
+    "sagittal": (0, lambda vol, k: vol[k, ::-1, ::-1].T, (2, 1)),
+}
+# Slice-key letters of the planes (the index along R, A, S).
+PLANE_LETTERS = {"axial": "z", "coronal": "y", "sagittal": "x"}
+
+
+def plane_depth(vol_shape: Sequence[int], plane: str) -> int:
+  """How many slices a volume of vol_shape has in `plane`."""
+  if plane not in PLANES:
+    raise ValueError(f"unknown plane {plane!r}; known: {sorted(PLANES)}")
+  return int(vol_shape[PLANES[plane][0]])
+
+
 def slice_image(vol: np.ndarray, zooms: Sequence[float], k: int,
                 size: Sequence[int] = (136, 112), spacing_mm: float | None = None,
-                name: str = "volume") -> np.ndarray:
-  """The z-scored (H, W) image of axial slice k of a RAS+ volume.
+                name: str = "volume", plane: str = "axial") -> np.ndarray:
+  """The z-scored (H, W) image of slice k of a RAS+ volume (axial unless `plane` says).
 
   Args:
     vol: (X, Y, Z) RAS+ data.
     zooms: voxel sizes (mm) of vol.
-    k: axial index.
+    k: index along the plane's axis (axial: Z).
     size: (H, W).
     spacing_mm: None fits the slice into (H, W); a number puts it on a fixed grid of that
       many mm per pixel.
     name: for error messages (the file).
+    plane: 'axial', 'coronal' or 'sagittal' (PLANES: radiological views).
 
   Raises:
     InputError: a constant or non-finite slice.
   """
-  view = axial_view(vol, k)
-  where = f"{name}: axial slice {k}"
+  plane_depth(vol.shape, plane)
+  _, view_fn, (row_axis, col_axis) = PLANES[plane]
+  view = view_fn(vol, k)
+  where = f"{name}: {plane} slice {k}"
   images.check_not_constant(view, where)
-  x = images.resample(view, size, pixel_mm=(zooms[1], zooms[0]), mode="fit",
+  x = images.resample(view, size, pixel_mm=(zooms[row_axis], zooms[col_axis]), mode="fit",
                       spacing_mm=spacing_mm)
   return images.zscore(x, where)
 
@@ -338,8 +361,8 @@ def band_slices(depth: int, band: Sequence[float] = (0.35, 0.65), num_slices: in
   return ks
 
 
-def slice_key(uid: str, k: int) -> str:
-  return f"{uid}/z{k:03d}"
+def slice_key(uid: str, k: int, plane: str = "axial") -> str:
+  return f"{uid}/{PLANE_LETTERS[plane]}{k:03d}"
 
 
 class VolumeSliceSource:
