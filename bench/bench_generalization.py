@@ -41,6 +41,10 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   self pairs instead of 15%, balanced from a pool of 6x the pairs), unbalanced (uniform
   pair targets), gem (the DeepSSIM++ GeM head), wide (1.5x the widths, one more block),
   long (twice the epochs), grid / grid43 (the grid head, 2 x 2 / 4 x 3 regions);
+* seed1: the recipe from another seed (config.seed 1 instead of 42), the size of the
+  training noise in a cell; ensemble2 (DERIVED: trains nothing more): the mean cosine of
+  the recipe's and seed1's networks, an ensemble of two;
+* wide18: the recipe with 1.5x the widths and one more block (`wide` on the recipe);
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
@@ -82,6 +86,9 @@ LEVERS = {
                                                      ("sagittal", 0.25, 0.75)),
                           "data.demo.extra_slices_per_head": 20}),
     "elastic": ("recipe", {"aug.p_elastic": 0.5}),
+    "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
+    "wide18": ("recipe", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
+                                                  hidden_dim=256, embed_dim=128)}),
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
     # the recipe before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
@@ -111,7 +118,10 @@ LEVERS = {
 # Levers that train nothing: each scores its base lever's trained folds another way.
 # calibrated: the fold's cosine through a monotone map to SSIM (isotonic regression) fitted
 # on pairs of the fold's own training heads (calibration_pairs), never the held-out head.
-DERIVED = {"calibrated": "epochs9"}
+# ensemble2: the mean of the cosines of ENSEMBLES' member levers, the recipe trained from two
+# seeds (the recipe and seed1): a model of two networks, scored as one.
+DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe"}
+ENSEMBLES = {"ensemble2": ("recipe", "seed1")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
 CALIBRATION_MAX_MM = 30.0
@@ -267,10 +277,32 @@ def calibration_pairs(held_out: str, seed: int = 1):
   return images, pairs, target, weights
 
 
+def ensemble_scores(lever: str, held_out: str, members: list) -> dict:
+  """An ensemble's scores: per contrast, the mean of its members' cosines (fold_scores
+  results of one held-out head, scored on the same pairs) at the paper's thresholds."""
+  from deepssim_jax import evaluate
+  res = {"lever": lever, "held_out": held_out, "step": members[0]["step"],
+         "train_s": sum(m["train_s"] for m in members), "contrasts": {}}
+  for contrast, c in members[0]["contrasts"].items():
+    if any(m["contrasts"][contrast]["labels"] != c["labels"] for m in members):
+      raise ValueError(f"{lever}/{held_out}/{contrast}: members scored different pairs")
+    s = np.mean([m["contrasts"][contrast]["scores"] for m in members], axis=0)
+    res["contrasts"][contrast] = {**c, "deepssim": evaluate.evaluate_scores(
+        np.asarray(c["labels"]), s), "scores": s.tolist()}
+  return res
+
+
 def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
-  """A DERIVED lever's scores: its base fold's model and cached pairs, another scoring."""
+  """A DERIVED lever's scores: its base fold's model and cached pairs, another scoring (an
+  ensemble's: its members' folds, trained if missing)."""
+  from deepssim_jax import fileio
+  if lever in ENSEMBLES:
+    res = ensemble_scores(lever, held_out, [fold_scores(m, held_out, workdir)
+                                            for m in ENSEMBLES[lever]])
+    fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
+    return res
   from sklearn.isotonic import IsotonicRegression
-  from deepssim_jax import api, evaluate, fileio
+  from deepssim_jax import api, evaluate
   base = fold_scores(DERIVED[lever], held_out, workdir)
   model = api.load(os.path.join(workdir, DERIVED[lever], held_out) + ":best")
   imgs, pairs, target, weights = calibration_pairs(held_out)

@@ -78,3 +78,25 @@ def test_table_rows_deltas_and_ssim_ceiling(bench):
   assert rows[("plain SSIM", "T1")][0] != "1.000"
   assert rows[(bench.CEILING, "T1")][0] == "1.000"  # copies as 1, the rest by SSIM
   assert rows[(bench.CEILING, "T1")][3:] == ["1.00", "1.00", "1.00"]
+
+
+def test_ensemble_scores_are_the_members_mean_cosine(bench):
+  labels = [1, 1, 2, 2, 0, 0]
+  ssim = [0.3, 0.5, 0.7, 0.8, 0.2, 0.1]
+  a = dict(_result(bench, "recipe", "robex", labels, [0.95, 0.9, 0.9, 0.95, 0.1, 0.2], ssim),
+           step=10, train_s=1.0)
+  b = dict(_result(bench, "seed1", "robex", labels, [0.95, 0.9, 0.5, 0.6, 0.1, 0.7], ssim),
+           step=10, train_s=2.0)
+  e = bench.ensemble_scores("ensemble2", "robex", [a, b])
+  got = e["contrasts"]["T1"]
+  np.testing.assert_allclose(got["scores"], [0.95, 0.9, 0.7, 0.775, 0.1, 0.45])
+  # Each member gets one Similar pair wrong; their mean gets every pair right.
+  assert a["contrasts"]["T1"]["deepssim"]["macro_f1"] < 1.0
+  assert b["contrasts"]["T1"]["deepssim"]["macro_f1"] < 1.0
+  assert got["deepssim"]["macro_f1"] == 1.0 and e["train_s"] == 3.0
+  assert got["ssim_scores"] == ssim and got["labels"] == labels
+  assert set(bench.ENSEMBLES) <= set(bench.DERIVED)
+  assert all(m in bench.LEVERS for members in bench.ENSEMBLES.values() for m in members)
+  b["contrasts"]["T1"]["labels"] = [1, 1, 2, 0, 0, 0]
+  with pytest.raises(ValueError, match="members scored different pairs"):
+    bench.ensemble_scores("ensemble2", "robex", [a, b])
