@@ -26,6 +26,13 @@ def _assert_target_is_ssim(xa, xb, t):
   assert abs(float(t) - want) < 1e-4, (float(t), want)
 
 
+def _assert_p0_untouched(fn, field, key, a, b, target):
+  """fn (a *_pairs randomization) at probability 0 returns the pairs and targets as given."""
+  ra, rb, t = fn(key, a, b, target, dataclasses.replace(OFF, **{field: 0.0}))
+  for got, want in ((ra, a), (rb, b), (t, target)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_identity_when_all_probabilities_are_zero():
   x = _images()
   y = augment.augment_batch(jax.random.key(0), x, OFF)
@@ -146,10 +153,7 @@ def test_contrast_pairs_recompute_the_target_on_the_remapped_pair():
       m = np.interp(u, np.linspace(0, 1, 5), y)  # independent: numpy's interp
       np.testing.assert_allclose(np.asarray(r), (m - m.mean()) / m.std(), atol=2e-4)
     _assert_target_is_ssim(ra[i], rb[i], t[i])
-  off = dataclasses.replace(OFF, p_contrast=0.0)
-  ra, rb, t = augment.contrast_pairs(key, a, b, target, off)
-  np.testing.assert_array_equal(np.asarray(ra), np.asarray(a))
-  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+  _assert_p0_untouched(augment.contrast_pairs, "p_contrast", key, a, b, target)
   # Half the pairs remapped at p 0.5 (64 pairs: 20-44 of them, a 4-sigma band).
   big_a, big_b = _images(64, 12, 12, seed=4), _images(64, 12, 12, seed=5)
   half = dataclasses.replace(OFF, p_contrast=0.5)
@@ -178,9 +182,7 @@ def test_shape_pairs_warp_both_images_alike_and_recompute_the_target():
       u = np.asarray(geometry.affine(x, m, shift), np.float64)
       np.testing.assert_allclose(np.asarray(w), (u - u.mean()) / u.std(), atol=2e-4)
     _assert_target_is_ssim(wa[i], wb[i], t[i])
-  wa, _, t = augment.shape_pairs(key, a, b, target, dataclasses.replace(OFF, p_shape=0.0))
-  np.testing.assert_array_equal(np.asarray(wa), np.asarray(a))
-  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+  _assert_p0_untouched(augment.shape_pairs, "p_shape", key, a, b, target)
 
 
 def test_blur_pairs_smooth_both_images_alike_and_recompute_the_target():
@@ -207,9 +209,7 @@ def test_blur_pairs_smooth_both_images_alike_and_recompute_the_target():
       np.testing.assert_allclose(np.asarray(y), (u - u.mean()) / u.std(), atol=2e-4)
       assert np.std(np.diff(np.asarray(y), axis=1)) < np.std(np.diff(x / x.std(), axis=1))
     _assert_target_is_ssim(ba[i], bb[i], t[i])
-  ba, _, t = augment.blur_pairs(key, a, b, target, dataclasses.replace(OFF, p_blur=0.0))
-  np.testing.assert_array_equal(np.asarray(ba), np.asarray(a))
-  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+  _assert_p0_untouched(augment.blur_pairs, "p_blur", key, a, b, target)
 
 
 def test_elastic_pairs_warp_both_images_alike_and_recompute_the_target():
@@ -239,6 +239,4 @@ def test_elastic_pairs_warp_both_images_alike_and_recompute_the_target():
                                   mode="nearest")
       np.testing.assert_allclose(np.asarray(w), (u - u.mean()) / u.std(), atol=2e-4)
     _assert_target_is_ssim(wa[i], wb[i], t[i])
-  wa, _, t = augment.elastic_pairs(key, a, b, target, dataclasses.replace(OFF, p_elastic=0.0))
-  np.testing.assert_array_equal(np.asarray(wa), np.asarray(a))
-  np.testing.assert_array_equal(np.asarray(t), np.asarray(target))
+  _assert_p0_untouched(augment.elastic_pairs, "p_elastic", key, a, b, target)
