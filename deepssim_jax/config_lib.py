@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Compute dtype of the backbone: float32 | bfloat16 (models.COMPUTE_DTYPES). Parameters,
   # optimizer state, BatchNorm statistics, the loss and the embeddings stay float32.
   c.model.dtype = "float32"
+  # K > 1: a models.Ensemble of K networks (mean cosine). Set by deepssim_jax.pretrained when
+  # it joins separately trained runs into one model file; a run trains one network (1).
+  c.model.ensemble = 1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3

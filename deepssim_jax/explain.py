@@ -242,6 +242,9 @@ def layercam_maps(model: models.DeepSSIM, variables: Any, a: Array, b: Array, *,
     {"similarity": (maps_a, maps_b), "dissimilarity": (maps_a, maps_b), "cosine": (P,)},
     maps (P, H, W) float32 in [0, 1] (see the module docstring for their meaning).
   """
+  if isinstance(model, models.Ensemble):
+    raise ValueError("layercam explains the stages of one network; an ensemble of "
+                     f"{len(model.members)} is explained by method 'occlusion'")
   p, h, w = a.shape
   acts, grads, cos = stage_gradients(model, variables, a, b, tuple(stages))
   out = {"cosine": cos}

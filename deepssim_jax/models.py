@@ -433,8 +433,36 @@ def make_model(name: str = "convnext_base", *, head: str = "wacv", embed_dim: in
                   grid=tuple(grid))
 
 
-def with_dtype(model: DeepSSIM, dtype: Any) -> DeepSSIM:
-  """The same DeepSSIM (same parameter tree) computing in another dtype."""
+class Ensemble(nn.Module):
+  """Several DeepSSIM networks of one architecture scored as one (ours).
+
+  The embedding is the concatenation of the members' unit embeddings divided by sqrt(K):
+  it has unit norm, and the cosine of two such embeddings is the mean of the K members'
+  cosines. So stores, matching, evaluation and the audit use an ensemble as they use one
+  network. Members are trained separately (e.g. from different seeds) and joined by
+  `python -m deepssim_jax.pretrained --workdir=A --workdir=B`; their parameters are the
+  subtrees members_0, members_1, ...
+
+  Attributes:
+    members: the K (>= 2) DeepSSIM modules, one architecture.
+  """
+  members: Sequence[DeepSSIM]
+
+  @property
+  def backbone(self) -> nn.Module:
+    """The members' (shared) backbone architecture."""
+    return self.members[0].backbone
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    es = [m(x, train) for m in self.members]
+    return jnp.concatenate(es, axis=-1) / jnp.sqrt(float(len(es)))
+
+
+def with_dtype(model: nn.Module, dtype: Any) -> nn.Module:
+  """The same DeepSSIM or Ensemble (same parameter tree) computing in another dtype."""
+  if isinstance(model, Ensemble):
+    return model.clone(members=tuple(with_dtype(m, dtype) for m in model.members))
   return model.clone(backbone=model.backbone.clone(dtype=compute_dtype(dtype)))
 
 

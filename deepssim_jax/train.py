@@ -137,11 +137,14 @@ def model_dtype(config: ml_collections.ConfigDict) -> str:
 
 def model_from_config(config: ml_collections.ConfigDict):
   """The DeepSSIM module a config names (JSON-restored lists become tuples), computing in
-  config.model.dtype (model_dtype: a ConfigError names a bad one)."""
+  config.model.dtype (model_dtype: a ConfigError names a bad one); with model.ensemble
+  K > 1, a models.Ensemble of K of them (an exported ensemble's config)."""
   overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v
                for k, v in dict(config.model.get("overrides", {})).items() if k != "dtype"}
-  return models.make_model(config.model.name, head=config.model.get("head", "wacv"),
-                           dtype=model_dtype(config), **overrides)
+  make = lambda: models.make_model(config.model.name, head=config.model.get("head", "wacv"),
+                                   dtype=model_dtype(config), **overrides)
+  k = int(config.model.get("ensemble", 1))
+  return make() if k == 1 else models.Ensemble(members=tuple(make() for _ in range(k)))
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_shape,

@@ -213,6 +213,12 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   for key in ("explain.window", "explain.stride", "explain.batch_size",
               "explain.occlusion_batch_size"):
     c.int_min(key, 1)
+  c.int_min("model.ensemble", 1)
+  k = c.value("model.ensemble")
+  if mode == "train" and _is_int(k) and k > 1:
+    c.fail("model.ensemble", "must be 1 to train (a run trains one network): train the "
+           "members as separate runs, e.g. from other seeds, and join them with python -m "
+           "deepssim_jax.pretrained --workdir=A --workdir=B", k)
   for key in _DEEPSSIM_DEVICE_BATCHES.get(mode, ()):
     c.multiple_of_devices(key, num_devices)
   c.raise_if_any()

@@ -8,7 +8,8 @@ sha256 of its weights. It needs no orbax, no workdir and no network to load:
     python -m deepssim_jax.pretrained --workdir=workdirs/builtin [--checkpoint=best] \
         [--out=deepssim_jax/pretrained/builtin.npz]
 
-writes the file atomically. BUILTIN is the model of configs/builtin.py (MODEL_CARD.md).
+writes the file atomically. Several --workdir flags join their runs into one ensemble
+(models.Ensemble: the mean of their cosines), e.g. one recipe trained from two seeds. BUILTIN is the model of configs/builtin.py (MODEL_CARD.md).
 """
 
 import hashlib
@@ -38,18 +39,57 @@ def weights_sha256(flat: dict) -> str:
   return h.hexdigest()
 
 
-def export(workdir: str, which: str = "best", out: str = BUILTIN, step=None) -> dict:
+# Config sections that must agree for runs to be joined into one ensemble (the model the
+# members build and the images they read).
+_ENSEMBLE_SAME = ("model", "data.image_size", "data.real.band")
+
+
+def _section(config, dotted: str):
+  node = config
+  for name in dotted.split("."):
+    node = node.get(name) if hasattr(node, "get") else None
+  return json.dumps(node.to_dict() if hasattr(node, "to_dict") else node, sort_keys=True,
+                    default=str)
+
+
+def export(workdirs, which: str = "best", out: str = BUILTIN, step=None) -> dict:
   """Writes the checkpoint `which` (best | latest, optional step) of a training workdir as
-  one .npz (module docstring). Returns its meta."""
+  one .npz (module docstring), or of several workdirs as one ensemble (models.Ensemble:
+  the mean of their cosines; their model, image size and band must agree). Returns its
+  meta.
+
+  Raises:
+    fileio.InputError: workdirs that disagree on the model or the images it reads.
+  """
   from deepssim_jax import runs, train  # pylint: disable=g-import-not-at-top
-  config = runs.load_config(workdir)
-  _, variables, step = train.restore_model(workdir, which, step, config=config)
-  variables = jax.device_get(variables)
+  workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
+  members = []
+  for workdir in workdirs:
+    config = runs.load_config(workdir)
+    _, variables, member_step = train.restore_model(workdir, which, step, config=config)
+    members.append((workdir, config, jax.device_get(variables), int(member_step)))
+  config = members[0][1]
+  for workdir, other, _, _ in members[1:]:
+    for key in _ENSEMBLE_SAME:
+      if _section(other, key) != _section(config, key):
+        raise fileio.InputError(f"{workdir}: config.{key} differs from {workdirs[0]}'s; an "
+                                "ensemble's members must share the model and its images")
+  if len(members) == 1:
+    variables = members[0][2]
+  else:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.ensemble = len(members)
+    variables = {col: {f"members_{i}": v[col] for i, (_, _, v, _) in enumerate(members)}
+                 for col in members[0][2]}
   flat = {"/".join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(variables).items()}
+  sources = [f"{os.path.abspath(w)}:{which}" for w, _, _, _ in members]
   meta = {"format_version": FORMAT_VERSION, "config": json.loads(config.to_json_best_effort()),
-          "step": int(step), "source": f"{os.path.abspath(workdir)}:{which}",
+          "step": members[0][3], "source": sources[0] if len(members) == 1 else sources,
           "weights_sha256": weights_sha256(flat)}
+  if len(members) > 1:
+    meta["members"] = [{"source": src, "step": st, "seed": c.get("seed")}
+                       for src, (_, c, _, st) in zip(sources, members)]
   arrays = {PREFIX + k: v for k, v in flat.items()}
   with fileio.atomic_open(out, "wb") as f:
     np.savez_compressed(f, meta=np.asarray(json.dumps(meta)), **arrays)

@@ -1,11 +1,14 @@
-"""`python -m deepssim_jax.pretrained --workdir=W [--checkpoint=best] [--out=FILE]`."""
+"""`python -m deepssim_jax.pretrained --workdir=W [--workdir=W2 ...] [--checkpoint=best]
+[--out=FILE]`."""
 
 from absl import app, flags
 
 from deepssim_jax import cli
 from deepssim_jax import pretrained
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export.")
+_WORKDIR = flags.DEFINE_multi_string("workdir", None, "Training workdir to export; give it "
+                                      "several times to join the runs into one ensemble "
+                                      "(the mean of their cosines).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | best:<step> | "
                                   "latest:<step>.")
 _OUT = flags.DEFINE_string("out", pretrained.BUILTIN, "Model file to write (.npz).")
@@ -20,8 +23,8 @@ def main(argv):
 
   def body():
     meta = pretrained.export(_WORKDIR.value, which, _OUT.value, int(step) if step else None)
-    print(f"wrote {_OUT.value}: step {meta['step']}, weights sha256 "
-          f"{meta['weights_sha256'][:16]}...")
+    what = f"{len(meta['members'])} networks" if "members" in meta else f"step {meta['step']}"
+    print(f"wrote {_OUT.value}: {what}, weights sha256 {meta['weights_sha256'][:16]}...")
 
   cli.run_guarded(body, verbose=cli.verbose_requested(cli.VERBOSE.value))
 
