@@ -9,7 +9,8 @@ sha256 of its weights. It needs no orbax, no workdir and no network to load:
         [--out=deepssim_jax/pretrained/builtin.npz]
 
 writes the file atomically. Several --workdir flags join their runs into one ensemble
-(models.Ensemble: the mean of their cosines), e.g. one recipe trained from two seeds. BUILTIN is the model of configs/builtin.py (MODEL_CARD.md).
+(models.Ensemble: the mean of their cosines), e.g. one recipe trained from two seeds.
+BUILTIN is the model of configs/builtin.py (MODEL_CARD.md).
 """
 
 import hashlib
