@@ -86,6 +86,7 @@ LEVERS = {
                                                      ("sagittal", 0.25, 0.75)),
                           "data.demo.extra_slices_per_head": 20}),
     "elastic": ("recipe", {"aug.p_elastic": 0.5}),
+    "flat_contrast": ("recipe", {"aug.contrast_min_range": 0.2}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     "wide18": ("recipe", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
                                                   hidden_dim=256, embed_dim=128)}),

@@ -35,6 +35,10 @@ class AugmentConfig:
   # random intensity map before anything else, and the target becomes their SSIM after it.
   p_contrast: float = 0.0
   contrast_knots: int = 6
+  # The spread of a map's tissue knots is uniform in [contrast_min_range, 1] of the range
+  # (1: the maps above, unchanged); below 1, some maps are flat (weak tissue contrast over
+  # dark air, as in proton density), where SSIM still sees the faint structure.
+  contrast_min_range: float = 1.0
   # Shape randomization (ours): with p_shape, both images of a pair go through one random
   # affine warp (log-scale per axis uniform in +-shape_max_scale, shear in +-shape_max_shear,
   # shift in +-shape_max_shift of the size), and the target becomes their SSIM after it:
@@ -98,12 +102,22 @@ def intensity_map(u: jax.Array, ys: jax.Array) -> jax.Array:
   return jnp.interp(u, xs, ys)
 
 
-def random_map_values(key: jax.Array, knots: int) -> jax.Array:
+def random_map_values(key: jax.Array, knots: int, min_range: float = 1.0) -> jax.Array:
   """Knot values of a random, generally non-monotone intensity map: 0 stays 0 (air is dark
   in every MRI sequence), the others are uniform in [0, 1] and scaled so the largest is 1
-  (the remapped image keeps the full range)."""
-  ys = jax.random.uniform(key, (knots,), minval=0.0, maxval=1.0).at[0].set(0.0)
-  return ys / jnp.maximum(jnp.max(ys), 1e-3)
+  (the remapped image keeps the full range).
+
+  With min_range < 1 the other knots are then squeezed into [1 - c, 1], y -> 1 - c (1 - y),
+  c uniform in [min_range, 1]: a small c gives a flat map, tissues alike and far above air.
+  min_range 1 draws exactly the maps above (same key use).
+  """
+  k_u, k_c = jax.random.split(key) if min_range < 1.0 else (key, None)
+  ys = jax.random.uniform(k_u, (knots,), minval=0.0, maxval=1.0).at[0].set(0.0)
+  ys = ys / jnp.maximum(jnp.max(ys), 1e-3)
+  if k_c is None:
+    return ys
+  c = jax.random.uniform(k_c, (), minval=min_range, maxval=1.0)
+  return (1.0 - c * (1.0 - ys)).at[0].set(0.0)
 
 
 def remap(x: jax.Array, ys: jax.Array) -> jax.Array:
@@ -139,7 +153,7 @@ def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array
   pair (pairs.align False): an aligned target is not recomputed.
   """
   def draw(k):
-    ys = random_map_values(k, cfg.contrast_knots)
+    ys = random_map_values(k, cfg.contrast_knots, cfg.contrast_min_range)
     return lambda x: remap(x, ys)
   return _randomize_pairs(key, a, b, target, cfg.p_contrast, draw)
 

@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   # recomputed as their SSIM after it (augment.contrast_pairs; needs pairs.align False).
   c.aug.p_contrast = 0.0
   c.aug.contrast_knots = 6
+  # A map's tissue knots spread over uniform [contrast_min_range, 1] of the range: below 1,
+  # some maps are flat (weak tissue contrast over dark air, proton-density-like); 1: none.
+  c.aug.contrast_min_range = 1.0
   # Shape randomization (ours): with p_shape a pair's two images go through one random
   # affine warp (per-axis log-scale +-shape_max_scale, shear +-shape_max_shear, shift
   # +-shape_max_shift of the size), target recomputed (augment.shape_pairs; pairs.align False).

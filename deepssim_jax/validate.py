@@ -161,7 +161,7 @@ _DEEPSSIM_RANGES = (
     ("aug.p_contrast", 0.0, 1.0, False), ("aug.p_shape", 0.0, 1.0, False),
     ("aug.shape_max_scale", 0.0, 1.0, False), ("aug.shape_max_shear", 0.0, 1.0, False),
     ("aug.shape_max_shift", 0.0, 0.5, False), ("aug.p_blur", 0.0, 1.0, False),
-    ("aug.p_elastic", 0.0, 1.0, False),
+    ("aug.p_elastic", 0.0, 1.0, False), ("aug.contrast_min_range", 0.0, 1.0, False),
     ("calibrate.dar.percentile", 0.0, 100.0, False),
 )
 

@@ -161,6 +161,33 @@ def test_contrast_pairs_recompute_the_target_on_the_remapped_pair():
   assert 20 <= int(np.sum(np.asarray(t) != 5.0)) <= 44
 
 
+def test_flat_maps_squeeze_the_tissue_knots():
+  """contrast_min_range 1 draws the original maps; below it, each map's tissue knots are
+  squeezed into [1 - c, 1], c uniform in [min_range, 1], so flat maps appear. How often a
+  map's tissue spread is below 0.3: under 1% for min_range 1 (five uniform knots scaled to
+  max 1), and at least P(c < 0.3) = 1/8 for min_range 0.2 (closed form)."""
+  keys = jax.random.split(jax.random.key(7), 4000)
+  old = jax.vmap(lambda k: augment.random_map_values(k, 6))(keys)
+  same = jax.vmap(lambda k: augment.random_map_values(k, 6, 1.0))(keys)
+  np.testing.assert_array_equal(np.asarray(old), np.asarray(same))
+  flat = np.asarray(jax.vmap(lambda k: augment.random_map_values(k, 6, 0.2))(keys))
+  for ys in (np.asarray(old), flat):
+    assert np.all(ys[:, 0] == 0) and np.allclose(ys.max(axis=1), 1.0)
+    assert np.all((ys >= 0) & (ys <= 1 + 1e-6))
+  spread = lambda ys: ys[:, 1:].max(axis=1) - ys[:, 1:].min(axis=1)
+  assert np.mean(spread(np.asarray(old)) < 0.3) < 0.03
+  assert np.mean(spread(flat) < 0.3) > 0.125
+  # Closed form: flat = 1 - c (1 - base), base the unsqueezed map of the first half of the
+  # key, one c in [0.2, 1] per map.
+  base = np.asarray(jax.vmap(lambda k: augment.random_map_values(jax.random.split(k)[0], 6))(
+      keys), np.float64)[:, 1:]
+  c = (1 - flat[:, 1:]) / np.maximum(1 - base, 1e-6)
+  keep = base < 0.99  # away from the knot at the top, where c is 0 / 0
+  c_row = np.where(keep, c, np.nan)
+  np.testing.assert_allclose(np.nanmax(c_row, axis=1), np.nanmin(c_row, axis=1), atol=1e-4)
+  assert 0.2 - 1e-4 <= np.nanmin(c_row) and np.nanmax(c_row) <= 1 + 1e-4
+
+
 def test_shape_pairs_warp_both_images_alike_and_recompute_the_target():
   """p_shape 1: both images of a pair go through the same affine warp (random_affine's),
   come out z-scored, and the target is scikit-image's SSIM of the warped pair; p 0:
