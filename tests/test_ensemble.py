@@ -2,6 +2,9 @@
 cosine is the mean of the members' cosines; joined into one model file by
 deepssim_jax.pretrained.export and loaded like any model."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +87,14 @@ def test_export_joins_runs_into_one_model_that_loads_and_scores_as_their_mean(tm
   with pytest.raises(fileio.InputError, match="config.model differs from"):
     pretrained.export([runs[0], other], "best", str(tmp_path / "bad.npz"))
   assert not (tmp_path / "bad.npz").exists()
+  # A run saved before model.ensemble existed still joins one that has it.
+  path = os.path.join(runs[1], "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["model"].pop("ensemble") == 1
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert len(pretrained.export(runs, "best", str(tmp_path / "old.npz"))["members"]) == 2
 
 
 def _init(kw, embed_dim, size):

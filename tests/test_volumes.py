@@ -119,7 +119,7 @@ def test_coronal_and_sagittal_views_are_radiological():
   vol = np.zeros((12, 14, 10), np.float32)
   vol[-3:, -3:, -3:] = 5.0
   for plane, k, shape in (("coronal", 13, (10, 12)), ("sagittal", 11, (10, 14))):
-    axis, view_fn, _ = volumes.PLANES[plane]
+    axis, view_fn = volumes.PLANES[plane].axis, volumes.PLANES[plane].view
     assert volumes.plane_depth(vol.shape, plane) == vol.shape[axis]
     view = view_fn(vol, k)
     assert view.shape == shape
@@ -128,9 +128,10 @@ def test_coronal_and_sagittal_views_are_radiological():
   rnd = _noise_volume()
   X, Y, Z = rnd.shape
   r, c = np.mgrid[0:Z, 0:X]
-  np.testing.assert_array_equal(volumes.PLANES["coronal"][1](rnd, 5), rnd[X - 1 - c, 5, Z - 1 - r])
+  np.testing.assert_array_equal(volumes.PLANES["coronal"].view(rnd, 5),
+                                rnd[X - 1 - c, 5, Z - 1 - r])
   r, c = np.mgrid[0:Z, 0:Y]
-  np.testing.assert_array_equal(volumes.PLANES["sagittal"][1](rnd, 4),
+  np.testing.assert_array_equal(volumes.PLANES["sagittal"].view(rnd, 4),
                                 rnd[4, Y - 1 - c, Z - 1 - r])
   assert volumes.slice_key("a", 7, "coronal") == "a/y007"
   assert volumes.slice_key("a", 7, "sagittal") == "a/x007"
@@ -147,7 +148,7 @@ def test_every_plane_keeps_a_ball_round():
   ball = ((axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2
            + axes[2][None, None, :] ** 2) <= 40 ** 2).astype(np.float32) * 100
   for plane in volumes.PLANES:
-    k = shape[volumes.PLANES[plane][0]] // 2
+    k = shape[volumes.PLANES[plane].axis] // 2
     x = volumes.slice_image(ball, zooms, k, SIZE, spacing_mm=1.0, plane=plane)
     inside = x > (x.min() + x.max()) / 2
     h, w = inside.any(1).sum(), inside.any(0).sum()

@@ -196,11 +196,11 @@ def demo_sets(size: Sequence[int] = (136, 112), seed: int = 0,
       train_meta["slice"].append(k)
       train_meta["plane"].append("axial")
   n_axial = len(train_keys)  # copies derive from axial training slices only
+  if any(plane == "axial" for plane, _, _ in extra_planes):
+    raise ValueError("extra_planes: the axial slices are the training heads' own; "
+                     "list 'coronal' or 'sagittal'")
   for head, (vol, zooms, _, path) in heads.items():
     for plane, lo, hi in extra_planes:
-      if plane == "axial":
-        raise ValueError("extra_planes: the axial slices are the training heads' own; "
-                         "list 'coronal' or 'sagittal'")
       depth = volumes.plane_depth(vol.shape, plane)
       for k in volumes.band_slices(depth, (lo, hi), extra_slices_per_head or None):
         train_keys.append(volumes.slice_key(head, k, plane))

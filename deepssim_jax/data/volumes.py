@@ -32,7 +32,7 @@ import numbers
 import os
 import re
 import threading
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -288,24 +288,34 @@ def axial_view(vol: np.ndarray, k: int) -> np.ndarray:
   return vol[::-1, ::-1, k].T
 
 
-# The radiological views of the three planes of a RAS+ volume: (the axis slice k indexes,
-# view of slice k, the (row, column) axes of that view, whose voxel sizes are the pixel's).
+class Plane(NamedTuple):
+  """A plane of a RAS+ volume: the axis slice k indexes, the radiological view of slice k,
+  the (row, column) axes of that view (whose voxel sizes are the pixel's), and the letter
+  of its slice keys (the index along R, A, S)."""
+  axis: int
+  view: Callable[[np.ndarray, int], np.ndarray]
+  view_axes: tuple[int, int]
+  letter: str
+
+
 # Coronal: superior up, patient right on the image's left, (Z, X); sagittal: superior up,
 # anterior on the image's left, (Z, Y).
 PLANES = {
-    "axial": (2, axial_view, (1, 0)),
-    "coronal": (1, lambda vol, k: vol[::-1, k, ::-1].T, (2, 0)),
-    "sagittal": (0, lambda vol, k: vol[k, ::-1, ::-1].T, (2, 1)),
+    "axial": Plane(2, axial_view, (1, 0), "z"),
+    "coronal": Plane(1, lambda vol, k: vol[::-1, k, ::-1].T, (2, 0), "y"),
+    "sagittal": Plane(0, lambda vol, k: vol[k, ::-1, ::-1].T, (2, 1), "x"),
 }
-# Slice-key letters of the planes (the index along R, A, S).
-PLANE_LETTERS = {"axial": "z", "coronal": "y", "sagittal": "x"}
+
+
+def _plane(plane: str) -> Plane:
+  if plane not in PLANES:
+    raise ValueError(f"unknown plane {plane!r}; known: {sorted(PLANES)}")
+  return PLANES[plane]
 
 
 def plane_depth(vol_shape: Sequence[int], plane: str) -> int:
   """How many slices a volume of vol_shape has in `plane`."""
-  if plane not in PLANES:
-    raise ValueError(f"unknown plane {plane!r}; known: {sorted(PLANES)}")
-  return int(vol_shape[PLANES[plane][0]])
+  return int(vol_shape[_plane(plane).axis])
 
 
 def slice_image(vol: np.ndarray, zooms: Sequence[float], k: int,
@@ -326,9 +336,9 @@ def slice_image(vol: np.ndarray, zooms: Sequence[float], k: int,
   Raises:
     InputError: a constant or non-finite slice.
   """
-  plane_depth(vol.shape, plane)
-  _, view_fn, (row_axis, col_axis) = PLANES[plane]
-  view = view_fn(vol, k)
+  p = _plane(plane)
+  view = p.view(vol, k)
+  row_axis, col_axis = p.view_axes
   where = f"{name}: {plane} slice {k}"
   images.check_not_constant(view, where)
   x = images.resample(view, size, pixel_mm=(zooms[row_axis], zooms[col_axis]), mode="fit",
@@ -362,7 +372,7 @@ def band_slices(depth: int, band: Sequence[float] = (0.35, 0.65), num_slices: in
 
 
 def slice_key(uid: str, k: int, plane: str = "axial") -> str:
-  return f"{uid}/{PLANE_LETTERS[plane]}{k:03d}"
+  return f"{uid}/{_plane(plane).letter}{k:03d}"
 
 
 class VolumeSliceSource:

@@ -41,7 +41,8 @@ def weights_sha256(flat: dict) -> str:
 
 
 # Config sections that must agree for runs to be joined into one ensemble (the model the
-# members build and the images they read).
+# members build and the images they read). model.ensemble is left out: a trained run's is
+# always 1, and runs saved before the field existed lack it.
 _ENSEMBLE_SAME = ("model", "data.image_size", "data.real.band")
 
 
@@ -49,8 +50,10 @@ def _section(config, dotted: str):
   node = config
   for name in dotted.split("."):
     node = node.get(name) if hasattr(node, "get") else None
-  return json.dumps(node.to_dict() if hasattr(node, "to_dict") else node, sort_keys=True,
-                    default=str)
+  node = node.to_dict() if hasattr(node, "to_dict") else node
+  if dotted == "model" and isinstance(node, dict):
+    node = {k: v for k, v in node.items() if k != "ensemble"}
+  return json.dumps(node, sort_keys=True, default=str)
 
 
 def export(workdirs, which: str = "best", out: str = BUILTIN, step=None) -> dict:
