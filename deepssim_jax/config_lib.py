@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   # joint: both branches in one batch (one BatchNorm batch); separate: one forward per
   # branch, BatchNorm statistics per branch and two running-average updates (reference).
   c.train.branches = "joint"
+  # Loss weight of the pairs whose target lies in train.band (ours; 1: plain MSE, the paper).
+  c.train.band = (0.5, 0.95)
+  c.train.band_weight = 1.0
 
   c.aug = ml_collections.ConfigDict()
   c.aug.p_flip0 = 0.33

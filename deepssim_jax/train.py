@@ -236,11 +236,23 @@ def _cosines(state: TrainState, params, images_a, images_b, train: bool, rng=Non
   return jnp.sum(ea * eb, axis=-1), updates
 
 
+def band_weights(target: jax.Array, band: tuple[float, float], weight: float) -> jax.Array:
+  """Per-pair loss weights: `weight` for targets in [band[0], band[1]], 1 elsewhere."""
+  inside = (target >= band[0]) & (target <= band[1])
+  return jnp.where(inside, jnp.float32(weight), jnp.float32(1.0))
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
                aug: augment.AugmentConfig, optim: ml_collections.ConfigDict,
                total_steps: int, num_frozen_stages: int = 0,
-               freeze: str = "stages", branches: str = "joint") -> tuple[TrainState, dict]:
+               freeze: str = "stages", branches: str = "joint",
+               band: tuple[float, float] = (0.0, 1.0),
+               band_weight: float = 1.0) -> tuple[TrainState, dict]:
   """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b)).
+
+  band_weight != 1 (ours): the squared error of a pair whose (final) target lies in
+  [band[0], band[1]] weighs band_weight, the others 1, normalized by the weights' sum: the
+  decision region between the paper's thresholds counts more than its share of pairs.
 
   With aug.p_contrast > 0, a share of the pairs first goes through a random intensity map
   shared by both images, with the target recomputed (augment.contrast_pairs); with
@@ -266,10 +278,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   a = augment.augment_batch(k_a, a, aug)
   b = augment.augment_batch(k_b, b, aug)
 
+  weight = None if band_weight == 1.0 else band_weights(target, band, band_weight)
+
   def loss_fn(params):
     cos, updates = _cosines(state, params, a, b, train=True, rng=k_drop, branches=branches)
     err = cos - target
-    return jnp.mean(err ** 2), (updates, jnp.mean(jnp.abs(err)))
+    loss = (jnp.mean(err ** 2) if weight is None
+            else jnp.sum(weight * err ** 2) / jnp.sum(weight))
+    return loss, (updates, jnp.mean(jnp.abs(err)))
 
   (loss, (updates, mae)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if freeze == "reference" or (freeze == "stages" and num_frozen_stages):
@@ -496,7 +512,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
                                       total_steps=total_steps,
                                       num_frozen_stages=config.model.num_frozen_stages,
                                       freeze=config.model.get("freeze", "stages"),
-                                      branches=tc.get("branches", "joint")),
+                                      branches=tc.get("branches", "joint"),
+                                      band=tuple(tc.get("band", (0.0, 1.0))),
+                                      band_weight=tc.get("band_weight", 1.0)),
                     donate_argnums=(0,))
   valid_rng = None
   if tc.get("augment_valid", False):

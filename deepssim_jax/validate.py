@@ -193,6 +193,8 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   if _is_num(lo) and _is_num(hi) and hi < lo:
     c.fail("aug.blur_max_sigma", f"must be >= config.aug.blur_min_sigma ({lo:g})", hi)
   c.num_min("aug.elastic_max_disp", 0.0)
+  c.num_min("train.band_weight", 0.0, strict=True)
+  c.thresholds("train.band")
   for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape"),
                     ("aug.p_blur", "resolution"), ("aug.p_elastic", "anatomy")):
     p = c.value(key)
