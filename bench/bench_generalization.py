@@ -87,7 +87,7 @@ LEVERS = {
                           "data.demo.extra_slices_per_head": 20}),
     "elastic": ("recipe", {"aug.p_elastic": 0.5}),
     "flat_contrast": ("recipe", {"aug.contrast_min_range": 0.2}),
-    "pool16": ("recipe", {"pairs.pool_factor": 16.0}),
+    "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
     "band3": ("recipe", {"train.band_weight": 3.0}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     "wide18": ("recipe", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),

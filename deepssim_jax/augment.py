@@ -60,6 +60,15 @@ class AugmentConfig:
   p_elastic: float = 0.0
   elastic_grid: int = 5
   elastic_max_disp: float = 6.0
+  # Synthetic neighbours (ours): with p_neighbour, a pair becomes an image and that image
+  # warped by a smooth random displacement field (control points on a neighbour_grid x
+  # neighbour_grid grid, each uniform in +-m pixels per axis, m uniform in
+  # [neighbour_min_disp, neighbour_max_disp]), target their SSIM: pairs spread over the
+  # decision band, which the few neighbouring slices of a handful of heads leave thin.
+  p_neighbour: float = 0.0
+  neighbour_grid: int = 5
+  neighbour_min_disp: float = 0.5
+  neighbour_max_disp: float = 4.0
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -213,18 +222,21 @@ def blur_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
   return _randomize_pairs(key, a, b, target, cfg.p_blur, draw)
 
 
-def random_displacement(key: jax.Array, cfg: AugmentConfig, size) -> jax.Array:
-  """(2, H, W) row and column displacements (pixels) of a random smooth field: an
-  elastic_grid x elastic_grid grid of control points spanning the image, each uniform in
-  +-elastic_max_disp per axis, interpolated bilinearly between them (so no displacement
-  exceeds elastic_max_disp)."""
-  g, (h, w) = cfg.elastic_grid, size
-  d = jax.random.uniform(key, (2, g, g), minval=-cfg.elastic_max_disp,
-                         maxval=cfg.elastic_max_disp)
+def smooth_field(key: jax.Array, grid: int, max_disp, size) -> jax.Array:
+  """(2, H, W) row and column displacements (pixels) of a random smooth field: a
+  grid x grid grid of control points spanning the image, each uniform in +-max_disp per
+  axis, interpolated bilinearly between them (so no displacement exceeds max_disp)."""
+  h, w = size
+  d = jax.random.uniform(key, (2, grid, grid), minval=-1.0, maxval=1.0) * max_disp
   # Control point (i, j) sits at row i (h - 1) / (g - 1), column j (w - 1) / (g - 1).
-  r = jnp.linspace(0.0, g - 1.0, h)[:, None]
-  c = jnp.linspace(0.0, g - 1.0, w)[None, :]
+  r = jnp.linspace(0.0, grid - 1.0, h)[:, None]
+  c = jnp.linspace(0.0, grid - 1.0, w)[None, :]
   return jax.vmap(lambda f: geometry.sample(f, r, c))(d)
+
+
+def random_displacement(key: jax.Array, cfg: AugmentConfig, size) -> jax.Array:
+  """smooth_field on cfg.elastic_grid control points within +-cfg.elastic_max_disp."""
+  return smooth_field(key, cfg.elastic_grid, cfg.elastic_max_disp, size)
 
 
 def elastic_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
@@ -239,6 +251,30 @@ def elastic_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
     dr, dc = random_displacement(k, cfg, a.shape[-2:])
     return lambda x: images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
   return _randomize_pairs(key, a, b, target, cfg.p_elastic, draw)
+
+
+def neighbour_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+                    cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Synthetic neighbours in a batch of pairs (B, H, W): with probability p_neighbour,
+  pair i becomes (a_i, a_i warped) by its own smooth random field (smooth_field on
+  neighbour_grid control points, the bound m uniform in [neighbour_min_disp,
+  neighbour_max_disp]; z-scored again), target the SSIM of the two: an image beside a
+  slightly different anatomy of itself, as a neighbouring slice is. Other pairs unchanged.
+  The key splits as (on, per-pair (bound, field) keys)."""
+  n = a.shape[0]
+  k_on, k_draw = jax.random.split(key)
+  on = jax.random.uniform(k_on, (n,)) < cfg.p_neighbour
+
+  def warp(k, x):
+    k_m, k_f = jax.random.split(k)
+    m = jax.random.uniform(k_m, (), minval=cfg.neighbour_min_disp,
+                           maxval=cfg.neighbour_max_disp)
+    dr, dc = smooth_field(k_f, cfg.neighbour_grid, m, x.shape[-2:])
+    return images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
+
+  warped = jax.vmap(warp)(jax.random.split(k_draw, n), a)
+  new_target = ssim_lib.ssim_pairs(a, warped)
+  return a, jnp.where(on[:, None, None], warped, b), jnp.where(on, new_target, target)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

@@ -161,6 +161,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.p_elastic = 0.0
   c.aug.elastic_grid = 5
   c.aug.elastic_max_disp = 6.0
+  # Synthetic neighbours (ours): with p_neighbour a pair becomes an image and the image
+  # warped by a smooth random field (neighbour_grid control points, each within +-m px, m
+  # uniform in [neighbour_min_disp, neighbour_max_disp]), target their SSIM
+  # (augment.neighbour_pairs; pairs.align False).
+  c.aug.p_neighbour = 0.0
+  c.aug.neighbour_grid = 5
+  c.aug.neighbour_min_disp = 0.5
+  c.aug.neighbour_max_disp = 4.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -132,7 +132,7 @@ class _Checker:
 _DEEPSSIM_INT_MIN = (
     ("data.num_threads", 0),
     ("pairs.num_pairs", 1), ("pairs.batch_size", 1), ("pairs.balance_bins", 0),
-    ("aug.contrast_knots", 2), ("aug.elastic_grid", 2),
+    ("aug.contrast_knots", 2), ("aug.elastic_grid", 2), ("aug.neighbour_grid", 2),
     ("train.batch_size", 1), ("train.eval_batch_size", 1), ("train.num_epochs", 1),
     ("train.log_every_steps", 1),
     ("train.eval_every_steps", 0),        # 0: once per epoch
@@ -162,6 +162,7 @@ _DEEPSSIM_RANGES = (
     ("aug.shape_max_scale", 0.0, 1.0, False), ("aug.shape_max_shear", 0.0, 1.0, False),
     ("aug.shape_max_shift", 0.0, 0.5, False), ("aug.p_blur", 0.0, 1.0, False),
     ("aug.p_elastic", 0.0, 1.0, False), ("aug.contrast_min_range", 0.0, 1.0, False),
+    ("aug.p_neighbour", 0.0, 1.0, False),
     ("calibrate.dar.percentile", 0.0, 100.0, False),
 )
 
@@ -193,10 +194,15 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   if _is_num(lo) and _is_num(hi) and hi < lo:
     c.fail("aug.blur_max_sigma", f"must be >= config.aug.blur_min_sigma ({lo:g})", hi)
   c.num_min("aug.elastic_max_disp", 0.0)
+  c.num_min("aug.neighbour_min_disp", 0.0)
+  lo, hi = c.value("aug.neighbour_min_disp"), c.value("aug.neighbour_max_disp")
+  if _is_num(lo) and _is_num(hi) and hi < lo:
+    c.fail("aug.neighbour_max_disp", f"must be >= config.aug.neighbour_min_disp ({lo:g})", hi)
   c.num_min("train.band_weight", 0.0, strict=True)
   c.thresholds("train.band")
   for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape"),
-                    ("aug.p_blur", "resolution"), ("aug.p_elastic", "anatomy")):
+                    ("aug.p_blur", "resolution"), ("aug.p_elastic", "anatomy"),
+                    ("aug.p_neighbour", "synthetic-neighbour")):
     p = c.value(key)
     if _is_num(p) and p > 0 and c.value("pairs.align"):
       c.fail(key, f"{what} randomization recomputes plain SSIM targets, so it needs "

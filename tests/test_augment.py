@@ -258,8 +258,8 @@ def test_elastic_pairs_warp_both_images_alike_and_recompute_the_target():
     # A 3 x 3 grid of control points uniform in +-2: the image's corners are its corners,
     # and between them the field is bilinear, so no step exceeds 4 px per 11.5 rows.
     d = np.asarray(jax.random.uniform(keys[i], (2, 3, 3), minval=-2.0, maxval=2.0))
-    np.testing.assert_allclose(dr[[0, 0, 23, 23], [0, 19, 0, 19]], d[0][[0, 0, 2, 2], [0, 2, 0, 2]],
-                               atol=1e-5)
+    np.testing.assert_allclose(dr[[0, 0, 23, 23], [0, 19, 0, 19]],
+                               d[0][[0, 0, 2, 2], [0, 2, 0, 2]], atol=1e-5)
     assert 0 < np.abs(dr).max() <= 2.0 and 0 < np.abs(dc).max() <= 2.0
     assert np.max(np.abs(np.diff(dr, axis=0))) <= 4.0 / 11.5 + 1e-5
     for x, w in ((a[i], wa[i]), (b[i], wb[i])):
@@ -268,3 +268,38 @@ def test_elastic_pairs_warp_both_images_alike_and_recompute_the_target():
       np.testing.assert_allclose(np.asarray(w), (u - u.mean()) / u.std(), atol=2e-4)
     _assert_target_is_ssim(wa[i], wb[i], t[i])
   _assert_p0_untouched(augment.elastic_pairs, "p_elastic", key, a, b, target)
+
+
+def test_neighbour_pairs_pair_an_image_with_its_own_warp_and_recompute_the_target():
+  """p_neighbour 1: pair i becomes (a_i, a_i warped by its own smooth field): the field's
+  corners are its control points scaled by a bound m in [min, max] (closed form), the warp
+  is scipy.ndimage.map_coordinates', z-scored, and the target scikit-image's SSIM of the
+  pair; a bound of 0 gives the image itself (target 1); p 0: untouched."""
+  from scipy import ndimage
+  a, b = _images(4, 24, 20, seed=1), _images(4, 24, 20, seed=2)
+  target = jnp.full((4,), 0.123)
+  on = dataclasses.replace(OFF, p_neighbour=1.0, neighbour_grid=3, neighbour_min_disp=1.0,
+                           neighbour_max_disp=2.0)
+  key = jax.random.key(9)
+  na, nb, t = augment.neighbour_pairs(key, a, b, target, on)
+  np.testing.assert_array_equal(np.asarray(na), np.asarray(a))
+  keys = jax.random.split(jax.random.split(key)[1], 4)
+  r, c = np.mgrid[0:24, 0:20]
+  for i in range(4):
+    k_m, k_f = jax.random.split(keys[i])
+    m = float(jax.random.uniform(k_m, (), minval=1.0, maxval=2.0))
+    d = np.asarray(jax.random.uniform(k_f, (2, 3, 3), minval=-1.0, maxval=1.0)) * m
+    dr, dc = np.asarray(augment.smooth_field(k_f, 3, m, (24, 20)), np.float64)
+    np.testing.assert_allclose(dc[[0, 0, 23, 23], [0, 19, 0, 19]],
+                               d[1][[0, 0, 2, 2], [0, 2, 0, 2]], atol=1e-5)
+    assert 1.0 <= m <= 2.0 and np.abs(dr).max() <= m + 1e-6
+    u = ndimage.map_coordinates(np.asarray(a[i], np.float64), [r + dr, c + dc], order=1,
+                                mode="nearest")
+    np.testing.assert_allclose(np.asarray(nb[i]), (u - u.mean()) / u.std(), atol=2e-4)
+    _assert_target_is_ssim(a[i], nb[i], t[i])
+    assert float(t[i]) < 0.99
+  still = dataclasses.replace(on, neighbour_min_disp=0.0, neighbour_max_disp=0.0)
+  _, nb, t = augment.neighbour_pairs(key, a, b, target, still)
+  np.testing.assert_allclose(np.asarray(nb), np.asarray(a), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
+  _assert_p0_untouched(augment.neighbour_pairs, "p_neighbour", key, a, b, target)
