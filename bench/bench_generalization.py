@@ -30,7 +30,13 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   of sigma 0.5-1.5 pixels, target recomputed), planes (coronal and sagittal slices of the
   training heads as further training images, 20 per plane and head), elastic (anatomy
   randomization: with p 0.5 both images of a pair warped by one smooth random displacement
-  field, control points on a 5 x 5 grid moved up to 6 pixels, target recomputed);
+  field, control points on a 5 x 5 grid moved up to 6 pixels, target recomputed),
+  flat_contrast (contrast randomization with flat maps too: a map's tissue knots squeezed
+  into [1 - c, 1], c uniform in [0.2, 1]), band3 (the loss weight of pairs whose target
+  lies in [0.5, 0.95] tripled), neighbours (synthetic neighbours: with p 0.3 a pair becomes
+  an image and its own smooth random warp, up to 0.5-4 pixels, target their SSIM),
+  rotate15 (rotation augmentation with p 0.5 instead of 0.33, up to 15 degrees instead of
+  9.7: the copies' 10 degrees inside the trained range);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -86,12 +92,13 @@ LEVERS = {
                                                      ("sagittal", 0.25, 0.75)),
                           "data.demo.extra_slices_per_head": 20}),
     "elastic": ("recipe", {"aug.p_elastic": 0.5}),
-    "flat_contrast": ("recipe", {"aug.contrast_min_range": 0.2}),
-    "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
-    "band3": ("recipe", {"train.band_weight": 3.0}),
-    "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     "wide18": ("recipe", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
                                                   hidden_dim=256, embed_dim=128)}),
+    "flat_contrast": ("recipe", {"aug.contrast_min_range": 0.2}),
+    "band3": ("recipe", {"train.band_weight": 3.0}),
+    "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
+    "rotate15": ("recipe", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
+    "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
     # the recipe before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
