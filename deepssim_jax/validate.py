@@ -98,6 +98,12 @@ class _Checker:
     if not _is_num(v) or (v <= minimum if strict else v < minimum):
       self.fail(key, f"must be {'>' if strict else '>='} {minimum:g}", v)
 
+  def not_below(self, hi_key: str, lo_key: str) -> None:
+    """config.<hi_key> >= config.<lo_key> (the upper and lower ends of one range)."""
+    lo, hi = self.value(lo_key), self.value(hi_key)
+    if _is_num(lo) and _is_num(hi) and hi < lo:
+      self.fail(hi_key, f"must be >= config.{lo_key} ({lo:g})", hi)
+
   def thresholds(self, key: str) -> None:
     v = self.value(key)
     if v is _MISSING:
@@ -186,18 +192,12 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   if _is_int(balance) and balance > 0:
     c.num_min("pairs.pool_factor", 1.0)  # the pool holds pool_factor x num_pairs pairs
   c.num_min("aug.gamma_min", 0.0, strict=True)
-  lo, hi = c.value("aug.gamma_min"), c.value("aug.gamma_max")
-  if _is_num(lo) and _is_num(hi) and hi < lo:
-    c.fail("aug.gamma_max", f"must be >= config.aug.gamma_min ({lo:g})", hi)
+  c.not_below("aug.gamma_max", "aug.gamma_min")
   c.num_min("aug.blur_min_sigma", 0.0, strict=True)
-  lo, hi = c.value("aug.blur_min_sigma"), c.value("aug.blur_max_sigma")
-  if _is_num(lo) and _is_num(hi) and hi < lo:
-    c.fail("aug.blur_max_sigma", f"must be >= config.aug.blur_min_sigma ({lo:g})", hi)
+  c.not_below("aug.blur_max_sigma", "aug.blur_min_sigma")
   c.num_min("aug.elastic_max_disp", 0.0)
   c.num_min("aug.neighbour_min_disp", 0.0)
-  lo, hi = c.value("aug.neighbour_min_disp"), c.value("aug.neighbour_max_disp")
-  if _is_num(lo) and _is_num(hi) and hi < lo:
-    c.fail("aug.neighbour_max_disp", f"must be >= config.aug.neighbour_min_disp ({lo:g})", hi)
+  c.not_below("aug.neighbour_max_disp", "aug.neighbour_min_disp")
   c.num_min("train.band_weight", 0.0, strict=True)
   c.thresholds("train.band")
   for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape"),
