@@ -240,10 +240,11 @@ def test_occlusion_maps_equal_their_definition():
   cfg = explain.default_config()
   cfg.window, cfg.stride, cfg.scores = win, stride, ("dissimilarity",)
   out = explain.explain_pairs(model, v, x, y, cfg)
-  np.testing.assert_allclose(out["dissimilarity"][1], res["dissimilarity"][1], atol=1e-6)
+  # Other batch groupings reorder XLA's float32 sums: maps in [0, 1] agree to ~1e-6.
+  np.testing.assert_allclose(out["dissimilarity"][1], res["dissimilarity"][1], atol=1e-5)
   ma, mb = explain.pair_maps(model, v, x[1], y[1], score="similarity", window=win,
                              stride=stride)
-  np.testing.assert_allclose(mb, res["similarity"][1][1], atol=1e-6)
+  np.testing.assert_allclose(mb, res["similarity"][1][1], atol=1e-5)
   for m in explain.pair_maps(model, v, x[0], x[0], score="dissimilarity"):  # an exact copy
     np.testing.assert_array_equal(m, 0.0)
 
