@@ -49,7 +49,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   long (twice the epochs), grid / grid43 (the grid head, 2 x 2 / 4 x 3 regions);
 * seed1: the recipe from another seed (config.seed 1 instead of 42), the size of the
   training noise in a cell; ensemble2 (DERIVED: trains nothing more): the mean cosine of
-  the recipe's and seed1's networks, an ensemble of two;
+  the recipe's and seed1's networks, an ensemble of two; ensemble_rot (DERIVED): the
+  mean cosine of the recipe's and rotate15's networks;
 * wide18: the recipe with 1.5x the widths and one more block (`wide` on the recipe);
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads.
@@ -130,8 +131,9 @@ LEVERS = {
 # on pairs of the fold's own training heads (calibration_pairs), never the held-out head.
 # ensemble2: the mean of the cosines of ENSEMBLES' member levers, the recipe trained from two
 # seeds (the recipe and seed1): a model of two networks, scored as one.
-DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe"}
-ENSEMBLES = {"ensemble2": ("recipe", "seed1")}
+# ensemble_rot: the recipe's and rotate15's networks (two augmentations' errors, averaged).
+DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe"}
+ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
 CALIBRATION_MAX_MM = 30.0

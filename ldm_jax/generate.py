@@ -122,7 +122,9 @@ def check_out_dir(out_dir: str, record: dict) -> dict | None:
   path = record_path(out_dir)
   hint = (f"use another output folder (--config.generate.out_dir=...) or remove {out_dir} "
           "to generate again")
-  if os.path.isfile(path):
+  # The record describes the folder's samples: once the folder is removed it describes
+  # nothing (the hint's advice), and this run's record replaces it.
+  if os.path.isfile(path) and os.path.isdir(out_dir):
     try:
       with open(path, encoding="utf-8") as f:
         old = json.load(f)

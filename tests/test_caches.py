@@ -13,6 +13,7 @@ Tiny configs, in-process (conftest.py: 4 fake CPU devices).
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -301,6 +302,18 @@ def test_generation_refuses_other_settings_and_checkpoints(tmp_path):
   with pytest.raises(fileio.InputError, match=r"overrides\.norm_num_groups: '<unset>' -> 4"):
     train_diffusion.train(c3, wd)
   assert snapshot(wd, skip=()) == wd_before
+
+  # Removing the folder, as the refusal advises, is enough: its record beside it describes
+  # nothing any more and the next run (other settings) writes the folder and record anew.
+  removed = str(tmp_path / "removed")
+  generate.generate(c, wd, out_dir=removed)
+  shutil.rmtree(removed)
+  c4 = dm_config()
+  c4.generate.seed = 7
+  redo = generate.generate(c4, wd, out_dir=removed)
+  assert len(redo["written"]) == n and redo["record"]["seed"] == 7
+  with open(removed + ".record.json", encoding="utf-8") as f:
+    assert json.load(f)["seed"] == 7
 
   # Samples without a record (made before records, or by hand) are refused as well.
   os.remove(out + ".record.json")
