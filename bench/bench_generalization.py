@@ -55,7 +55,12 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
-rerun; results.json there caches its scores.
+rerun; results.json there caches its scores and the environment it was trained in
+(benchlib.environment: CPU model, backend, package versions). Training is deterministic
+in one environment, not across them: the recipe's robex fold, retrained on another
+machine, moved by -0.09 / -0.05 / -0.05 (T1 / T2-like / PD-like), as much as most levers.
+So a row is compared with its base only where both were trained in one environment
+("other environment" in the difference column otherwise): run the base beside the lever.
 
 Usage:
   python bench/bench_generalization.py                                   # recipe, 5 heads
@@ -72,8 +77,12 @@ import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(BENCH, "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, BENCH)
+
+import benchlib  # noqa: E402
 
 # Each lever is (its base lever, the settings it changes there): its config is
 # configs/builtin.py with the settings of its chain of bases applied root first, and its row
@@ -293,8 +302,11 @@ def ensemble_scores(lever: str, held_out: str, members: list) -> dict:
   """An ensemble's scores: per contrast, the mean of its members' cosines (fold_scores
   results of one held-out head, scored on the same pairs) at the paper's thresholds."""
   from deepssim_jax import evaluate
+  envs = [m.get("environment") for m in members]
   res = {"lever": lever, "held_out": held_out, "step": members[0]["step"],
-         "train_s": sum(m["train_s"] for m in members), "contrasts": {}}
+         "train_s": sum(m["train_s"] for m in members), "contrasts": {},
+         # members trained in different environments: None, never compared (table)
+         "environment": envs[0] if all(e == envs[0] for e in envs) else None}
   for contrast, c in members[0]["contrasts"].items():
     if any(m["contrasts"][contrast]["labels"] != c["labels"] for m in members):
       raise ValueError(f"{lever}/{held_out}/{contrast}: members scored different pairs")
@@ -323,7 +335,8 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
   iso = IsotonicRegression(y_min=-1.0, y_max=1.0, increasing=True, out_of_bounds="clip")
   iso.fit(cos, target, sample_weight=weights)
   res = {"lever": lever, "held_out": held_out, "step": base["step"],
-         "train_s": base["train_s"], "calibration_pairs": int(len(pairs)), "contrasts": {}}
+         "train_s": base["train_s"], "calibration_pairs": int(len(pairs)), "contrasts": {},
+         "environment": base.get("environment")}
   for contrast, c in base["contrasts"].items():
     s = iso.predict(np.asarray(c["scores"]))
     res["contrasts"][contrast] = {**c, "deepssim": evaluate.evaluate_scores(
@@ -352,7 +365,7 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
   train_s = time.perf_counter() - t0
   model = api.load(f"{out}:best")
   res = {"lever": lever, "held_out": held_out, "train_s": train_s, "step": model.step,
-         "contrasts": {}}
+         "contrasts": {}, "environment": benchlib.environment()}
   for contrast in CONTRASTS:
     imgs, pairs, labels = labelled_pairs(held_out, contrast)
     emb = model.embed(imgs)
@@ -370,6 +383,13 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
 CEILING = "SSIM, copies as 1"
 
 
+def same_environment(envs: list) -> bool:
+  """Whether results were all trained in one known environment (benchlib.environment):
+  the recipe trained on another CPU or jax version moved a cell by up to 0.09, as much as
+  a lever, so a lever is compared with its base only where both ran in one environment."""
+  return all(e is not None and e == envs[0] for e in envs)
+
+
 def table(results: list) -> str:
   """Markdown: per lever and contrast, macro F1 per held-out head, the mean, the difference
   from its base's mean on the same heads (base_of), and the per-class recalls averaged over heads;
@@ -381,8 +401,9 @@ def table(results: list) -> str:
   lines = ["| lever | contrast | " + " | ".join(heads) + " | mean macro F1 | vs its base "
            "(base_of), same heads | R Duplicate | R Similar | R Different |",
            "|---|---|" + "---|" * (len(heads) + 5)]
-  rows = {}
+  rows, env = {}, {}
   for r in results:
+    env[(r["lever"], r["held_out"])] = r.get("environment")
     for contrast, c in r["contrasts"].items():
       rows.setdefault((r["lever"], contrast), {})[r["held_out"]] = c["deepssim"]
       rows.setdefault(("plain SSIM", contrast), {})[r["held_out"]] = c["ssim"]
@@ -398,7 +419,10 @@ def table(results: list) -> str:
     base = rows.get((base_of(lever), contrast), {})
     delta = "-"
     if base_of(lever) and all(h in base for h in f1):
-      delta = f"{mean - np.mean([base[h]['macro_f1'] for h in f1]):+.3f}"
+      if same_environment([env[(k, h)] for k in (lever, base_of(lever)) for h in f1]):
+        delta = f"{mean - np.mean([base[h]['macro_f1'] for h in f1]):+.3f}"
+      else:
+        delta = "other environment"
     rec = {name: np.mean([by_head[h]["per_class"][name]["recall"] for h in by_head])
            for name in ("duplicate", "similar", "different")}
     lines.append(f"| {lever} | {contrast} | " + " | ".join(

@@ -23,6 +23,7 @@ allocator at start-up, and the parent asks it for one timed repetition at a time
 repetitions interleave with ours. `serve` is the worker's loop.
 """
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -143,6 +144,35 @@ def markdown_row(r: dict) -> str:
           f"{fmt_side(r['theirs_s'], r['theirs_items'], r['unit'])} | {r['theirs_impl']} | "
           f"**{r['ratio']:.2f}** | {fmt_pct(r['ours_fraction'])} | "
           f"{fmt_pct(r['theirs_fraction'])} |")
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def version(pkg: str) -> str:
+  try:
+    return importlib.metadata.version(pkg)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def environment(packages=("jax", "jaxlib", "flax", "optax", "numpy")) -> dict:
+  """What a trained result depends on besides the code and the seed: the CPU model, the
+  backend and the numeric packages' versions. XLA compiles other instructions for another
+  CPU or version, float32 sums round differently, and a training run's trajectory drifts
+  apart from there; results from two environments are not comparable cell by cell."""
+  import jax
+  return {"cpu": cpu_model(), "backend": jax.default_backend(),
+          "python": platform.python_version(), **{p: version(p) for p in packages}}
 
 
 def facts(**extra) -> dict:

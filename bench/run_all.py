@@ -25,7 +25,6 @@ Usage:
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -43,17 +42,6 @@ SCRIPTS = ("ssim", "match", "embedder", "embed_job", "ldm", "profile_cpu")
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "torchvision", "monai", "scikit-image", "numpy")
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def memory_gb() -> float:
   try:
     with open("/proc/meminfo") as f:
@@ -63,13 +51,6 @@ def memory_gb() -> float:
   except OSError:
     pass
   return float("nan")
-
-
-def version(pkg: str) -> str:
-  try:
-    return importlib.metadata.version(pkg)
-  except importlib.metadata.PackageNotFoundError:
-    return "not installed"
 
 
 def run(name: str, quick: bool, json_path: str) -> tuple:
@@ -93,12 +74,12 @@ def page(results: dict, quick: bool, started: datetime.datetime, load: tuple) ->
       f"{started:%Y-%m-%d %H:%M} UTC: do not edit; rerun it. "
       + ("**A --quick smoke run: tiny sizes, not a measurement.**" if quick else ""),
       "",
-      f"- Machine: {cpu_model()}, {os.cpu_count()} cores ({benchlib.cores()} usable here), "
+      f"- Machine: {benchlib.cpu_model()}, {os.cpu_count()} cores ({benchlib.cores()} usable here), "
       f"{memory_gb():.0f} GB; load average {load[0]:.1f} at the start, {load[1]:.1f} at the "
       "end (other users of the machine slow both sides, not equally: quote the ratios of a "
       "quiet run).",
       f"- Software: Python {platform.python_version()}, "
-      + ", ".join(f"{p} {version(p)}" for p in PACKAGES)
+      + ", ".join(f"{p} {benchlib.version(p)}" for p in PACKAGES)
       + f"; JAX backend {facts.get('backend', '?')}, devices {facts.get('devices', '?')}.",
       f"- Threads: JAX {facts.get('jax_threads', '?')}; torch set to the same number "
       "(torch.set_num_threads), each library side in its own process.",

@@ -53,9 +53,13 @@ def test_lever_chains_apply_their_bases_settings_root_first(bench):
   assert bench.lever_config("elastic", "colin27").aug.p_elastic == 0.5 > recipe.aug.p_elastic
 
 
-def _result(bench, lever, head, labels, scores, ssim_scores):
+HERE = {"cpu": "A", "jax": "0.10.2"}  # an environment (benchlib.environment's fields)
+
+
+def _result(bench, lever, head, labels, scores, ssim_scores, environment=None):
   labels = np.asarray(labels)
-  return {"lever": lever, "held_out": head, "contrasts": {"T1": {
+  return {"lever": lever, "held_out": head, "environment": environment or HERE,
+          "contrasts": {"T1": {
       "deepssim": evaluate.evaluate_scores(labels, np.asarray(scores)),
       "ssim": evaluate.evaluate_scores(labels, np.asarray(ssim_scores)),
       "scores": list(scores), "ssim_scores": list(ssim_scores), "labels": labels.tolist()}}}
@@ -100,3 +104,32 @@ def test_ensemble_scores_are_the_members_mean_cosine(bench):
   b["contrasts"]["T1"]["labels"] = [1, 1, 2, 0, 0, 0]
   with pytest.raises(ValueError, match="members scored different pairs"):
     bench.ensemble_scores("ensemble2", "robex", [a, b])
+
+
+def test_levers_are_compared_with_their_base_only_in_one_environment(bench):
+  """A cell retrained on another CPU or jax version moves as much as a lever does: the
+  table prints no difference across environments, nor for unknown ones (results cached
+  before environments were recorded) or ensembles of members from two of them."""
+  import jax
+  env = bench.benchlib.environment()
+  assert env["jax"] == jax.__version__ and env["backend"] == jax.default_backend()
+  assert env["cpu"] and set(env) >= {"jaxlib", "flax", "optax", "numpy", "python"}
+  labels, ssim = [1, 1, 2, 2, 0, 0], [0.3, 0.5, 0.7, 0.8, 0.2, 0.1]
+  perfect, wrong = [0.95, 0.9, 0.7, 0.75, 0.1, 0.2], [0.95, 0.9, 0.9, 0.95, 0.1, 0.2]
+  there = {"cpu": "B", "jax": "0.10.2"}
+
+  def delta(base_env):
+    base = _result(bench, "recipe", "robex", labels, perfect, ssim, base_env)
+    if base_env == "unknown":
+      del base["environment"]
+    md = bench.table([base, _result(bench, "band3", "robex", labels, wrong, ssim)])
+    return [line.split("|")[5].strip() for line in md.splitlines()  # one head: 5th cell
+            if line.startswith("| band3 | T1 |")][0]
+
+  assert delta(HERE).startswith("-0.")
+  assert delta(there) == delta("unknown") == "other environment"
+  a = dict(_result(bench, "recipe", "robex", labels, perfect, ssim), step=1, train_s=1.0)
+  b = dict(_result(bench, "seed1", "robex", labels, wrong, ssim, there), step=1, train_s=1.0)
+  assert bench.ensemble_scores("ensemble2", "robex", [a, dict(a, lever="seed1")])[
+      "environment"] == HERE
+  assert bench.ensemble_scores("ensemble2", "robex", [a, b])["environment"] is None
