@@ -36,7 +36,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   lies in [0.5, 0.95] tripled), neighbours (synthetic neighbours: with p 0.3 a pair becomes
   an image and its own smooth random warp, up to 0.5-4 pixels, target their SSIM),
   rotate15 (rotation augmentation with p 0.5 instead of 0.33, up to 15 degrees instead of
-  9.7: the copies' 10 degrees inside the trained range),;
+  9.7: the copies' 10 degrees inside the trained range), band3_neighbours (band3 and
+  neighbours together; compared with band3);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -108,6 +109,7 @@ LEVERS = {
     "band3": ("recipe", {"train.band_weight": 3.0}),
     "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
     "rotate15": ("recipe", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
+    "band3_neighbours": ("band3", {"aug.p_neighbour": 0.3}),  # the two together
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
