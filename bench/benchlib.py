@@ -158,6 +158,30 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+              "asimd", "sve")
+
+
+def cpu_id() -> str:
+  """The CPU's family / model / stepping and its vector extensions (/proc/cpuinfo): XLA:CPU
+  compiles for the host's extensions, so two machines sold under one model name (AMD
+  EPYC: AVX2 only on Zen 3, AVX-512 on Zen 4) run other code."""
+  fields, flags = {}, set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("cpu family", "model", "stepping", "CPU implementer", "CPU part"):
+          fields.setdefault(key, value.strip())
+        elif key in ("flags", "Features"):
+          flags |= set(value.split())
+  except OSError:
+    return platform.machine()
+  ident = " ".join(f"{k} {v}" for k, v in fields.items())
+  return f"{ident}; {' '.join(x for x in SIMD_FLAGS if x in flags) or 'no vector flags'}"
+
+
 def version(pkg: str) -> str:
   try:
     return importlib.metadata.version(pkg)
@@ -166,12 +190,12 @@ def version(pkg: str) -> str:
 
 
 def environment(packages=("jax", "jaxlib", "flax", "optax", "numpy")) -> dict:
-  """What a trained result depends on besides the code and the seed: the CPU model, the
-  backend and the numeric packages' versions. XLA compiles other instructions for another
+  """What a trained result depends on besides the code and the seed: the CPU (model,
+  family, vector extensions), the backend and the numeric packages' versions. XLA compiles other instructions for another
   CPU or version, float32 sums round differently, and a training run's trajectory drifts
   apart from there; results from two environments are not comparable cell by cell."""
   import jax
-  return {"cpu": cpu_model(), "backend": jax.default_backend(),
+  return {"cpu": cpu_model(), "cpu_id": cpu_id(), "backend": jax.default_backend(),
           "python": platform.python_version(), **{p: version(p) for p in packages}}
 
 

@@ -113,7 +113,7 @@ def test_levers_are_compared_with_their_base_only_in_one_environment(bench):
   import jax
   env = bench.benchlib.environment()
   assert env["jax"] == jax.__version__ and env["backend"] == jax.default_backend()
-  assert env["cpu"] and set(env) >= {"jaxlib", "flax", "optax", "numpy", "python"}
+  assert env["cpu"] and set(env) >= {"cpu_id", "jaxlib", "flax", "optax", "numpy", "python"}
   labels, ssim = [1, 1, 2, 2, 0, 0], [0.3, 0.5, 0.7, 0.8, 0.2, 0.1]
   perfect, wrong = [0.95, 0.9, 0.7, 0.75, 0.1, 0.2], [0.95, 0.9, 0.9, 0.95, 0.1, 0.2]
   there = {"cpu": "B", "jax": "0.10.2"}
