@@ -191,9 +191,10 @@ def version(pkg: str) -> str:
 
 def environment(packages=("jax", "jaxlib", "flax", "optax", "numpy")) -> dict:
   """What a trained result depends on besides the code and the seed: the CPU (model,
-  family, vector extensions), the backend and the numeric packages' versions. XLA compiles other instructions for another
-  CPU or version, float32 sums round differently, and a training run's trajectory drifts
-  apart from there; results from two environments are not comparable cell by cell."""
+  family, vector extensions), the backend and the numeric packages' versions. XLA compiles
+  other instructions for another CPU or version, float32 sums round differently, and a
+  training run's trajectory drifts apart from there; results from two environments are not
+  comparable cell by cell."""
   import jax
   return {"cpu": cpu_model(), "cpu_id": cpu_id(), "backend": jax.default_backend(),
           "python": platform.python_version(), **{p: version(p) for p in packages}}

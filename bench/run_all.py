@@ -74,7 +74,8 @@ def page(results: dict, quick: bool, started: datetime.datetime, load: tuple) ->
       f"{started:%Y-%m-%d %H:%M} UTC: do not edit; rerun it. "
       + ("**A --quick smoke run: tiny sizes, not a measurement.**" if quick else ""),
       "",
-      f"- Machine: {benchlib.cpu_model()} ({benchlib.cpu_id()}), {os.cpu_count()} cores ({benchlib.cores()} usable here), "
+      f"- Machine: {benchlib.cpu_model()} ({benchlib.cpu_id()}), {os.cpu_count()} cores "
+      f"({benchlib.cores()} usable here), "
       f"{memory_gb():.0f} GB; load average {load[0]:.1f} at the start, {load[1]:.1f} at the "
       "end (other users of the machine slow both sides, not equally: quote the ratios of a "
       "quiet run).",
