@@ -57,7 +57,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   by an isotonic regression fitted on pairs of the fold's own training heads.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
 rerun; results.json there caches its scores and the environment it was trained in
-(benchlib.environment: CPU model, backend, package versions). Training is deterministic
+(benchlib.environment: CPU, backend, package versions; environment.json holds the one a
+fold began in, and a fold resumed elsewhere records none). Training is deterministic
 in one environment, not across them: the recipe's robex fold, retrained on another
 machine, moved by -0.09 / -0.05 / -0.05 (T1 / T2-like / PD-like), as much as most levers.
 So a row is compared with its base only where both were trained in one environment
@@ -360,14 +361,17 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
       return json.load(f)
   if lever in DERIVED:
     return derived_scores(lever, held_out, workdir)
+  from deepssim_jax import fileio
   config = lever_config(lever, held_out)
   validate.check_deepssim(config, "train", jax.device_count())
+  here = benchlib.environment()
+  started = started_in(out, here)
   t0 = time.perf_counter()
   jobs.train_job(config, out)
   train_s = time.perf_counter() - t0
   model = api.load(f"{out}:best")
   res = {"lever": lever, "held_out": held_out, "train_s": train_s, "step": model.step,
-         "contrasts": {}, "environment": benchlib.environment()}
+         "contrasts": {}, "environment": here if started == here else None}
   for contrast in CONTRASTS:
     imgs, pairs, labels = labelled_pairs(held_out, contrast)
     emb = model.embed(imgs)
@@ -377,9 +381,23 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
         "deepssim": evaluate.evaluate_scores(labels, s),
         "ssim": evaluate.evaluate_scores(labels, ssim),
         "scores": s.tolist(), "ssim_scores": ssim.tolist(), "labels": labels.tolist()}
-  from deepssim_jax import fileio
   fileio.write_json(cache, res)
   return res
+
+
+def started_in(out: str, here: dict):
+  """The environment a fold's training began in (<out>/environment.json, written when it
+  begins here); None for a fold begun before environments were recorded. A fold resumed
+  in another environment than it began in is a mix of two: its result records None."""
+  from deepssim_jax import fileio
+  path = os.path.join(out, "environment.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  if os.path.isdir(os.path.join(out, "checkpoints")):
+    return None
+  fileio.write_json(path, here)
+  return here
 
 
 CEILING = "SSIM, copies as 1"

@@ -133,3 +133,14 @@ def test_levers_are_compared_with_their_base_only_in_one_environment(bench):
   assert bench.ensemble_scores("ensemble2", "robex", [a, dict(a, lever="seed1")])[
       "environment"] == HERE
   assert bench.ensemble_scores("ensemble2", "robex", [a, b])["environment"] is None
+
+
+def test_a_fold_records_the_environment_it_began_in(bench, tmp_path):
+  here, there = dict(HERE), {"cpu": "B", "jax": "0.10.2"}
+  fresh = str(tmp_path / "fresh")
+  assert bench.started_in(fresh, here) == here  # begins here: written beside the run
+  assert bench.started_in(fresh, there) == here  # resumed elsewhere: still where it began
+  old = tmp_path / "old"
+  (old / "checkpoints").mkdir(parents=True)
+  assert bench.started_in(str(old), here) is None  # begun before environments were recorded
+  assert not (old / "environment.json").exists()
