@@ -136,18 +136,23 @@ def remap(x: jax.Array, ys: jax.Array) -> jax.Array:
 
 
 def _randomize_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array, p: float,
-                     draw) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """With probability p per pair, one transform draw(key_i) (a function of an (H, W) image)
-  applied to both images of pair i, whose target becomes the SSIM of the transformed pair;
-  other pairs unchanged. The key splits as (on, per-pair transform keys)."""
+                     make) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """With probability p per pair, pair i is replaced by make(key_i, a_i, b_i) (a new pair
+  of (H, W) images) and its target by the SSIM of the new pair; other pairs unchanged. The
+  key splits as (on, per-pair keys)."""
   n = a.shape[0]
   k_on, k_draw = jax.random.split(key)
   on = jax.random.uniform(k_on, (n,)) < p
-  both = jax.vmap(lambda k, x, y: (lambda f: (f(x), f(y)))(draw(k)))
-  ta, tb = both(jax.random.split(k_draw, n), a, b)
+  ta, tb = jax.vmap(make)(jax.random.split(k_draw, n), a, b)
   new_target = ssim_lib.ssim_pairs(ta, tb)
   pick = lambda new, old: jnp.where(on.reshape((n,) + (1,) * (old.ndim - 1)), new, old)
   return pick(ta, a), pick(tb, b), pick(new_target, target)
+
+
+def _both(draw):
+  """A pair maker for _randomize_pairs: one transform draw(key) (a function of an (H, W)
+  image) applied to both images of the pair."""
+  return lambda k, x, y: (lambda f: (f(x), f(y)))(draw(k))
 
 
 def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
@@ -164,7 +169,7 @@ def contrast_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array
   def draw(k):
     ys = random_map_values(k, cfg.contrast_knots, cfg.contrast_min_range)
     return lambda x: remap(x, ys)
-  return _randomize_pairs(key, a, b, target, cfg.p_contrast, draw)
+  return _randomize_pairs(key, a, b, target, cfg.p_contrast, _both(draw))
 
 
 def random_affine(key: jax.Array, cfg: AugmentConfig, size) -> tuple[jax.Array, jax.Array]:
@@ -190,7 +195,7 @@ def shape_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
   def draw(k):
     m, shift = random_affine(k, cfg, a.shape[-2:])
     return lambda x: images_lib.zscore(geometry.affine(x, m, shift), xp=jnp)
-  return _randomize_pairs(key, a, b, target, cfg.p_shape, draw)
+  return _randomize_pairs(key, a, b, target, cfg.p_shape, _both(draw))
 
 
 def blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
@@ -219,7 +224,7 @@ def blur_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
   def draw(k):
     sigma = jax.random.uniform(k, (), minval=cfg.blur_min_sigma, maxval=cfg.blur_max_sigma)
     return lambda x: images_lib.zscore(blur(x, sigma, radius), xp=jnp)
-  return _randomize_pairs(key, a, b, target, cfg.p_blur, draw)
+  return _randomize_pairs(key, a, b, target, cfg.p_blur, _both(draw))
 
 
 def smooth_field(key: jax.Array, grid: int, max_disp, size) -> jax.Array:
@@ -250,7 +255,7 @@ def elastic_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
   def draw(k):
     dr, dc = random_displacement(k, cfg, a.shape[-2:])
     return lambda x: images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
-  return _randomize_pairs(key, a, b, target, cfg.p_elastic, draw)
+  return _randomize_pairs(key, a, b, target, cfg.p_elastic, _both(draw))
 
 
 def neighbour_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
@@ -261,20 +266,13 @@ def neighbour_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Arra
   neighbour_max_disp]; z-scored again), target the SSIM of the two: an image beside a
   slightly different anatomy of itself, as a neighbouring slice is. Other pairs unchanged.
   The key splits as (on, per-pair (bound, field) keys)."""
-  n = a.shape[0]
-  k_on, k_draw = jax.random.split(key)
-  on = jax.random.uniform(k_on, (n,)) < cfg.p_neighbour
-
-  def warp(k, x):
+  def warp(k, x, _):
     k_m, k_f = jax.random.split(k)
     m = jax.random.uniform(k_m, (), minval=cfg.neighbour_min_disp,
                            maxval=cfg.neighbour_max_disp)
     dr, dc = smooth_field(k_f, cfg.neighbour_grid, m, x.shape[-2:])
-    return images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
-
-  warped = jax.vmap(warp)(jax.random.split(k_draw, n), a)
-  new_target = ssim_lib.ssim_pairs(a, warped)
-  return a, jnp.where(on[:, None, None], warped, b), jnp.where(on, new_target, target)
+    return x, images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
+  return _randomize_pairs(key, a, b, target, cfg.p_neighbour, warp)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:
