@@ -282,8 +282,9 @@ def section_embed(args, page: Page, ctx: dict) -> None:
     if len(emb) < 2:
       return
     e32, e16 = emb["float32"], emb["bfloat16"]
+    cos_diff = np.abs(e16[:256] @ e16[:256].T - e32[:256] @ e32[:256].T).max()
     page.note("embed", "random weights, random images: max |cos_bf16 - cos_f32| over the "
-              f"first 256 x 256 pairs {np.abs(e16[:256] @ e16[:256].T - e32[:256] @ e32[:256].T).max():.2e}, "
+              f"first 256 x 256 pairs {cos_diff:.2e}, "
               f"max | |e_bf16| - 1 | {np.abs(np.linalg.norm(e16, axis=1) - 1).max():.1e}")
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -353,7 +354,8 @@ def section_ldm(args, page: Page, ctx: dict) -> None:
     ctx.setdefault("ours", {})[("ddim", dt)] = t["median"] / args.unet_batch
     page.add("ldm", f"DDIM sampling, {args.ddim_steps} steps, {what}", dt, t["median"],
              args.unet_batch, "samples", t["first"], flops["ddim"] / args.unet_batch,
-             note=f"output {out['z'].dtype}, finite {bool(np.isfinite(np.asarray(out['z'])).all())}")
+             note=f"output {out['z'].dtype}, "
+             f"finite {bool(np.isfinite(np.asarray(out['z'])).all())}")
 
 
 def section_ssim(args, page: Page, ctx: dict) -> None:
@@ -578,7 +580,8 @@ def main(argv=None):
     except Exception as e:  # pylint: disable=broad-except  # the other sections still run
       traceback.print_exc()
       failed.append(section)
-      page.status[section] = f"**Failed** after {time.perf_counter() - ts:.0f} s: {type(e).__name__}: {e}"
+      page.status[section] = (f"**Failed** after {time.perf_counter() - ts:.0f} s: "
+                              f"{type(e).__name__}: {e}")
   seconds = time.perf_counter() - t0
   text = markdown(args, page, facts, started, seconds)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -120,7 +120,8 @@ def upgrade_old_keys(kind: str, state_dict: StateDict, model: Any, source: str =
   try:
     net.load_old_state_dict(old)
   except KeyError as e:
-    raise fileio.InputError(f"{source}: old-style {kind} state dict lacks key {e.args[0]!r}") from None
+    raise fileio.InputError(
+        f"{source}: old-style {kind} state dict lacks key {e.args[0]!r}") from None
   except RuntimeError as e:  # load_state_dict: size mismatches, one line each
     bad = [f"{m[1]}: file ({m[2]}) vs model ({m[3]})" for m in re.finditer(
         r"size mismatch for (\S+): copying a param with shape torch.Size\(\[([^\]]*)\]\) from "
@@ -243,8 +244,9 @@ def import_run(config: Any, workdir: str, path: str, discriminator: Optional[str
     found = infer_overrides("unet", state_dict)
     want = config.cond.kind != "none"
     if found["with_conditioning"] != want:
-      raise fileio.InputError(f"{path}: a {'conditioned' if found['with_conditioning'] else 'unconditioned'}"
-                          f" UNet, but config.cond.kind is {config.cond.kind!r}")
+      kind = "conditioned" if found["with_conditioning"] else "unconditioned"
+      raise fileio.InputError(f"{path}: a {kind} UNet, but config.cond.kind is "
+                              f"{config.cond.kind!r}")
     dim = found["cross_attention_dim"]
     model = train_diffusion.make_unet(config, found["in_channels"], dim)
     variables = load("unet", state_dict, model, source=path, proj_attn=proj_attn)

@@ -17,7 +17,8 @@ and standard deviation of the training and validation records, padded, multiplie
 latent scale factor). The cache is keyed on what it depends on (`latent_key`: the first
 stage's weights and step, the images, the scale factor, the padding, the intensity
 scaling, mean or sample): a change rebuilds it in a workdir without checkpoints and is
-refused, naming what changed, in one whose checkpoints were trained on the old latents. Latent settings:
+refused, naming what changed, in one whose checkpoints were trained on the old latents.
+Latent settings:
   latent.sample: False trains on the posterior mean (the reference:
     `autoencoder.encode(images)[0]`); True draws z = mu + sigma eps each step (MONAI's
     encode_stage_2_inputs);

@@ -68,7 +68,8 @@ def test_train_step_bf16_close_to_f32_with_float32_state():
 def test_bf16_embeddings_of_real_slices_unit_float32_and_close():
   m32 = api.load("builtin")
   m16 = dataclasses.replace(m32, model=models.with_dtype(m32.model, "bfloat16"))
-  assert embed.compute_dtype(m16.model) == "bfloat16" and embed.compute_dtype(m32.model) == "float32"
+  assert embed.compute_dtype(m16.model) == "bfloat16"
+  assert embed.compute_dtype(m32.model) == "float32"
   sets = demo.demo_sets(size=m32.image_size, slices_per_head=3, num_copies=6,
                         num_neighbours=6, num_other=3)
   x = np.concatenate([sets["training"]["images"], sets["synthetic"]["images"]])

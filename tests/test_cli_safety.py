@@ -53,7 +53,8 @@ def make_leftovers(wd: str) -> tuple[list[str], list[str]]:
            "checkpoints/best/3/state.orbax-checkpoint-tmp-99",
            "eval/.results.json.x8y7z6w5.tmp", ".pairs.csv.abcdefgh.tmp"]
   keep = ["checkpoints/latest/5/state/data.bin", "checkpoints/best/3/data.bin",
-          "audit/summary.json", "notes.tmp", ".a.b.tmp", ".jax_cache/x", ".cache/y", "eval/results.json"]
+          "audit/summary.json", "notes.tmp", ".a.b.tmp", ".jax_cache/x", ".cache/y",
+          "eval/results.json"]
   for rel in temps:
     p = os.path.join(wd, rel)
     if rel.endswith(".tmp"):

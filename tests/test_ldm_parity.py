@@ -457,7 +457,8 @@ def test_reference_files_import_into_runs_that_generate_and_export_back(tmp_path
   """A user with the reference's autoencoder / discriminator / unet files: imported as
   ldm_jax run workdirs (tiny widths, 32 x 32 slices), generated from, exported back
   exactly; an import over a run or with the wrong conditioning is refused."""
-  from ldm_jax import generate, train_autoencoder, train_diffusion  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from ldm_jax import generate, train_autoencoder, train_diffusion
   from test_ldm_train import ae_config, dm_config, one_device  # pylint: disable=g-import-not-at-top
   ae_cfg = ae_config()
   ae_model = train_autoencoder.make_autoencoder(ae_cfg.model)

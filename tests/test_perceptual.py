@@ -153,7 +153,8 @@ def test_converter_names_bad_keys(setup):
   with pytest.raises(fileio.InputError, match=r"bad\.pth.*missing.*features\.6\.expand3x3\.bias"):
     convert_with(state)
   state = dict(setup["state"], **{"features.9.squeeze.weight": torch.zeros(48, 256, 3, 3)})
-  with pytest.raises(fileio.InputError, match=r"bad\.pth.*mis-shaped.*features\.9\.squeeze\.weight"):
+  with pytest.raises(fileio.InputError,
+                     match=r"bad\.pth.*mis-shaped.*features\.9\.squeeze\.weight"):
     convert_with(state)
   state = dict(setup["state"], **{"features.13.weight": torch.zeros(1)})
   with pytest.raises(fileio.InputError, match=r"bad\.pth.*unknown.*features\.13\.weight"):

@@ -125,7 +125,8 @@ def test_checkpoint_round_trip_and_outputs(tmp_path, sources):
         np.testing.assert_array_equal(a, b)
   assert os.path.exists(tmp_path / "config.json")
   assert runs.load_config(str(tmp_path)).model.name == "convnext_atto"
-  table = fileio.read_csv(tmp_path / "metrics.csv", required=["step", "loss", "val_loss", "val_mae"])
+  table = fileio.read_csv(tmp_path / "metrics.csv",
+                          required=["step", "loss", "val_loss", "val_mae"])
   assert [int(s) for s in table["step"]] == [2, 4, 6, 8]
   assert os.listdir(tmp_path / "tensorboard")
   # The best checkpoint is the epoch with the lowest validation loss.
