@@ -412,7 +412,8 @@ def same_environment(envs: list) -> bool:
 
 def table(results: list) -> str:
   """Markdown: per lever and contrast, macro F1 per held-out head, the mean, the difference
-  from its base's mean on the same heads (base_of), and the per-class recalls averaged over heads;
+  from its base (base_of) on the heads both have (their number where fewer than the row's),
+  and the per-class recalls averaged over heads;
   plain SSIM (the same pairs) once per contrast, and SSIM's ceiling: the same SSIM with
   every copy scored as its source (1), what a metric that reproduced SSIM exactly and
   ignored the copy's flip / rotation / gamma / noise would get."""
@@ -438,9 +439,11 @@ def table(results: list) -> str:
     mean = np.mean(list(f1.values()))
     base = rows.get((base_of(lever), contrast), {})
     delta = "-"
-    if base_of(lever) and all(h in base for h in f1):
-      if same_environment([env[(k, h)] for k in (lever, base_of(lever)) for h in f1]):
-        delta = f"{mean - np.mean([base[h]['macro_f1'] for h in f1]):+.3f}"
+    common = [h for h in f1 if h in base]
+    if base_of(lever) and common:
+      if same_environment([env[(k, h)] for k in (lever, base_of(lever)) for h in common]):
+        delta = f"{np.mean([f1[h] - base[h]['macro_f1'] for h in common]):+.3f}"
+        delta += "" if len(common) == len(f1) else f" (n={len(common)})"
       else:
         delta = "other environment"
     rec = {name: np.mean([by_head[h]["per_class"][name]["recall"] for h in by_head])

@@ -127,6 +127,13 @@ def test_levers_are_compared_with_their_base_only_in_one_environment(bench):
             if line.startswith("| band3 | T1 |")][0]
 
   assert delta(HERE).startswith("-0.")
+  # The difference is taken on the heads both rows have, and says how many when fewer.
+  two = [_result(bench, "recipe", "robex", labels, perfect, ssim),
+         _result(bench, "band3", "robex", labels, wrong, ssim),
+         _result(bench, "band3", "colin27", labels, perfect, ssim)]
+  row = [line for line in bench.table(two).splitlines() if line.startswith("| band3 | T1 |")]
+  f1 = evaluate.evaluate_scores(np.asarray(labels), np.asarray(wrong))["macro_f1"]
+  assert row[0].split("|")[6].strip() == f"{f1 - 1.0:+.3f} (n=1)"
   assert delta(there) == delta("unknown") == "other environment"
   a = dict(_result(bench, "recipe", "robex", labels, perfect, ssim), step=1, train_s=1.0)
   b = dict(_result(bench, "seed1", "robex", labels, wrong, ssim, there), step=1, train_s=1.0)
