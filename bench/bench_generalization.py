@@ -488,8 +488,8 @@ def main():
       results.append(r)
       c = r["contrasts"]
       print(f"{lever:12s} held out {head:11s}: macro F1 " + ", ".join(
-          f"{k} {v['deepssim']['macro_f1']:.3f} (SSIM {v['ssim']['macro_f1']:.3f})"
-          for k, v in c.items()) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+          f"{k} {c[k]['deepssim']['macro_f1']:.3f} (SSIM {c[k]['ssim']['macro_f1']:.3f})"
+          for k in CONTRASTS if k in c) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
   md = table(results)
   print(md)
   if args.out:
