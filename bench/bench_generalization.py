@@ -309,7 +309,7 @@ def ensemble_scores(lever: str, held_out: str, members: list) -> dict:
   res = {"lever": lever, "held_out": held_out, "step": members[0]["step"],
          "train_s": sum(m["train_s"] for m in members), "contrasts": {},
          # members trained in different environments: None, never compared (table)
-         "environment": envs[0] if all(e == envs[0] for e in envs) else None}
+         "environment": envs[0] if same_environment(envs) else None}
   for contrast, c in members[0]["contrasts"].items():
     if any(m["contrasts"][contrast]["labels"] != c["labels"] for m in members):
       raise ValueError(f"{lever}/{held_out}/{contrast}: members scored different pairs")

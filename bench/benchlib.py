@@ -146,39 +146,43 @@ def markdown_row(r: dict) -> str:
           f"{fmt_pct(r['theirs_fraction'])} |")
 
 
-def cpu_model() -> str:
-  """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
-              "asimd", "sve")
-
-
-def cpu_id() -> str:
-  """The CPU's family / model / stepping and its vector extensions (/proc/cpuinfo): XLA:CPU
-  compiles for the host's extensions, so two machines sold under one model name (AMD
-  EPYC: AVX2 only on Zen 3, AVX-512 on Zen 4) run other code."""
+def _cpuinfo() -> tuple:
+  """(first value of each /proc/cpuinfo field, the CPU's flags), or None without the file."""
   fields, flags = {}, set()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         key, _, value = line.partition(":")
         key = key.strip()
-        if key in ("cpu family", "model", "stepping", "CPU implementer", "CPU part"):
-          fields.setdefault(key, value.strip())
-        elif key in ("flags", "Features"):
+        fields.setdefault(key, value.strip())
+        if key in ("flags", "Features"):
           flags |= set(value.split())
   except OSError:
+    return None
+  return fields, flags
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+  info = _cpuinfo()
+  name = info and info[0].get("model name")
+  return name or platform.processor() or platform.machine()
+
+
+SIMD_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+              "asimd", "sve")
+CPU_ID_FIELDS = ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
+
+
+def cpu_id() -> str:
+  """The CPU's family / model / stepping and its vector extensions (/proc/cpuinfo): XLA:CPU
+  compiles for the host's extensions, so two machines sold under one model name (AMD
+  EPYC: AVX2 only on Zen 3, AVX-512 on Zen 4) run other code."""
+  info = _cpuinfo()
+  if info is None:
     return platform.machine()
-  ident = " ".join(f"{k} {v}" for k, v in fields.items())
+  fields, flags = info
+  ident = " ".join(f"{k} {fields[k]}" for k in CPU_ID_FIELDS if k in fields)
   return f"{ident}; {' '.join(x for x in SIMD_FLAGS if x in flags) or 'no vector flags'}"
 
 
