@@ -37,7 +37,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   an image and its own smooth random warp, up to 0.5-4 pixels, target their SSIM),
   rotate15 (rotation augmentation with p 0.5 instead of 0.33, up to 15 degrees instead of
   9.7: the copies' 10 degrees inside the trained range), band3_neighbours (band3 and
-  neighbours together; compared with band3);
+  neighbours together; compared with band3), rotate15_neighbours (rotate15 and neighbours
+  in one network; compared with rotate15);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -51,7 +52,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
 * seed1: the recipe from another seed (config.seed 1 instead of 42), the size of the
   training noise in a cell; ensemble2 (DERIVED: trains nothing more): the mean cosine of
   the recipe's and seed1's networks, an ensemble of two; ensemble_rot (DERIVED): the
-  mean cosine of the recipe's and rotate15's networks;
+  mean cosine of the recipe's and rotate15's networks; ensemble_nb_rot (DERIVED):
+  neighbours' and rotate15's networks (its difference taken from the recipe);
 * wide18: the recipe with 1.5x the widths and one more block (`wide` on the recipe);
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads.
@@ -111,6 +113,7 @@ LEVERS = {
     "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
     "rotate15": ("recipe", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
     "band3_neighbours": ("band3", {"aug.p_neighbour": 0.3}),  # the two together
+    "rotate15_neighbours": ("rotate15", {"aug.p_neighbour": 0.3}),  # the two in one network
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
@@ -143,9 +146,12 @@ LEVERS = {
 # on pairs of the fold's own training heads (calibration_pairs), never the held-out head.
 # ensemble2: the mean of the cosines of ENSEMBLES' member levers, the recipe trained from two
 # seeds (the recipe and seed1): a model of two networks, scored as one.
-# ensemble_rot: the recipe's and rotate15's networks (two augmentations' errors, averaged).
-DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe"}
-ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15")}
+# ensemble_rot: the recipe's and rotate15's networks (two augmentations' errors, averaged);
+# ensemble_nb_rot: neighbours' and rotate15's (the T1 lever's and the contrasts' lever's).
+DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe",
+           "ensemble_nb_rot": "recipe"}
+ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15"),
+             "ensemble_nb_rot": ("neighbours", "rotate15")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
 CALIBRATION_MAX_MM = 30.0
