@@ -69,6 +69,13 @@ class AugmentConfig:
   neighbour_grid: int = 5
   neighbour_min_disp: float = 0.5
   neighbour_max_disp: float = 4.0
+  # Noise randomization (ours): with p_noise, each image of a pair gets its own Gaussian
+  # noise of one sigma uniform in [noise_min_sigma, noise_max_sigma] (of the z-scored
+  # image's unit std), and the target becomes their SSIM after it: scans noisier than the
+  # training heads, whose SSIM falls with the noise though the anatomy does not.
+  p_noise: float = 0.0
+  noise_min_sigma: float = 0.0
+  noise_max_sigma: float = 0.1
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -273,6 +280,22 @@ def neighbour_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Arra
     dr, dc = smooth_field(k_f, cfg.neighbour_grid, m, x.shape[-2:])
     return x, images_lib.zscore(geometry.displace(x, dr, dc), xp=jnp)
   return _randomize_pairs(key, a, b, target, cfg.p_neighbour, warp)
+
+
+def noise_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+                cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Noise randomization of a batch of pairs (B, H, W): with probability p_noise a pair is
+  drawn one sigma uniform in [noise_min_sigma, noise_max_sigma], each image gets its own
+  Gaussian noise of that sigma (two acquisitions' noise is independent; z-scored again),
+  and the target is replaced by the SSIM of the noisy pair. Other pairs unchanged. The key
+  splits as (on, per-pair (sigma, noise of a, noise of b) keys). As for contrast_pairs, the
+  stored target must be the plain SSIM of the pair (pairs.align False)."""
+  def add_noise(k, x, y):
+    k_s, k_x, k_y = jax.random.split(k, 3)
+    sigma = jax.random.uniform(k_s, (), minval=cfg.noise_min_sigma, maxval=cfg.noise_max_sigma)
+    noisy = lambda kk, z: images_lib.zscore(z + sigma * jax.random.normal(kk, z.shape), xp=jnp)
+    return noisy(k_x, x), noisy(k_y, y)
+  return _randomize_pairs(key, a, b, target, cfg.p_noise, add_noise)
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

@@ -169,6 +169,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.neighbour_grid = 5
   c.aug.neighbour_min_disp = 0.5
   c.aug.neighbour_max_disp = 4.0
+  # Noise randomization (ours): with p_noise each image of a pair gets its own Gaussian noise
+  # of one sigma uniform in [noise_min_sigma, noise_max_sigma] (z-scored units), target
+  # recomputed (augment.noise_pairs; pairs.align False): scans noisier than the training heads.
+  c.aug.p_noise = 0.0
+  c.aug.noise_min_sigma = 0.0
+  c.aug.noise_max_sigma = 0.1
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -258,7 +258,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   shared by both images, with the target recomputed (augment.contrast_pairs); with
   aug.p_shape > 0 likewise through a random affine warp (augment.shape_pairs), and with
   aug.p_blur > 0 through a random Gaussian blur (augment.blur_pairs), and with
-  aug.p_elastic > 0 through a smooth random displacement field (augment.elastic_pairs).
+  aug.p_elastic > 0 through a smooth random displacement field (augment.elastic_pairs),
+  and last, with aug.p_noise > 0, each image through its own Gaussian noise
+  (augment.noise_pairs: acquisition noise comes after the anatomy and the contrast).
   Before them, with aug.p_neighbour > 0, a share of the pairs is replaced by an image and
   a smoothly warped copy of it, target their SSIM (augment.neighbour_pairs).
 
@@ -279,6 +281,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
     a, b, target = augment.blur_pairs(jax.random.fold_in(rng, 9), a, b, target, aug)
   if aug.p_elastic > 0:
     a, b, target = augment.elastic_pairs(jax.random.fold_in(rng, 10), a, b, target, aug)
+  if aug.p_noise > 0:
+    a, b, target = augment.noise_pairs(jax.random.fold_in(rng, 12), a, b, target, aug)
   a = augment.augment_batch(k_a, a, aug)
   b = augment.augment_batch(k_b, b, aug)
 

@@ -168,7 +168,7 @@ _DEEPSSIM_RANGES = (
     ("aug.shape_max_scale", 0.0, 1.0, False), ("aug.shape_max_shear", 0.0, 1.0, False),
     ("aug.shape_max_shift", 0.0, 0.5, False), ("aug.p_blur", 0.0, 1.0, False),
     ("aug.p_elastic", 0.0, 1.0, False), ("aug.contrast_min_range", 0.0, 1.0, False),
-    ("aug.p_neighbour", 0.0, 1.0, False),
+    ("aug.p_neighbour", 0.0, 1.0, False), ("aug.p_noise", 0.0, 1.0, False),
     ("calibrate.dar.percentile", 0.0, 100.0, False),
 )
 
@@ -198,11 +198,13 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   c.num_min("aug.elastic_max_disp", 0.0)
   c.num_min("aug.neighbour_min_disp", 0.0)
   c.not_below("aug.neighbour_max_disp", "aug.neighbour_min_disp")
+  c.num_min("aug.noise_min_sigma", 0.0)
+  c.not_below("aug.noise_max_sigma", "aug.noise_min_sigma")
   c.num_min("train.band_weight", 0.0, strict=True)
   c.thresholds("train.band")
   for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape"),
                     ("aug.p_blur", "resolution"), ("aug.p_elastic", "anatomy"),
-                    ("aug.p_neighbour", "synthetic-neighbour")):
+                    ("aug.p_neighbour", "synthetic-neighbour"), ("aug.p_noise", "noise")):
     p = c.value(key)
     if _is_num(p) and p > 0 and c.value("pairs.align"):
       c.fail(key, f"{what} randomization recomputes plain SSIM targets, so it needs "

@@ -303,3 +303,31 @@ def test_neighbour_pairs_pair_an_image_with_its_own_warp_and_recompute_the_targe
   np.testing.assert_allclose(np.asarray(nb), np.asarray(a), atol=1e-5)
   np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
   _assert_p0_untouched(augment.neighbour_pairs, "p_neighbour", key, a, b, target)
+
+
+def test_noise_pairs_add_independent_noise_of_one_sigma_and_recompute_the_target():
+  """p_noise 1: each image of pair i gets its own Gaussian noise of one sigma in the range
+  (the draws replayed from the documented key split), comes out z-scored, and the target is
+  scikit-image's SSIM of the noisy pair; an image paired with itself falls below 1 (the
+  two noises differ); sigma 0 leaves the pair as it was (target recomputed: 1); p 0:
+  untouched."""
+  a = _images(4, 24, 20, seed=1)
+  target = jnp.full((4,), 0.123)
+  on = dataclasses.replace(OFF, p_noise=1.0, noise_min_sigma=0.1, noise_max_sigma=0.3)
+  key = jax.random.key(10)
+  na, nb, t = augment.noise_pairs(key, a, a, target, on)
+  keys = jax.random.split(jax.random.split(key)[1], 4)
+  for i in range(4):
+    k_s, k_x, k_y = jax.random.split(keys[i], 3)
+    sigma = float(jax.random.uniform(k_s, (), minval=0.1, maxval=0.3))
+    assert 0.1 <= sigma <= 0.3
+    for k, got in ((k_x, na[i]), (k_y, nb[i])):
+      u = np.asarray(a[i], np.float64) + sigma * np.asarray(jax.random.normal(k, (24, 20)))
+      np.testing.assert_allclose(np.asarray(got), (u - u.mean()) / u.std(), atol=2e-4)
+    _assert_target_is_ssim(na[i], nb[i], t[i])
+    assert float(t[i]) < 0.99
+  still = dataclasses.replace(on, noise_min_sigma=0.0, noise_max_sigma=0.0)
+  sa, sb, t = augment.noise_pairs(key, a, a, target, still)
+  np.testing.assert_allclose(np.asarray(sa), np.asarray(a), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
+  _assert_p0_untouched(augment.noise_pairs, "p_noise", key, a, a, target)

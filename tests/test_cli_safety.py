@@ -325,6 +325,10 @@ def test_verbose_shows_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
     ("aug.p_elastic", -0.1, "config.aug.p_elastic must be in [0, 1], got -0.1"),
     ("aug.elastic_grid", 1, "config.aug.elastic_grid must be >= 2, got 1"),
     ("aug.elastic_max_disp", -1.0, "config.aug.elastic_max_disp must be >= 0, got -1.0"),
+    ("aug.p_noise", 2.0, "config.aug.p_noise must be in [0, 1], got 2.0"),
+    ("aug.noise_min_sigma", -0.1, "config.aug.noise_min_sigma must be >= 0, got -0.1"),
+    ("aug.noise_max_sigma", -0.05, "config.aug.noise_max_sigma must be >= "
+     "config.aug.noise_min_sigma (0), got -0.05"),
 ])
 def test_deepssim_config_checks(key, value, message):
   config = load_config(TINY)

@@ -298,12 +298,13 @@ def test_gem_head_bf16_step_keeps_float32_params(sources):
 
 
 @pytest.mark.parametrize("field", ["p_contrast", "p_shape", "p_blur", "p_elastic",
-                                   "p_neighbour"])
+                                   "p_neighbour", "p_noise"])
 def test_randomized_pairs_train_on_the_recomputed_target(sources, field):
   # A pair of one image with itself stored with a wrong target 0: contrast, shape, blur or
   # anatomy randomization at p 1 maps both images alike, so the step's target is their SSIM, 1,
   # which the cosine of identical inputs meets (loss ~0); without it the loss is (1 - 0)^2.
-  # Synthetic neighbours with a warp bound of 0 pair the image with itself, target 1.
+  # Synthetic neighbours with a warp bound of 0 pair the image with itself, target 1, and
+  # noise of sigma 0 leaves it alone.
   config = tiny_config()
   config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
   config.model.overrides.update(dict(dropout=0.0, drop_path_rate=0.0))
@@ -312,7 +313,8 @@ def test_randomized_pairs_train_on_the_recomputed_target(sources, field):
   batch = dict(batch, image_b=batch["image_a"], ssim=np.zeros_like(batch["ssim"]))
   _, plain = _step_fn(config)(state, batch, jax.random.key(1))
   config.aug[field] = 1.0
-  config.aug.update(dict(neighbour_min_disp=0.0, neighbour_max_disp=0.0))
+  config.aug.update(dict(neighbour_min_disp=0.0, neighbour_max_disp=0.0,
+                         noise_min_sigma=0.0, noise_max_sigma=0.0))
   _, randomized = _step_fn(config)(state, batch, jax.random.key(1))
   assert float(plain["loss"]) == pytest.approx(1.0, abs=1e-4)
   assert float(randomized["loss"]) < 1e-4
