@@ -38,7 +38,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   rotate15 (rotation augmentation with p 0.5 instead of 0.33, up to 15 degrees instead of
   9.7: the copies' 10 degrees inside the trained range), band3_neighbours (band3 and
   neighbours together; compared with band3), rotate15_neighbours (rotate15 and neighbours
-  in one network; compared with rotate15), noise (noise randomization: with p 0.3 each
+  in one network; compared with rotate15), neighbours6 (neighbours at p 0.6; compared
+  with neighbours), noise (noise randomization: with p 0.3 each
   image of a pair gets its own Gaussian noise of one sigma in [0, 0.1], target their SSIM);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
@@ -115,6 +116,7 @@ LEVERS = {
     "rotate15": ("recipe", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
     "band3_neighbours": ("band3", {"aug.p_neighbour": 0.3}),  # the two together
     "rotate15_neighbours": ("rotate15", {"aug.p_neighbour": 0.3}),  # the two in one network
+    "neighbours6": ("neighbours", {"aug.p_neighbour": 0.6}),  # twice the synthetic neighbours
     "noise": ("recipe", {"aug.p_noise": 0.3}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
