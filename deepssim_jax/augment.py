@@ -76,6 +76,10 @@ class AugmentConfig:
   p_noise: float = 0.0
   noise_min_sigma: float = 0.0
   noise_max_sigma: float = 0.1
+  # Where the noise goes: last (False: an acquisition's noise comes after its anatomy and
+  # contrast), or first (True: before the contrast map, which then scales it by its local
+  # slope, so the noise differs between tissues, as in an image remapped from a noisy one).
+  noise_first: bool = False
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -296,6 +300,29 @@ def noise_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
     noisy = lambda kk, z: images_lib.zscore(z + sigma * jax.random.normal(kk, z.shape), xp=jnp)
     return noisy(k_x, x), noisy(k_y, y)
   return _randomize_pairs(key, a, b, target, cfg.p_noise, add_noise)
+
+
+# The pair randomizations in the order they run (noise last, or second with noise_first),
+# each with its own key: fold_in of the step's key by the number here, so that a run
+# without one draws what it always drew.
+PAIR_RANDOMIZATIONS = {"p_neighbour": (neighbour_pairs, 11), "p_contrast": (contrast_pairs, 7),
+                       "p_shape": (shape_pairs, 8), "p_blur": (blur_pairs, 9),
+                       "p_elastic": (elastic_pairs, 10), "p_noise": (noise_pairs, 12)}
+
+
+def randomize_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
+                    cfg: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Every pair randomization whose probability is above 0, in PAIR_RANDOMIZATIONS' order:
+  synthetic neighbours first (the others act on the new pairs too), then contrast, shape,
+  resolution, anatomy and noise; with cfg.noise_first the noise comes right after the
+  neighbours, before the contrast map. Each recomputes the targets of the pairs it changes."""
+  order = [f for f in PAIR_RANDOMIZATIONS if f != "p_noise"]
+  order.insert(1 if cfg.noise_first else len(order), "p_noise")
+  for field in order:
+    fn, salt = PAIR_RANDOMIZATIONS[field]
+    if getattr(cfg, field) > 0:
+      a, b, target = fn(jax.random.fold_in(key, salt), a, b, target, cfg)
+  return a, b, target
 
 
 def augment_batch(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:

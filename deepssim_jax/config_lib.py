@@ -175,6 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.p_noise = 0.0
   c.aug.noise_min_sigma = 0.0
   c.aug.noise_max_sigma = 0.1
+  c.aug.noise_first = False  # True: noise before the contrast map, which shapes it per tissue
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -260,9 +260,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   aug.p_blur > 0 through a random Gaussian blur (augment.blur_pairs), and with
   aug.p_elastic > 0 through a smooth random displacement field (augment.elastic_pairs),
   and last, with aug.p_noise > 0, each image through its own Gaussian noise
-  (augment.noise_pairs: acquisition noise comes after the anatomy and the contrast).
-  Before them, with aug.p_neighbour > 0, a share of the pairs is replaced by an image and
-  a smoothly warped copy of it, target their SSIM (augment.neighbour_pairs).
+  (augment.noise_pairs: acquisition noise comes after the anatomy and the contrast; with
+  aug.noise_first before the contrast, which then shapes it). Before them, with
+  aug.p_neighbour > 0, a share of the pairs is replaced by an image and a smoothly warped
+  copy of it, target their SSIM (augment.neighbour_pairs). augment.randomize_pairs holds
+  the order.
 
   Gradients of the frozen stages are replaced by zeros before anything reads them, so XLA
   drops their computation (and the backward pass below the first trainable layer) and
@@ -270,19 +272,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   """
   rng = jax.random.fold_in(rng, state.step)
   k_a, k_b, k_drop = jax.random.split(rng, 3)
-  a, b, target = batch["image_a"], batch["image_b"], batch["ssim"]
-  if aug.p_neighbour > 0:  # first: the randomizations below act on the new pairs too
-    a, b, target = augment.neighbour_pairs(jax.random.fold_in(rng, 11), a, b, target, aug)
-  if aug.p_contrast > 0:  # its own key: runs without it draw what they always drew
-    a, b, target = augment.contrast_pairs(jax.random.fold_in(rng, 7), a, b, target, aug)
-  if aug.p_shape > 0:
-    a, b, target = augment.shape_pairs(jax.random.fold_in(rng, 8), a, b, target, aug)
-  if aug.p_blur > 0:
-    a, b, target = augment.blur_pairs(jax.random.fold_in(rng, 9), a, b, target, aug)
-  if aug.p_elastic > 0:
-    a, b, target = augment.elastic_pairs(jax.random.fold_in(rng, 10), a, b, target, aug)
-  if aug.p_noise > 0:
-    a, b, target = augment.noise_pairs(jax.random.fold_in(rng, 12), a, b, target, aug)
+  a, b, target = augment.randomize_pairs(rng, batch["image_a"], batch["image_b"],
+                                         batch["ssim"], aug)
   a = augment.augment_batch(k_a, a, aug)
   b = augment.augment_batch(k_b, b, aug)
 

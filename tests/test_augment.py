@@ -331,3 +331,31 @@ def test_noise_pairs_add_independent_noise_of_one_sigma_and_recompute_the_target
   np.testing.assert_allclose(np.asarray(sa), np.asarray(a), atol=1e-5)
   np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
   _assert_p0_untouched(augment.noise_pairs, "p_noise", key, a, a, target)
+
+
+@pytest.mark.parametrize("noise_first", [False, True])
+def test_randomize_pairs_runs_the_randomizations_in_order_each_on_its_own_key(noise_first):
+  """randomize_pairs is the chain neighbours -> contrast -> shape -> blur -> elastic ->
+  noise (noise second with noise_first), each on fold_in(key, its number), replayed here
+  call by call; the two orders give different pairs; the final targets are scikit-image's
+  SSIM of the final pairs."""
+  a, b = _images(4, 24, 20, seed=2), _images(4, 24, 20, seed=3)
+  target = jnp.full((4,), 0.5)
+  cfg = dataclasses.replace(OFF, p_neighbour=0.5, p_contrast=1.0, p_shape=0.5, p_blur=0.5,
+                            p_elastic=0.5, p_noise=1.0, noise_min_sigma=0.1,
+                            noise_max_sigma=0.3, noise_first=noise_first)
+  key = jax.random.key(5)
+  got = augment.randomize_pairs(key, a, b, target, cfg)
+  steps = [(augment.neighbour_pairs, 11), (augment.contrast_pairs, 7), (augment.shape_pairs, 8),
+           (augment.blur_pairs, 9), (augment.elastic_pairs, 10)]
+  steps.insert(1 if noise_first else len(steps), (augment.noise_pairs, 12))
+  want = (a, b, target)
+  for fn, salt in steps:
+    want = fn(jax.random.fold_in(key, salt), *want, cfg)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  other = augment.randomize_pairs(key, a, b, target,
+                                  dataclasses.replace(cfg, noise_first=not noise_first))
+  assert np.abs(np.asarray(other[0]) - np.asarray(got[0])).max() > 0.1
+  for i in range(4):
+    _assert_target_is_ssim(got[0][i], got[1][i], got[2][i])
