@@ -33,6 +33,15 @@ def _assert_p0_untouched(fn, field, key, a, b, target):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def _assert_still_and_p0(fn, field, still, key, a, b, target):
+  """A randomization at zero strength (`still`: no warp, no noise) pairs each image a[i]
+  with itself (second image a[i], target recomputed: 1); at probability 0 it is a no-op."""
+  _, rb, t = fn(key, a, b, target, still)
+  np.testing.assert_allclose(np.asarray(rb), np.asarray(a), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
+  _assert_p0_untouched(fn, field, key, a, b, target)
+
+
 def test_identity_when_all_probabilities_are_zero():
   x = _images()
   y = augment.augment_batch(jax.random.key(0), x, OFF)
@@ -299,10 +308,7 @@ def test_neighbour_pairs_pair_an_image_with_its_own_warp_and_recompute_the_targe
     _assert_target_is_ssim(a[i], nb[i], t[i])
     assert float(t[i]) < 0.99
   still = dataclasses.replace(on, neighbour_min_disp=0.0, neighbour_max_disp=0.0)
-  _, nb, t = augment.neighbour_pairs(key, a, b, target, still)
-  np.testing.assert_allclose(np.asarray(nb), np.asarray(a), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
-  _assert_p0_untouched(augment.neighbour_pairs, "p_neighbour", key, a, b, target)
+  _assert_still_and_p0(augment.neighbour_pairs, "p_neighbour", still, key, a, b, target)
 
 
 def test_noise_pairs_add_independent_noise_of_one_sigma_and_recompute_the_target():
@@ -327,10 +333,7 @@ def test_noise_pairs_add_independent_noise_of_one_sigma_and_recompute_the_target
     _assert_target_is_ssim(na[i], nb[i], t[i])
     assert float(t[i]) < 0.99
   still = dataclasses.replace(on, noise_min_sigma=0.0, noise_max_sigma=0.0)
-  sa, sb, t = augment.noise_pairs(key, a, a, target, still)
-  np.testing.assert_allclose(np.asarray(sa), np.asarray(a), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(t), 1.0, atol=1e-5)
-  _assert_p0_untouched(augment.noise_pairs, "p_noise", key, a, a, target)
+  _assert_still_and_p0(augment.noise_pairs, "p_noise", still, key, a, a, target)
 
 
 @pytest.mark.parametrize("noise_first", [False, True])
