@@ -45,7 +45,9 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   (noise and neighbours in one network; compared with noise), noise_first (noise before
   the contrast map, which then scales it by its slope: tissue-dependent noise, as in the
   T2-/PD-like pairs, remapped from a noisy T1; compared with noise), noise_strong_neighbours
-  (noise_strong and neighbours in one network; compared with noise_strong);
+  (noise_strong and neighbours in one network; compared with noise_strong),
+  noise_strong_rotate15 (noise_strong and rotate15 in one network; compared with
+  noise_strong);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -127,6 +129,7 @@ LEVERS = {
     "noise_neighbours": ("noise", {"aug.p_neighbour": 0.3}),  # noise and neighbours in one
     "noise_first": ("noise", {"aug.noise_first": True}),  # the noise before the contrast map
     "noise_strong_neighbours": ("noise_strong", {"aug.p_neighbour": 0.3}),
+    "noise_strong_rotate15": ("noise_strong", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
