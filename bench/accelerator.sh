@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The accelerator benchmark (bench/bench_accelerator.py: its docstring says what each row
 # measures): the device, then ConvNeXt-B DeepSSIM forward and Siamese train step in float32
-# and bfloat16 (depthwise auto and the CPU-tuned shifted sums), embedding throughput, the
-# LDM UNet train step and DDIM sampling, all-pairs SSIM, and the torch anchors where torch
-# with CUDA is present. Under 10 minutes on one GPU; writes bench/ACCELERATOR.md (--out).
+# and bfloat16, the LDM UNet train step and DDIM sampling, the torch anchors of both where
+# torch with CUDA is present, embedding throughput and all-pairs SSIM. Under 10 minutes on
+# one GPU; writes bench/ACCELERATOR.md (--out).
 #
 #   bash bench/accelerator.sh                                   # full sizes, on a GPU
 #   bash bench/accelerator.sh --out /tmp/acc.md --sections embedder,ldm

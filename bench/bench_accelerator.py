@@ -8,22 +8,24 @@ Driven by bench/accelerator.sh (which sets the environment); one run, in this or
               (eval) img/s on a batch of --fwd_batch images and the Siamese train step on
               --train_pairs pairs (both branches in one batch of 2 x pairs), each in float32
               and bfloat16 (model.dtype) and with each --impls depthwise form ("auto" is
-              the plain grouped convolution on GPU/TPU, deepssim_jax.depthwise.auto_impl,
-              so the default compares it with the shifted sums tuned for CPUs), with the
-              train step's loss gap bf16 - f32 from the same weights and batch.
-  embed       embedding throughput: embed.embed_array on --embed_n images in memory, and the
-              embedding job end to end (embed_to_store: NIfTI slices read and resampled by
-              grain threads, forward, store written; bench_embed_job.py's source), per dtype.
+              the plain grouped convolution on GPU/TPU, deepssim_jax.depthwise.auto_impl;
+              on CPU the default adds conv to compare; on an H200 the CPU-tuned shifted
+              sums ran at 0.82x (forward) and 0.71x (train step) of it, so an accelerator's
+              default is auto alone), with the train step's loss gap bf16 - f32 from the
+              same weights and batch.
   ldm         the LDM UNet of configs/ldm_ixi_diffusion.py (conditioned, 262M parameters):
               train step (batch of 8 latents 3 x 36 x 28) and DDIM sampling (50 steps),
               float32 and bfloat16 (train.mixed_precision), bench_ldm.py's works.
-  ssim        all-pairs SSIM (deepssim_jax.ssim.ssim_all_pairs) of --ssim_n x --ssim_n
-              z-scored 136 x 112 images, pairs/s, with the CPU-sized blocks and larger ones.
   torch       the same works in torch where torch with CUDA is present (bench_embedder.py's
               and bench_ldm.py's torch sides, moved to the device, bfloat16 under
               torch.autocast, each call synchronised), in their own process after ours: the
               same-run anchors. Skipped, saying why, without CUDA (on the CPU with
               --allow-cpu they run on the CPU, as a smoke test of the code path).
+  embed       embedding throughput: embed.embed_array on --embed_n images in memory, and the
+              embedding job end to end (embed_to_store: NIfTI slices read and resampled by
+              grain threads, forward, store written; bench_embed_job.py's source), per dtype.
+  ssim        all-pairs SSIM (deepssim_jax.ssim.ssim_all_pairs) of --ssim_n x --ssim_n
+              z-scored 136 x 112 images, pairs/s, with the CPU-sized blocks and larger ones.
 
 Each work: one untimed call first (compilation; its time is reported), then the median of
 --reps calls. A section that fails is reported as failed and the run goes on; works not
@@ -64,7 +66,9 @@ sys.path[:0] = [BENCH, ROOT]
 
 import benchlib  # noqa: E402
 
-SECTIONS = ("embedder", "embed", "ldm", "ssim", "torch")
+# The torch anchors run right after the works they anchor (a time budget that runs out
+# skips the later sections, never the anchors of what was measured).
+SECTIONS = ("embedder", "ldm", "torch", "embed", "ssim")
 DTYPES = ("float32", "bfloat16")
 # option: (full size, --quick size)
 SIZES = {
@@ -385,16 +389,14 @@ def torch_worker(spec: dict):
   if dev == "cuda":
     if not torch.cuda.is_available():
       raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
-    gen = torch.Generator
-    # bench_embedder seeds its inputs with torch.Generator(): make that one the device's
-    torch.Generator = lambda device=dev: gen(device=device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's default precision on GPUs
     torch.backends.cudnn.allow_tf32 = True
   torch.set_default_device(dev)
   if spec["kind"] == "embedder":
     import bench_embedder
-    works, info = bench_embedder.torch_side(spec["spec"])
+    # its inputs are drawn on the device (a torch.Generator of that device)
+    works, info = bench_embedder.torch_side({**spec["spec"], "device": dev})
   else:
     import bench_ldm
     works, info = bench_ldm.torch_side(spec["spec"])
@@ -527,7 +529,8 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true", help="tiny models and sizes (smoke run)")
   ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
   ap.add_argument("--impls", default=None, help="depthwise_impl forms of the embedder rows; "
-                  "default auto,shift on an accelerator (auto is conv there), auto,conv on CPU")
+                  "default auto on an accelerator (the grouped convolution there), "
+                  "auto,conv on CPU")
   ap.add_argument("--budget_s", type=float, default=480.0,
                   help="works not begun by then are skipped, named in the page (the run "
                   "stays under 10 minutes)")
@@ -561,7 +564,7 @@ def main(argv=None):
         "'jax[cuda12]'); check with python -c 'import jax; print(jax.devices())'. "
         "--allow-cpu runs it on the CPU as a smoke test (add --quick for tiny sizes).")
   if args.impls is None:
-    args.impls = "auto,conv" if facts["backend"] == "cpu" else "auto,shift"
+    args.impls = "auto,conv" if facts["backend"] == "cpu" else "auto"
   facts["deadline"] = t0 + args.budget_s
   page = Page()
   fns = {"embedder": section_embedder, "embed": section_embed, "ldm": section_ldm,

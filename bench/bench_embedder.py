@@ -102,10 +102,11 @@ def torch_side(spec: dict):
                        nn.Linear(c, HIDDEN), nn.GELU(), nn.Dropout(DROPOUT),
                        nn.Linear(HIDDEN, EMBED))))
   b, (h, w) = spec["batch"], spec["size"]
-  g = torch.Generator().manual_seed(0)
-  x = torch.randn((b, 1, h, w), generator=g).repeat(1, 3, 1, 1)
-  xb = torch.randn((b, 1, h, w), generator=g).repeat(1, 3, 1, 1)
-  ssim = torch.rand((b, 1), generator=g)
+  dev = spec.get("device", "cpu")  # bench_accelerator's worker runs it on a GPU too
+  g = torch.Generator(device=dev).manual_seed(0)
+  x = torch.randn((b, 1, h, w), generator=g, device=dev).repeat(1, 3, 1, 1)
+  xb = torch.randn((b, 1, h, w), generator=g, device=dev).repeat(1, 3, 1, 1)
+  ssim = torch.rand((b, 1), generator=g, device=dev)
   features = net.feature_extractor
 
   def set_freeze(fz):
