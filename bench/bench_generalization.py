@@ -47,7 +47,9 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   T2-/PD-like pairs, remapped from a noisy T1; compared with noise), noise_strong_neighbours
   (noise_strong and neighbours in one network; compared with noise_strong),
   noise_strong_rotate15 (noise_strong and rotate15 in one network; compared with
-  noise_strong);
+  noise_strong), noise_copies (noise_strong, but a self pair keeps its target 1 under the
+  noise, as under flips and gamma: the held-out Duplicates include noisy copies; compared
+  with noise_strong);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -130,6 +132,7 @@ LEVERS = {
     "noise_first": ("noise", {"aug.noise_first": True}),  # the noise before the contrast map
     "noise_strong_neighbours": ("noise_strong", {"aug.p_neighbour": 0.3}),
     "noise_strong_rotate15": ("noise_strong", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
+    "noise_copies": ("noise_strong", {"aug.noise_keep_copies": True}),  # noisy copies stay 1
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),

@@ -80,6 +80,10 @@ class AugmentConfig:
   # contrast), or first (True: before the contrast map, which then scales it by its local
   # slope, so the noise differs between tissues, as in an image remapped from a noisy one).
   noise_first: bool = False
+  # Noisy copies stay copies (True): a pair of two identical images (a self pair, target 1)
+  # keeps its target 1 under the noise, as under flips, rotations and gamma, since a copy
+  # with acquisition noise is still a copy; the noise lowers the target of other pairs only.
+  noise_keep_copies: bool = False
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentConfig":
@@ -291,15 +295,20 @@ def noise_pairs(key: jax.Array, a: jax.Array, b: jax.Array, target: jax.Array,
   """Noise randomization of a batch of pairs (B, H, W): with probability p_noise a pair is
   drawn one sigma uniform in [noise_min_sigma, noise_max_sigma], each image gets its own
   Gaussian noise of that sigma (two acquisitions' noise is independent; z-scored again),
-  and the target is replaced by the SSIM of the noisy pair. Other pairs unchanged. The key
-  splits as (on, per-pair (sigma, noise of a, noise of b) keys). As for contrast_pairs, the
-  stored target must be the plain SSIM of the pair (pairs.align False)."""
+  and the target is replaced by the SSIM of the noisy pair. Other pairs unchanged. With
+  cfg.noise_keep_copies, a pair of two identical images keeps its target (a noisy copy is
+  still a copy). The key splits as (on, per-pair (sigma, noise of a, noise of b) keys). As
+  for contrast_pairs, the stored target must be the plain SSIM of the pair (pairs.align
+  False)."""
   def add_noise(k, x, y):
     k_s, k_x, k_y = jax.random.split(k, 3)
     sigma = jax.random.uniform(k_s, (), minval=cfg.noise_min_sigma, maxval=cfg.noise_max_sigma)
     noisy = lambda kk, z: images_lib.zscore(z + sigma * jax.random.normal(kk, z.shape), xp=jnp)
     return noisy(k_x, x), noisy(k_y, y)
-  return _randomize_pairs(key, a, b, target, cfg.p_noise, add_noise)
+  na, nb, new_target = _randomize_pairs(key, a, b, target, cfg.p_noise, add_noise)
+  if cfg.noise_keep_copies:
+    new_target = jnp.where(jnp.all(a == b, axis=(1, 2)), target, new_target)
+  return na, nb, new_target
 
 
 # The pair randomizations in the order they run (noise last, or second with noise_first),

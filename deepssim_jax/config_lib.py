@@ -176,6 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.noise_min_sigma = 0.0
   c.aug.noise_max_sigma = 0.1
   c.aug.noise_first = False  # True: noise before the contrast map, which shapes it per tissue
+  c.aug.noise_keep_copies = False  # True: a noisy copy (self pair) keeps its target 1
 
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = "best"      # [workdir:]best|latest[:step] for a bare "deepssim"

@@ -336,6 +336,27 @@ def test_noise_pairs_add_independent_noise_of_one_sigma_and_recompute_the_target
   _assert_still_and_p0(augment.noise_pairs, "p_noise", still, key, a, a, target)
 
 
+def test_noise_keep_copies_keeps_the_target_of_identical_pairs_only():
+  """noise_keep_copies: the images get the same noise as without it, a pair of two
+  identical images keeps its target 1 (a noisy copy is a copy), the other pairs' targets
+  are the SSIM of the noisy pair as before."""
+  a, b = _images(4, 24, 20, seed=4), _images(4, 24, 20, seed=5)
+  b = b.at[1].set(a[1]).at[3].set(a[3])  # pairs 1 and 3: an image and itself
+  target = jnp.array([0.4, 1.0, 0.3, 1.0])
+  on = dataclasses.replace(OFF, p_noise=1.0, noise_min_sigma=0.1, noise_max_sigma=0.3)
+  key = jax.random.key(11)
+  plain = augment.noise_pairs(key, a, b, target, on)
+  kept = augment.noise_pairs(key, a, b, target, dataclasses.replace(on, noise_keep_copies=True))
+  for g, w in zip(kept[:2], plain[:2]):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert not np.array_equal(np.asarray(kept[0][1]), np.asarray(kept[1][1]))  # noisy copy
+  np.testing.assert_array_equal(np.asarray(kept[2])[[1, 3]], [1.0, 1.0])
+  assert np.all(np.asarray(plain[2])[[1, 3]] < 0.99)
+  np.testing.assert_array_equal(np.asarray(kept[2])[[0, 2]], np.asarray(plain[2])[[0, 2]])
+  for i in (0, 2):
+    _assert_target_is_ssim(kept[0][i], kept[1][i], kept[2][i])
+
+
 @pytest.mark.parametrize("noise_first", [False, True])
 def test_randomize_pairs_runs_the_randomizations_in_order_each_on_its_own_key(noise_first):
   """randomize_pairs is the chain neighbours -> contrast -> shape -> blur -> elastic ->
