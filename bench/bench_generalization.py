@@ -49,7 +49,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   noise_strong_rotate15 (noise_strong and rotate15 in one network; compared with
   noise_strong), noise_copies (noise_strong, but a self pair keeps its target 1 under the
   noise, as under flips and gamma: the held-out Duplicates include noisy copies; compared
-  with noise_strong);
+  with noise_strong), noise_copies_neighbours (noise_copies with synthetic neighbours, to
+  lower the neighbours' scores while the copies are kept at 1; compared with noise_copies);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -133,6 +134,7 @@ LEVERS = {
     "noise_strong_neighbours": ("noise_strong", {"aug.p_neighbour": 0.3}),
     "noise_strong_rotate15": ("noise_strong", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
     "noise_copies": ("noise_strong", {"aug.noise_keep_copies": True}),  # noisy copies stay 1
+    "noise_copies_neighbours": ("noise_copies", {"aug.p_neighbour": 0.3}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
@@ -192,7 +194,7 @@ CONTRASTS = {
     "PD-like": ((0.0, 0.1, 0.3, 0.5, 0.7, 1.0), (0.0, 0.1, 0.75, 0.9, 0.7, 0.6)),
 }
 PAIRS_PER_CLASS = 40
-DUPLICATE = 1  # a Duplicate pair's label (evaluate's classes: 0 Different, 2 Similar)
+DUPLICATE, SIMILAR = 1, 2  # pair labels (evaluate's classes; 0 is Different)
 SIMILAR_MM = (2.0, 4.0)
 DIFFERENT_MM = 20.0
 NOISE_SIGMA = 0.05
@@ -271,7 +273,7 @@ def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
   lo, hi = SIMILAR_MM if mm <= SIMILAR_MM[1] else (mm, mm)
   near = np.argwhere(np.triu((dist >= lo - 1e-6) & (dist <= hi + 1e-6), 1))
   far = np.argwhere(np.triu(dist >= DIFFERENT_MM, 1))
-  for rows, label, count in ((near, 2, PAIRS_PER_CLASS), (far, 0, PAIRS_PER_CLASS // 2)):
+  for rows, label, count in ((near, SIMILAR, PAIRS_PER_CLASS), (far, 0, PAIRS_PER_CLASS // 2)):
     for r in rng.choice(len(rows), min(len(rows), count), replace=False):
       pairs.append((int(rows[r][0]), int(rows[r][1])))
       labels.append(label)
@@ -441,22 +443,26 @@ def table(results: list) -> str:
   and the per-class recalls averaged over heads;
   plain SSIM (the same pairs) once per contrast, and SSIM's ceiling: the same SSIM with
   every copy scored as its source (1), what a metric that reproduced SSIM exactly and
-  ignored the copy's flip / rotation / gamma / noise would get."""
+  ignored the copy's flip / rotation / gamma / noise would get. AUC Dup/Sim: how well the
+  scores rank copies above neighbouring slices (copies_over_neighbours), averaged over
+  heads: what no placement of the thresholds can improve."""
   from deepssim_jax import evaluate
   heads = sorted({r["held_out"] for r in results})
   lines = ["| lever | contrast | " + " | ".join(heads) + " | mean macro F1 | vs its base "
-           "(base_of), same heads | R Duplicate | R Similar | R Different |",
-           "|---|---|" + "---|" * (len(heads) + 5)]
-  rows, env = {}, {}
+           "(base_of), same heads | R Duplicate | R Similar | R Different | AUC Dup/Sim |",
+           "|---|---|" + "---|" * (len(heads) + 6)]
+  rows, env, auc = {}, {}, {}
   for r in results:
     env[(r["lever"], r["held_out"])] = r.get("environment")
     for contrast, c in r["contrasts"].items():
-      rows.setdefault((r["lever"], contrast), {})[r["held_out"]] = c["deepssim"]
-      rows.setdefault(("plain SSIM", contrast), {})[r["held_out"]] = c["ssim"]
       labels = np.asarray(c["labels"])
       ceiling = np.where(labels == DUPLICATE, 1.0, np.asarray(c["ssim_scores"]))
-      rows.setdefault((CEILING, contrast), {})[r["held_out"]] = evaluate.evaluate_scores(
-          labels, ceiling)
+      for row, metrics, scores in ((r["lever"], c["deepssim"], c["scores"]),
+                                   ("plain SSIM", c["ssim"], c["ssim_scores"]),
+                                   (CEILING, evaluate.evaluate_scores(labels, ceiling), ceiling)):
+        rows.setdefault((row, contrast), {})[r["held_out"]] = metrics
+        auc.setdefault((row, contrast), {})[r["held_out"]] = copies_over_neighbours(
+            labels, np.asarray(scores))
   order = list(LEVERS) + list(DERIVED) + ["plain SSIM", CEILING]
   for (lever, contrast), by_head in sorted(
       rows.items(), key=lambda kv: (order.index(kv[0][0]), list(CONTRASTS).index(kv[0][1]))):
@@ -476,8 +482,17 @@ def table(results: list) -> str:
     lines.append(f"| {lever} | {contrast} | " + " | ".join(
         f"{f1[h]:.3f}" if h in f1 else "-" for h in heads) +
         f" | {mean:.3f} (n={len(f1)}) | {delta} | {rec['duplicate']:.2f} | "
-        f"{rec['similar']:.2f} | {rec['different']:.2f} |")
+        f"{rec['similar']:.2f} | {rec['different']:.2f} | "
+        f"{np.mean(list(auc[(lever, contrast)].values())):.3f} |")
   return "\n".join(lines)
+
+
+def copies_over_neighbours(labels: np.ndarray, scores: np.ndarray) -> float:
+  """ROC AUC of the Duplicate pairs' scores over the Similar pairs' (scikit-learn): the
+  chance that a copy scores above a neighbouring slice, whatever the thresholds."""
+  from sklearn.metrics import roc_auc_score
+  keep = (labels == DUPLICATE) | (labels == SIMILAR)
+  return float(roc_auc_score(labels[keep] == DUPLICATE, scores[keep]))
 
 
 def main():

@@ -81,7 +81,12 @@ def test_table_rows_deltas_and_ssim_ceiling(bench):
   assert rows[("epochs9", "T1")][2] == f"{f1 - 1.0:+.3f}"  # against its base, the recipe
   assert rows[("plain SSIM", "T1")][0] != "1.000"
   assert rows[(bench.CEILING, "T1")][0] == "1.000"  # copies as 1, the rest by SSIM
-  assert rows[(bench.CEILING, "T1")][3:] == ["1.00", "1.00", "1.00"]
+  assert rows[(bench.CEILING, "T1")][3:] == ["1.00", "1.00", "1.00", "1.000"]
+  # AUC Dup/Sim: copies above neighbours in every pair for the recipe; for epochs9, of the
+  # 4 (copy, neighbour) orderings one is won (0.95 > 0.9), two tie, one is lost: 2 / 4
+  assert rows[("recipe", "T1")][-1] == "1.000"
+  assert rows[("epochs9", "T1")][-1] == "0.500"
+  assert rows[("plain SSIM", "T1")][-1] == "0.000"  # SSIM ranks every copy below
 
 
 def test_ensemble_scores_are_the_members_mean_cosine(bench):
