@@ -50,7 +50,9 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   noise_strong), noise_copies (noise_strong, but a self pair keeps its target 1 under the
   noise, as under flips and gamma: the held-out Duplicates include noisy copies; compared
   with noise_strong), noise_copies_neighbours (noise_copies with synthetic neighbours, to
-  lower the neighbours' scores while the copies are kept at 1; compared with noise_copies);
+  lower the neighbours' scores while the copies are kept at 1; compared with noise_copies),
+  noise_copies_band3 (noise_copies with band3's loss weight, to place the neighbours'
+  scores more precisely in the band; compared with noise_copies);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -135,6 +137,7 @@ LEVERS = {
     "noise_strong_rotate15": ("noise_strong", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
     "noise_copies": ("noise_strong", {"aug.noise_keep_copies": True}),  # noisy copies stay 1
     "noise_copies_neighbours": ("noise_copies", {"aug.p_neighbour": 0.3}),
+    "noise_copies_band3": ("noise_copies", {"train.band_weight": 3.0}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
