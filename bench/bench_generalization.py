@@ -109,6 +109,7 @@ import benchlib  # noqa: E402
 # command computes.
 _BEFORE = {"model.overrides": {"dropout": 0.33}, "train.num_epochs": 3,
            "optim.learning_rate": 1e-3}
+_ROTATE15 = {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}  # rotate15's, on other bases too
 LEVERS = {
     "recipe": (None, {}),
     # measured on the recipe
@@ -125,7 +126,7 @@ LEVERS = {
     "flat_contrast": ("recipe", {"aug.contrast_min_range": 0.2}),
     "band3": ("recipe", {"train.band_weight": 3.0}),
     "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
-    "rotate15": ("recipe", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
+    "rotate15": ("recipe", _ROTATE15),
     "band3_neighbours": ("band3", {"aug.p_neighbour": 0.3}),  # the two together
     "rotate15_neighbours": ("rotate15", {"aug.p_neighbour": 0.3}),  # the two in one network
     "neighbours6": ("neighbours", {"aug.p_neighbour": 0.6}),  # twice the synthetic neighbours
@@ -134,7 +135,7 @@ LEVERS = {
     "noise_neighbours": ("noise", {"aug.p_neighbour": 0.3}),  # noise and neighbours in one
     "noise_first": ("noise", {"aug.noise_first": True}),  # the noise before the contrast map
     "noise_strong_neighbours": ("noise_strong", {"aug.p_neighbour": 0.3}),
-    "noise_strong_rotate15": ("noise_strong", {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}),
+    "noise_strong_rotate15": ("noise_strong", _ROTATE15),
     "noise_copies": ("noise_strong", {"aug.noise_keep_copies": True}),  # noisy copies stay 1
     "noise_copies_neighbours": ("noise_copies", {"aug.p_neighbour": 0.3}),
     "noise_copies_band3": ("noise_copies", {"train.band_weight": 3.0}),
