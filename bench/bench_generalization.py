@@ -52,7 +52,10 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   with noise_strong), noise_copies_neighbours (noise_copies with synthetic neighbours, to
   lower the neighbours' scores while the copies are kept at 1; compared with noise_copies),
   noise_copies_band3 (noise_copies with band3's loss weight, to place the neighbours'
-  scores more precisely in the band; compared with noise_copies);
+  scores more precisely in the band; compared with noise_copies), noise_copies_over3
+  (noise_copies with an expectile loss: a pair scored above its target weighs 3x, so
+  where the network is unsure it scores low, to pull the neighbours below 0.85 while the
+  copies, whose target 1 nothing exceeds, stay; compared with noise_copies);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -139,6 +142,7 @@ LEVERS = {
     "noise_copies": ("noise_strong", {"aug.noise_keep_copies": True}),  # noisy copies stay 1
     "noise_copies_neighbours": ("noise_copies", {"aug.p_neighbour": 0.3}),
     "noise_copies_band3": ("noise_copies", {"train.band_weight": 3.0}),
+    "noise_copies_over3": ("noise_copies", {"train.over_weight": 3.0}),  # errs low
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),

@@ -123,6 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Loss weight of the pairs whose target lies in train.band (ours; 1: plain MSE, the paper).
   c.train.band = (0.5, 0.95)
   c.train.band_weight = 1.0
+  # Loss weight of the pairs scored above their target (ours; 1: plain MSE, the paper).
+  c.train.over_weight = 1.0
 
   c.aug = ml_collections.ConfigDict()
   c.aug.p_flip0 = 0.33

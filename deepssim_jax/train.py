@@ -247,12 +247,16 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
                total_steps: int, num_frozen_stages: int = 0,
                freeze: str = "stages", branches: str = "joint",
                band: tuple[float, float] = (0.0, 1.0),
-               band_weight: float = 1.0) -> tuple[TrainState, dict]:
+               band_weight: float = 1.0,
+               over_weight: float = 1.0) -> tuple[TrainState, dict]:
   """One AdamW step on MSE(cosine(embed(aug(a)), embed(aug(b))), ssim(a, b)).
 
   band_weight != 1 (ours): the squared error of a pair whose (final) target lies in
   [band[0], band[1]] weighs band_weight, the others 1, normalized by the weights' sum: the
   decision region between the paper's thresholds counts more than its share of pairs.
+  over_weight != 1 (ours): the squared error of a pair whose cosine lies above its target
+  weighs over_weight times more (an expectile loss, minimized at the 1 / (1 + over_weight)
+  expectile of the targets a network cannot tell apart): where it is unsure, it errs low.
 
   With aug.p_contrast > 0, a share of the pairs first goes through a random intensity map
   shared by both images, with the target recomputed (augment.contrast_pairs); with
@@ -282,8 +286,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   def loss_fn(params):
     cos, updates = _cosines(state, params, a, b, train=True, rng=k_drop, branches=branches)
     err = cos - target
-    loss = (jnp.mean(err ** 2) if weight is None
-            else jnp.sum(weight * err ** 2) / jnp.sum(weight))
+    w = weight
+    if over_weight != 1.0:  # a constant of the gradient: it only picks a side of the target
+      over = jnp.where(jax.lax.stop_gradient(err) > 0, jnp.float32(over_weight), 1.0)
+      w = over if w is None else w * over
+    loss = jnp.mean(err ** 2) if w is None else jnp.sum(w * err ** 2) / jnp.sum(w)
     return loss, (updates, jnp.mean(jnp.abs(err)))
 
   (loss, (updates, mae)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -513,7 +520,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, train_so
                                       freeze=config.model.get("freeze", "stages"),
                                       branches=tc.get("branches", "joint"),
                                       band=tuple(tc.get("band", (0.0, 1.0))),
-                                      band_weight=tc.get("band_weight", 1.0)),
+                                      band_weight=tc.get("band_weight", 1.0),
+                                      over_weight=tc.get("over_weight", 1.0)),
                     donate_argnums=(0,))
   valid_rng = None
   if tc.get("augment_valid", False):

@@ -201,6 +201,7 @@ def check_deepssim(config, mode: Optional[str] = None, num_devices: int = 1) -> 
   c.num_min("aug.noise_min_sigma", 0.0)
   c.not_below("aug.noise_max_sigma", "aug.noise_min_sigma")
   c.num_min("train.band_weight", 0.0, strict=True)
+  c.num_min("train.over_weight", 0.0, strict=True)
   c.thresholds("train.band")
   for key, what in (("aug.p_contrast", "contrast"), ("aug.p_shape", "shape"),
                     ("aug.p_blur", "resolution"), ("aug.p_elastic", "anatomy"),

@@ -60,7 +60,7 @@ def _step_fn(config, total_steps=100):
       s, b, r, aug=aug, optim=config.optim, total_steps=total_steps,
       num_frozen_stages=config.model.num_frozen_stages, freeze=config.model.freeze,
       branches=config.train.branches, band=tuple(config.train.band),
-      band_weight=config.train.band_weight))
+      band_weight=config.train.band_weight, over_weight=config.train.over_weight))
 
 
 def test_jitted_step_lowers_loss_and_keeps_frozen_params(sources):
@@ -340,9 +340,29 @@ def test_band_weight_weighs_the_pairs_whose_target_is_in_the_band(sources, weigh
   assert float(m["mae"]) == pytest.approx(0.55, abs=1e-4)  # unweighted
 
 
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_over_weight_weighs_the_pairs_scored_above_their_target(sources, weight):
+  # Pairs of an image with itself (cosine 1) with targets 0.7 (scored above: error 0.3) and
+  # 1.2 (below: error -0.2), four each: the loss is (4 w 0.09 + 4 0.04) / (4 w + 4).
+  config = tiny_config()
+  config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
+  config.model.overrides.update(dict(dropout=0.0, drop_path_rate=0.0))
+  config.train.over_weight = weight
+  validate.check_deepssim(config, "train")
+  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
+  batch = fixed_batch(sources[0])
+  target = np.array([0.7, 1.2] * 4, batch["ssim"].dtype)
+  batch = dict(batch, image_b=batch["image_a"], ssim=target)
+  _, m = _step_fn(config)(state, batch, jax.random.key(1))
+  want = (4 * weight * 0.09 + 4 * 0.04) / (4 * weight + 4)
+  assert float(m["loss"]) == pytest.approx(want, abs=1e-4)
+  assert float(m["mae"]) == pytest.approx(0.25, abs=1e-4)  # unweighted
+
+
 def test_band_settings_are_validated():
   config = tiny_config()
   for key, value, what in (("band_weight", 0.0, "band_weight must be > 0"),
+                           ("over_weight", -1.0, "over_weight must be > 0"),
                            ("band", (0.9, 0.5), r"band must be \(t_low, t_high\)")):
     bad = config.copy_and_resolve_references()
     bad.train[key] = value
