@@ -55,7 +55,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   scores more precisely in the band; compared with noise_copies), noise_copies_over3
   (noise_copies with an expectile loss: a pair scored above its target weighs 3x, so
   where the network is unsure it scores low, to pull the neighbours below 0.85 while the
-  copies, whose target 1 nothing exceeds, stay; compared with noise_copies);
+  copies, whose target 1 nothing exceeds, stay; compared with noise_copies),
+  noise_copies_over6 (the same at 6x; compared with noise_copies_over3);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -73,7 +74,11 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   neighbours' and rotate15's networks (its difference taken from the recipe);
 * wide18: the recipe with 1.5x the widths and one more block (`wide` on the recipe);
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
-  by an isotonic regression fitted on pairs of the fold's own training heads.
+  by an isotonic regression fitted on pairs of the fold's own training heads;
+* <base>_aligned (DERIVED: trains nothing): the base lever's folds scoring every pair
+  after its second image is rigidly registered onto the first (deepssim_jax.align, the
+  API's align=True): recipe_aligned, noise_copies_aligned, noise_copies_over3_aligned,
+  noise_copies_neighbours_aligned.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
 rerun; results.json there caches its scores and the environment it was trained in
 (benchlib.environment: CPU, backend, package versions; environment.json holds the one a
@@ -143,6 +148,7 @@ LEVERS = {
     "noise_copies_neighbours": ("noise_copies", {"aug.p_neighbour": 0.3}),
     "noise_copies_band3": ("noise_copies", {"train.band_weight": 3.0}),
     "noise_copies_over3": ("noise_copies", {"train.over_weight": 3.0}),  # errs low
+    "noise_copies_over6": ("noise_copies_over3", {"train.over_weight": 6.0}),  # lower still
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
@@ -177,8 +183,14 @@ LEVERS = {
 # seeds (the recipe and seed1): a model of two networks, scored as one.
 # ensemble_rot: the recipe's and rotate15's networks (two augmentations' errors, averaged);
 # ensemble_nb_rot: neighbours' and rotate15's (the T1 lever's and the contrasts' lever's).
+# <base>_aligned: the base fold's network scoring each pair after b is registered onto a
+# (deepssim_jax.align: the rigid candidate, flips x rotations up to 9 degrees, whose
+# pixels correlate best), what `model.score(a, b, align=True)` computes.
+ALIGNED = {"recipe_aligned": "recipe", "noise_copies_aligned": "noise_copies",
+           "noise_copies_over3_aligned": "noise_copies_over3",
+           "noise_copies_neighbours_aligned": "noise_copies_neighbours"}
 DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe",
-           "ensemble_nb_rot": "recipe"}
+           "ensemble_nb_rot": "recipe", **ALIGNED}
 ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15"),
              "ensemble_nb_rot": ("neighbours", "rotate15")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
@@ -364,9 +376,21 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
     fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
     return res
   from sklearn.isotonic import IsotonicRegression
-  from deepssim_jax import api, evaluate
+  from deepssim_jax import align, api, evaluate
   base = fold_scores(DERIVED[lever], held_out, workdir)
   model = api.load(os.path.join(workdir, DERIVED[lever], held_out) + ":best")
+  if lever in ALIGNED:
+    res = {"lever": lever, "held_out": held_out, "step": base["step"],
+           "train_s": base["train_s"], "contrasts": {}, "environment": base.get("environment")}
+    for contrast, c in base["contrasts"].items():
+      imgs, pairs, labels = labelled_pairs(held_out, contrast)
+      if labels.tolist() != c["labels"]:
+        raise ValueError(f"{lever}/{held_out}/{contrast}: the pairs differ from the base's")
+      s, chosen = align.aligned_scores(model.embed, imgs, imgs, pairs=pairs)
+      res["contrasts"][contrast] = {**c, "deepssim": evaluate.evaluate_scores(labels, s),
+                                    "scores": s.tolist(), "moved": float(np.mean(chosen != 0))}
+    fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
+    return res
   imgs, pairs, target, weights = calibration_pairs(held_out)
   emb = model.embed(imgs)
   cos = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)

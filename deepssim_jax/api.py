@@ -198,29 +198,55 @@ class Model:
     """The images of a file or folder as the model reads them (image_source)."""
     return image_source(path, self.image_size, self.band)
 
-  def score(self, a: Images, b: Images) -> float:
-    """DeepSSIM of two single images: the cosine of their embeddings."""
-    ea, eb = self.embed(a), self.embed(b)
-    for name, e in (("a", ea), ("b", eb)):
-      if len(e) != 1:
-        raise fileio.InputError(f"score: {name} holds {len(e)} images, expected one (use "
+  def _aligned(self, a: np.ndarray, b: np.ndarray, pairs=None) -> np.ndarray:
+    from deepssim_jax import align  # pylint: disable=g-import-not-at-top
+    embed = lambda x: embed_lib.embed_array(self.model, self.variables, x, self.batch_size,
+                                            progress=False, embed_fn=self.embed_fn)
+    return align.aligned_scores(embed, a, b, pairs=pairs)[0]
+
+  def score(self, a: Images, b: Images, align: bool = False) -> float:
+    """DeepSSIM of two single images: the cosine of their embeddings; align=True: after b
+    is rigidly registered onto a (deepssim_jax.align: flips x rotations up to 9 degrees,
+    the candidate whose pixels correlate best), so rotated copies score as copies."""
+    xa, xb = self._read(a, "a"), self._read(b, "b")
+    for name, x in (("a", xa), ("b", xb)):
+      if len(x) != 1:
+        raise fileio.InputError(f"score: {name} holds {len(x)} images, expected one (use "
                             "similarity() for stacks)")
+    if align:
+      return float(self._aligned(xa, xb)[0, 0])
+    ea, eb = self.embed(xa), self.embed(xb)
     return float(np.dot(ea[0], eb[0]))
 
-  def similarity(self, a: Images, b: Images) -> np.ndarray:
-    """(N, M) DeepSSIM of every image of a against every image of b."""
+  def similarity(self, a: Images, b: Images, align: bool = False) -> np.ndarray:
+    """(N, M) DeepSSIM of every image of a against every image of b (align: as in score;
+    the images are read into memory and every candidate of b is embedded: 28x the work)."""
+    if align:
+      return self._aligned(self._read(a, "a"), self._read(b, "b"))
     ea, eb = self.embed(a), self.embed(b)
     return np.asarray(ea @ eb.T, np.float32)
 
-  def nearest(self, query: Images, reference: Images, k: int = 5) -> dict[str, np.ndarray]:
+  def nearest(self, query: Images, reference: Images, k: int = 5, align: bool = False,
+              rerank: int = 4) -> dict[str, np.ndarray]:
     """The k most similar reference images of each query image (exact, streamed through the
     devices by deepssim_jax.match): {"scores": (N, k) descending, "indices": (N, k) rows of
-    the reference, "classes": (N, k) names under the paper's thresholds}."""
-    eq, er = self.embed(query), self.embed(reference)
+    the reference, "classes": (N, k) names under the paper's thresholds}. align=True: the
+    rerank * k nearest by plain cosine are scored again after alignment (as in score) and
+    the best k of them kept (the images are read into memory)."""
+    if align:
+      xq, xr = self._read(query, "query"), self._read(reference, "reference")
+      eq, er = self.embed(xq), self.embed(xr)
+    else:
+      eq, er = self.embed(query), self.embed(reference)
     if not 1 <= k <= len(er):
       raise fileio.InputError(f"nearest: k={k} must be between 1 and the {len(er)} reference "
                           "images")
-    scores, idx = match_lib.topk_match(eq, er, k)
+    scores, idx = match_lib.topk_match(eq, er, min(len(er), k * rerank) if align else k)
+    if align:
+      rows = np.repeat(np.arange(len(eq)), idx.shape[1])
+      s = self._aligned(xq, xr, np.stack([rows, idx.ravel()], 1)).reshape(idx.shape)
+      order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+      scores, idx = np.take_along_axis(s, order, 1), np.take_along_axis(idx, order, 1)
     return {"scores": scores, "indices": idx, "classes": classify(scores)}
 
   def explain(self, a: Images, b: Images, score: str = "similarity"

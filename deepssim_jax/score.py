@@ -4,7 +4,8 @@ Two images (PNG files, or NIfTI volumes of one axial slice each):
 
     python -m deepssim_jax.score a.png b.png [--model=builtin]
 
-prints their DeepSSIM and its class under the paper's thresholds. Two folders (PNG files or
+prints their DeepSSIM and its class under the paper's thresholds (`--align`: after the second
+image is rigidly registered onto the first, deepssim_jax.align). Two folders (PNG files or
 NIfTI volumes, read recursively):
 
     python -m deepssim_jax.score --train=DIR --synth=DIR [--k=5] [--out=DIR] [--model=SPEC]
@@ -28,9 +29,9 @@ from absl import app, flags, logging
 
 from deepssim_jax import api, audit, cli, config_lib, fileio, truth as truth_lib
 
-def score_pair(model: api.Model, a: str, b: str) -> dict:
-  """{"score", "class"} of two single images."""
-  s = model.score(a, b)
+def score_pair(model: api.Model, a: str, b: str, align: bool = False) -> dict:
+  """{"score", "class"} of two single images (align: Model.score's)."""
+  s = model.score(a, b, align=align)
   return {"score": s, "class": api.classify(s)}
 
 
@@ -74,7 +75,8 @@ def score_folders(model: api.Model, train: str, synth: str, out_dir: str, k: int
 def run(images: Sequence[str], *, model: str = "builtin", train: Optional[str] = None,
         synth: Optional[str] = None, heldout: Optional[str] = None,
         truth: Optional[str] = None, k: int = 5, out: str = "score_out",
-        batch_size: int = 64, chunk: int = 2048, num_threads: int = 4) -> dict:
+        batch_size: int = 64, chunk: int = 2048, num_threads: int = 4,
+        align: bool = False) -> dict:
   """The command: two images (score_pair) or two folders (score_folders); prints the result.
 
   Raises:
@@ -90,9 +92,12 @@ def run(images: Sequence[str], *, model: str = "builtin", train: Optional[str] =
     raise fileio.InputError("--train and --synth go together")
   if k < 1:
     raise fileio.InputError(f"--k must be >= 1, got {k}")
+  if align and folders:
+    raise fileio.InputError("--align scores two images; a folder audit ranks plain cosines "
+                            "(use deepssim_jax.load(...).nearest(..., align=True) to re-rank)")
   m = api.load(model, batch_size=batch_size)
   if not folders:
-    r = score_pair(m, *images)
+    r = score_pair(m, *images, align=align)
     print(f"{r['score']:.4f}\t{r['class']}")
     return r
   r = score_folders(m, train, synth, out, k, heldout, truth, chunk, num_threads)
@@ -121,6 +126,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Images per embedding batch.")
   flags.DEFINE_integer("chunk", 2048, "Images read into memory at a time.")
   flags.DEFINE_integer("num_threads", 4, "Image reading threads.")
+  flags.DEFINE_bool("align", False, "Two images: score after rigidly registering the second "
+                    "onto the first (flips x rotations up to 9 degrees).")
 
 
 def main(argv: Sequence[str]):
@@ -129,7 +136,7 @@ def main(argv: Sequence[str]):
   cli.run_guarded(lambda: run(
       list(argv[1:]), model=f.model, train=f.train, synth=f.synth, heldout=f.heldout,
       truth=f.truth, k=f.k, out=f.out, batch_size=f.batch_size, chunk=f.chunk,
-      num_threads=f.num_threads), verbose=cli.verbose_requested(cli.VERBOSE.value))
+      num_threads=f.num_threads, align=f.align), verbose=cli.verbose_requested(cli.VERBOSE.value))
 
 
 if __name__ == "__main__":

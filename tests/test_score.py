@@ -81,10 +81,14 @@ def test_command_line_two_images_and_bad_arguments(folders, tmp_path, capsys):
   r = score.run([a, flipped])
   assert abs(r["score"] - float(value)) < 1e-3
   assert capsys.readouterr().out.strip().endswith("Duplicate")
+  # --align: the flip is one of the candidates, so the copy is brought back exactly.
+  r = score.run([a, flipped], align=True)
+  assert r["score"] > 0.999 and r["score"] >= float(value) - 1e-6
   for args, kw, message in (([a], {}, "expected two images"),
                             ([a, flipped], {"train": "x", "synth": "y"}, "not both"),
                             ([], {"train": "x"}, "go together"),
                             ([], {"train": "x", "synth": "y", "k": 0}, "--k must be"),
+                            ([], {"train": "x", "synth": "y", "align": True}, "--align"),
                             ([a, flipped], {"model": "no/such/run:best"}, "not 'builtin'")):
     with pytest.raises(fileio.InputError, match=message):
       score.run(args, **kw)
