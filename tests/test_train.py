@@ -320,43 +320,28 @@ def test_randomized_pairs_train_on_the_recomputed_target(sources, field):
   assert float(randomized["loss"]) < 1e-4
 
 
+# Pairs of an image with itself (cosine 1), four of each target, closed forms:
+# band_weight: targets 0.7 (in the band (0.5, 0.95): error 0.3) and 0.2 (outside: 0.8), the
+# loss (4 w 0.09 + 4 0.64) / (4 w + 4); over_weight: targets 0.7 (scored above: 0.3) and
+# 1.2 (below: -0.2), the loss (4 w 0.09 + 4 0.04) / (4 w + 4). The MAE is unweighted.
 @pytest.mark.parametrize("weight", [1.0, 3.0])
-def test_band_weight_weighs_the_pairs_whose_target_is_in_the_band(sources, weight):
-  # Pairs of an image with itself (cosine 1) with targets 0.7 (in the band (0.5, 0.95): error
-  # 0.3) and 0.2 (outside: error 0.8), four each: the loss is the weighted mean of the
-  # squared errors, (4 w 0.09 + 4 0.64) / (4 w + 4), closed form.
+@pytest.mark.parametrize("field,targets,other,mae", [("band_weight", (0.7, 0.2), 0.64, 0.55),
+                                                     ("over_weight", (0.7, 1.2), 0.04, 0.25)])
+def test_loss_weights_weigh_their_pairs(sources, field, targets, other, mae, weight):
   config = tiny_config()
   config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
   config.model.overrides.update(dict(dropout=0.0, drop_path_rate=0.0))
-  config.train.band, config.train.band_weight = (0.5, 0.95), weight
+  config.train.band = (0.5, 0.95)
+  config.train[field] = weight
   validate.check_deepssim(config, "train")
   state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
   batch = fixed_batch(sources[0])
-  target = np.array([0.7, 0.2] * 4, batch["ssim"].dtype)
+  target = np.array(list(targets) * 4, batch["ssim"].dtype)
   batch = dict(batch, image_b=batch["image_a"], ssim=target)
   _, m = _step_fn(config)(state, batch, jax.random.key(1))
-  want = (4 * weight * 0.09 + 4 * 0.64) / (4 * weight + 4)
+  want = (4 * weight * 0.09 + 4 * other) / (4 * weight + 4)
   assert float(m["loss"]) == pytest.approx(want, abs=1e-4)
-  assert float(m["mae"]) == pytest.approx(0.55, abs=1e-4)  # unweighted
-
-
-@pytest.mark.parametrize("weight", [1.0, 3.0])
-def test_over_weight_weighs_the_pairs_scored_above_their_target(sources, weight):
-  # Pairs of an image with itself (cosine 1) with targets 0.7 (scored above: error 0.3) and
-  # 1.2 (below: error -0.2), four each: the loss is (4 w 0.09 + 4 0.04) / (4 w + 4).
-  config = tiny_config()
-  config.aug.update(dict(p_flip0=0.0, p_flip1=0.0, p_rotate=0.0, p_gamma=0.0))
-  config.model.overrides.update(dict(dropout=0.0, drop_path_rate=0.0))
-  config.train.over_weight = weight
-  validate.check_deepssim(config, "train")
-  state = train.create_train_state(config, jax.random.key(0), SIZE, 100)
-  batch = fixed_batch(sources[0])
-  target = np.array([0.7, 1.2] * 4, batch["ssim"].dtype)
-  batch = dict(batch, image_b=batch["image_a"], ssim=target)
-  _, m = _step_fn(config)(state, batch, jax.random.key(1))
-  want = (4 * weight * 0.09 + 4 * 0.04) / (4 * weight + 4)
-  assert float(m["loss"]) == pytest.approx(want, abs=1e-4)
-  assert float(m["mae"]) == pytest.approx(0.25, abs=1e-4)  # unweighted
+  assert float(m["mae"]) == pytest.approx(mae, abs=1e-4)
 
 
 def test_band_settings_are_validated():
