@@ -77,8 +77,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   by an isotonic regression fitted on pairs of the fold's own training heads;
 * <base>_aligned (DERIVED: trains nothing): the base lever's folds scoring every pair
   after its second image is rigidly registered onto the first (deepssim_jax.align, the
-  API's align=True): recipe_aligned, noise_copies_aligned, noise_copies_over3_aligned,
-  noise_copies_neighbours_aligned.
+  API's align=True): recipe_aligned, neighbours_aligned, noise_neighbours_aligned,
+  noise_copies_aligned, noise_copies_over3_aligned, noise_copies_neighbours_aligned.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
 rerun; results.json there caches its scores and the environment it was trained in
 (benchlib.environment: CPU, backend, package versions; environment.json holds the one a
@@ -186,9 +186,9 @@ LEVERS = {
 # <base>_aligned: the base fold's network scoring each pair after b is registered onto a
 # (deepssim_jax.align: the rigid candidate, flips x rotations up to 9 degrees, whose
 # pixels correlate best), what `model.score(a, b, align=True)` computes.
-ALIGNED = {"recipe_aligned": "recipe", "noise_copies_aligned": "noise_copies",
-           "noise_copies_over3_aligned": "noise_copies_over3",
-           "noise_copies_neighbours_aligned": "noise_copies_neighbours"}
+ALIGNED = {f"{base}_aligned": base for base in (
+    "recipe", "neighbours", "noise_neighbours", "noise_copies", "noise_copies_over3",
+    "noise_copies_neighbours")}
 DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe",
            "ensemble_nb_rot": "recipe", **ALIGNED}
 ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15"),
