@@ -241,10 +241,13 @@ class Model:
     if not 1 <= k <= len(er):
       raise fileio.InputError(f"nearest: k={k} must be between 1 and the {len(er)} reference "
                           "images")
+    if align and rerank < 1:
+      raise fileio.InputError(f"nearest: rerank={rerank} must be >= 1")
     scores, idx = match_lib.topk_match(eq, er, min(len(er), k * rerank) if align else k)
-    if align:
+    if align:  # only the reference images some query kept are transformed and embedded
+      used, col = np.unique(idx, return_inverse=True)
       rows = np.repeat(np.arange(len(eq)), idx.shape[1])
-      s = self._aligned(xq, xr, np.stack([rows, idx.ravel()], 1)).reshape(idx.shape)
+      s = self._aligned(xq, xr[used], np.stack([rows, col.ravel()], 1)).reshape(idx.shape)
       order = np.argsort(-s, axis=1, kind="stable")[:, :k]
       scores, idx = np.take_along_axis(s, order, 1), np.take_along_axis(idx, order, 1)
     return {"scores": scores, "indices": idx, "classes": classify(scores)}

@@ -88,6 +88,8 @@ def test_api_align_scores_a_rotated_noisy_copy_as_a_copy(model):
   assert top["indices"][0, 0] == 1 and top["scores"][0, 0] == pytest.approx(aligned, abs=1e-5)
   assert top["scores"][0, 0] >= top["scores"][0, 1]
   assert list(top["classes"][0][:1]) == ["Duplicate"]
+  with pytest.raises(fileio.InputError, match="rerank"):
+    model.nearest(x[20:21], stack, k=2, align=True, rerank=0)
 
 
 def test_api_align_refuses_stacks_for_a_single_score(model):
