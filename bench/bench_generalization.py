@@ -375,34 +375,33 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
                                             for m in ENSEMBLES[lever]])
     fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
     return res
-  from sklearn.isotonic import IsotonicRegression
   from deepssim_jax import align, api, evaluate
   base = fold_scores(DERIVED[lever], held_out, workdir)
   model = api.load(os.path.join(workdir, DERIVED[lever], held_out) + ":best")
-  if lever in ALIGNED:
-    res = {"lever": lever, "held_out": held_out, "step": base["step"],
-           "train_s": base["train_s"], "contrasts": {}, "environment": base.get("environment")}
-    for contrast, c in base["contrasts"].items():
+  if lever in ALIGNED:  # every pair scored again, b aligned onto a
+    def rescore(contrast, c):
       imgs, pairs, labels = labelled_pairs(held_out, contrast)
       if labels.tolist() != c["labels"]:
         raise ValueError(f"{lever}/{held_out}/{contrast}: the pairs differ from the base's")
       s, chosen = align.aligned_scores(model.embed, imgs, imgs, pairs=pairs)
-      res["contrasts"][contrast] = {**c, "deepssim": evaluate.evaluate_scores(labels, s),
-                                    "scores": s.tolist(), "moved": float(np.mean(chosen != 0))}
-    fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
-    return res
-  imgs, pairs, target, weights = calibration_pairs(held_out)
-  emb = model.embed(imgs)
-  cos = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
-  iso = IsotonicRegression(y_min=-1.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-  iso.fit(cos, target, sample_weight=weights)
+      return s, {"moved": float(np.mean(chosen != 0))}
+    extra = {}
+  else:  # calibrated: the cached cosines through an isotonic map fitted on training heads
+    from sklearn.isotonic import IsotonicRegression
+    imgs, pairs, target, weights = calibration_pairs(held_out)
+    emb = model.embed(imgs)
+    cos = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
+    iso = IsotonicRegression(y_min=-1.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    iso.fit(cos, target, sample_weight=weights)
+    rescore = lambda contrast, c: (iso.predict(np.asarray(c["scores"])), {})  # noqa: E731
+    extra = {"calibration_pairs": int(len(pairs))}
   res = {"lever": lever, "held_out": held_out, "step": base["step"],
-         "train_s": base["train_s"], "calibration_pairs": int(len(pairs)), "contrasts": {},
+         "train_s": base["train_s"], **extra, "contrasts": {},
          "environment": base.get("environment")}
   for contrast, c in base["contrasts"].items():
-    s = iso.predict(np.asarray(c["scores"]))
-    res["contrasts"][contrast] = {**c, "deepssim": evaluate.evaluate_scores(
-        np.asarray(c["labels"]), s), "scores": s.tolist()}
+    s, more = rescore(contrast, c)
+    res["contrasts"][contrast] = {**c, **more, "deepssim": evaluate.evaluate_scores(
+        np.asarray(c["labels"]), s), "scores": np.asarray(s).tolist()}
   fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
   return res
 

@@ -187,12 +187,15 @@ class Model:
     """(N, D) float32 unit embeddings of images (see the module docstring for inputs).
     Files and folders are read a chunk at a time (embed_source)."""
     if not _is_paths(images):
-      x = self._read(images, "images")
-      return embed_lib.embed_array(self.model, self.variables, x, self.batch_size,
-                                   progress=progress, embed_fn=self.embed_fn)
+      return self._embed_array(self._read(images, "images"), progress)
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     return np.concatenate([embed_source(self, self.source(p), os.fspath(p), progress=progress)
                            for p in paths], axis=0)
+
+  def _embed_array(self, x: np.ndarray, progress: bool = False) -> np.ndarray:
+    """(N, D) embeddings of images already read (read / _read: checked and z-scored)."""
+    return embed_lib.embed_array(self.model, self.variables, x, self.batch_size,
+                                 progress=progress, embed_fn=self.embed_fn)
 
   def source(self, path) -> Any:
     """The images of a file or folder as the model reads them (image_source)."""
@@ -200,9 +203,7 @@ class Model:
 
   def _aligned(self, a: np.ndarray, b: np.ndarray, pairs=None) -> np.ndarray:
     from deepssim_jax import align  # pylint: disable=g-import-not-at-top
-    embed = lambda x: embed_lib.embed_array(self.model, self.variables, x, self.batch_size,
-                                            progress=False, embed_fn=self.embed_fn)
-    return align.aligned_scores(embed, a, b, pairs=pairs)[0]
+    return align.aligned_scores(self._embed_array, a, b, pairs=pairs)[0]
 
   def score(self, a: Images, b: Images, align: bool = False) -> float:
     """DeepSSIM of two single images: the cosine of their embeddings; align=True: after b
@@ -215,7 +216,7 @@ class Model:
                             "similarity() for stacks)")
     if align:
       return float(self._aligned(xa, xb)[0, 0])
-    ea, eb = self.embed(xa), self.embed(xb)
+    ea, eb = self._embed_array(xa), self._embed_array(xb)
     return float(np.dot(ea[0], eb[0]))
 
   def similarity(self, a: Images, b: Images, align: bool = False) -> np.ndarray:
@@ -235,7 +236,7 @@ class Model:
     the best k of them kept (the images are read into memory)."""
     if align:
       xq, xr = self._read(query, "query"), self._read(reference, "reference")
-      eq, er = self.embed(xq), self.embed(xr)
+      eq, er = self._embed_array(xq), self._embed_array(xr)
     else:
       eq, er = self.embed(query), self.embed(reference)
     if not 1 <= k <= len(er):
