@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from deepssim_jax import (embed as embed_lib, evaluate, fileio, jobs, match as match_lib,
-                          parallel, pretrained, runs)
+from deepssim_jax import (align as align_lib, embed as embed_lib, evaluate, fileio, jobs,
+                          match as match_lib, parallel, pretrained, runs)
 from deepssim_jax.data import images as images_lib
 from deepssim_jax.data import volumes as volumes_lib
 
@@ -187,13 +187,14 @@ class Model:
     """(N, D) float32 unit embeddings of images (see the module docstring for inputs).
     Files and folders are read a chunk at a time (embed_source)."""
     if not _is_paths(images):
-      return self._embed_array(self._read(images, "images"), progress)
+      return self.embed_read(self._read(images, "images"), progress)
     paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     return np.concatenate([embed_source(self, self.source(p), os.fspath(p), progress=progress)
                            for p in paths], axis=0)
 
-  def _embed_array(self, x: np.ndarray, progress: bool = False) -> np.ndarray:
-    """(N, D) embeddings of images already read (read / _read: checked and z-scored)."""
+  def embed_read(self, x: np.ndarray, progress: bool = False) -> np.ndarray:
+    """(N, D) unit embeddings of (N, H, W) images already read (read(), or a source()'s
+    items: checked, resized and z-scored), embedded as they are."""
     return embed_lib.embed_array(self.model, self.variables, x, self.batch_size,
                                  progress=progress, embed_fn=self.embed_fn)
 
@@ -202,8 +203,7 @@ class Model:
     return image_source(path, self.image_size, self.band)
 
   def _aligned(self, a: np.ndarray, b: np.ndarray, pairs=None) -> np.ndarray:
-    from deepssim_jax import align  # pylint: disable=g-import-not-at-top
-    return align.aligned_scores(self._embed_array, a, b, pairs=pairs)[0]
+    return align_lib.aligned_scores(self.embed_read, a, b, pairs=pairs)[0]
 
   def score(self, a: Images, b: Images, align: bool = False) -> float:
     """DeepSSIM of two single images: the cosine of their embeddings; align=True: after b
@@ -216,7 +216,7 @@ class Model:
                             "similarity() for stacks)")
     if align:
       return float(self._aligned(xa, xb)[0, 0])
-    ea, eb = self._embed_array(xa), self._embed_array(xb)
+    ea, eb = self.embed_read(xa), self.embed_read(xb)
     return float(np.dot(ea[0], eb[0]))
 
   def similarity(self, a: Images, b: Images, align: bool = False) -> np.ndarray:
@@ -236,7 +236,7 @@ class Model:
     the best k of them kept (the images are read into memory)."""
     if align:
       xq, xr = self._read(query, "query"), self._read(reference, "reference")
-      eq, er = self._embed_array(xq), self._embed_array(xr)
+      eq, er = self.embed_read(xq), self.embed_read(xr)
     else:
       eq, er = self.embed(query), self.embed(reference)
     if not 1 <= k <= len(er):
@@ -246,11 +246,7 @@ class Model:
       raise fileio.InputError(f"nearest: rerank={rerank} must be >= 1")
     scores, idx = match_lib.topk_match(eq, er, min(len(er), k * rerank) if align else k)
     if align:  # only the reference images some query kept are transformed and embedded
-      used, col = np.unique(idx, return_inverse=True)
-      rows = np.repeat(np.arange(len(eq)), idx.shape[1])
-      s = self._aligned(xq, xr[used], np.stack([rows, col.ravel()], 1)).reshape(idx.shape)
-      order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-      scores, idx = np.take_along_axis(s, order, 1), np.take_along_axis(idx, order, 1)
+      scores, idx = align_lib.rerank(self.embed_read, xq, xr, idx, k)
     return {"scores": scores, "indices": idx, "classes": classify(scores)}
 
   def explain(self, a: Images, b: Images, score: str = "similarity"

@@ -49,8 +49,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from deepssim_jax import (calibrate, embed, evaluate, explain, fileio, match, parallel, report,
-                          truth as truth_lib)
+from deepssim_jax import (align, calibrate, embed, evaluate, explain, fileio, match, parallel,
+                          report, truth as truth_lib)
 
 Embeddings = Callable[[ml_collections.ConfigDict, str, Any, str], tuple[np.ndarray, np.ndarray]]
 Images = Callable[[ml_collections.ConfigDict, str, Any, str], Any]
@@ -215,7 +215,8 @@ def _load(config, workdir, role: str, name: str, embeddings: Embeddings, images:
 def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[str, Any]],
                   checkpoint_fingerprint: str = "",
                   truth: Optional[Mapping[str, np.ndarray]] = None,
-                  explainer: Optional[Callable[[np.ndarray, np.ndarray], Mapping]] = None
+                  explainer: Optional[Callable[[np.ndarray, np.ndarray], Mapping]] = None,
+                  embed_images: Optional[Callable[[np.ndarray], np.ndarray]] = None
                   ) -> dict[str, Any]:
   """Everything an audit writes, computed in memory (no file is touched).
 
@@ -230,6 +231,9 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       table.
     explainer: (synthetic images, training images) of the gallery pairs -> {score: (maps,
       maps)} (make_explainer), or None: no explanation maps in the report.
+    embed_images: (K, H, W) z-scored images -> (K, D) unit embeddings with the network that
+      made the sets' embeddings (make_embedder); needed by audit.align, which embeds the
+      rigid candidates of the training images it re-scores.
 
   Returns:
     {"files": {file name: text or a writer (see publish)}, "summary": dict, "classes",
@@ -245,8 +249,31 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
   if k < 1:
     raise ValueError(f"audit.k must be >= 1, got {ac.k}")
   mkw = {key: int(v) for key, v in dict(config.calibrate.get("match", {})).items()}
-  scores, idx = match.topk_match(sy["emb"], tr["emb"], k, **mkw)
+  aligned = bool(ac.get("align", False))
+  if aligned and embed_images is None:
+    raise ValueError("audit.align needs the network (compute_audit's embed_images) to embed "
+                     "the aligned training images")
+  if aligned and int(ac.align_rerank) < 1:
+    raise ValueError(f"audit.align_rerank must be >= 1, got {ac.align_rerank}")
+
+  def nearest(query, ref, n):  # (scores, indices) of each query row's n best, as configured
+    if not aligned:
+      return match.topk_match(query["emb"], ref["emb"], n, **mkw)
+    # As many plain candidates for every query set (a held-out image's nearest is searched
+    # as widely as a synthetic image's).
+    m = min(len(ref["ids"]), k * int(ac.align_rerank))
+    _, cand = match.topk_match(query["emb"], ref["emb"], m, **mkw)
+    return align.rerank(embed_images, _Rows(query["source"], query["rows"]),
+                        _Rows(ref["source"], ref["rows"]), cand, n,
+                        chunk=int(ac.align_chunk), progress=parallel.is_main_process(),
+                        desc=f"align {query['name']}")
+
+  scores, idx = nearest(sy, tr, k)
   nn = scores[:, 0].astype(np.float64)
+  heldout_nn = None
+  if aligned and held is not None and "dar" in calibrate.enabled(config.calibrate):
+    query, ref = (sets[r] for r in calibrate.dar_direction(config.calibrate.dar))
+    heldout_nn = nearest(query, ref, 1)[0][:, 0]
   classes = evaluate.classify(nn, t_low, t_high)
 
   stack = lambda s: np.stack([s["source"][int(r)] for r in s["rows"]])  # noqa: E731
@@ -255,7 +282,8 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
   ctx = calibrate.context(
       tr["emb"], sy["emb"], heldout_emb=None if held is None else held["emb"], synth_nn=nn,
       train_images=stack(tr) if need_pixels else None,
-      synth_images=stack(sy) if need_pixels else None, match_kw=mkw)
+      synth_images=stack(sy) if need_pixels else None, match_kw=mkw, heldout_nn=heldout_nn,
+      aligned=aligned)
   cal = calibrate.run_all(config.calibrate, ctx)
 
   summary = {
@@ -270,6 +298,9 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       "nearest_score": {"mean": float(nn.mean()), "median": float(np.median(nn)),
                         "max": float(nn.max()), "min": float(nn.min())},
       "calibration": cal["summary"],
+      "align": ({"rerank": int(ac.align_rerank), "max_angle_deg": float(np.rad2deg(
+          align.MAX_ANGLE)), "angle_step_deg": float(np.rad2deg(align.ANGLE_STEP)),
+                 "flips": True} if aligned else None),
       "fingerprints": {
           "checkpoint": checkpoint_fingerprint,
           **{role: s["fingerprint"] for role, s in sets.items()},
@@ -302,7 +333,9 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
       lines, config.report, extra=extra,
       notes=[f"{summary['n_synthetic']} synthetic images audited against "
              f"{n_train} training images; classes under the paper's thresholds "
-             f"(score <= {t_low:g} Different, > {t_high:g} Duplicate, else Similar). "
+             f"(score <= {t_low:g} Different, > {t_high:g} Duplicate, else Similar)"
+             + (", each score after the training image was rigidly aligned onto the "
+                "synthetic one (flips, rotations up to 9 degrees)" if aligned else "") + ". "
              "The difference image is |synthetic - training| of the z-scored images."],
       explainer=explainer,
       map_how=explain.describe(config.explain) if explainer is not None else "")
@@ -323,6 +356,20 @@ def make_explainer(config: ml_collections.ConfigDict, workdir: str,
     return None
   module, variables = model(config, workdir)
   return functools.partial(explain.explain_pairs, module, variables, cfg=cfg)
+
+
+def make_embedder(config: ml_collections.ConfigDict, workdir: str,
+                  model: Optional[Model]) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+  """The checkpoint network's embedding of z-scored image stacks (embed.embed_array at
+  config.embed.batch_size), which audit.align needs; None when audit.align is off."""
+  if not config.audit.get("align", False):
+    return None
+  if model is None:
+    raise ValueError("audit.align needs the checkpoint's model to embed aligned images")
+  module, variables = model(config, workdir)
+  return functools.partial(embed.embed_array, module, variables,
+                           batch_size=int(config.embed.batch_size), progress=False,
+                           embed_fn=embed.make_embed_fn(module))
 
 
 class _Rows:
@@ -383,7 +430,8 @@ def audit_job(config: ml_collections.ConfigDict, workdir: str,
         "calibrate.dar.enabled = False")
   ck = checkpoint_fingerprint(config, workdir) if checkpoint_fingerprint else ""
   truth = truth_lib.load_truth(config, workdir, sets["synthetic"]["ids"])
-  out = compute_audit(config, sets, ck, truth, make_explainer(config, workdir, model))
+  out = compute_audit(config, sets, ck, truth, make_explainer(config, workdir, model),
+                      make_embedder(config, workdir, model))
   out_dir = ac.out_dir or os.path.join(workdir, "audit")
   if parallel.is_main_process():  # every process computed the same audit; one writes it
     out_dir = publish(out_dir, out["files"])

@@ -323,7 +323,8 @@ def pixel_knn_l2(query_images: np.ndarray, ref_images: np.ndarray, n: int,
 # Calibration functions: fn(cfg, ctx) -> {"columns": {...}, "summary": {...}}.
 
 def context(train_emb, synth_emb, heldout_emb=None, synth_nn=None, train_images=None,
-            synth_images=None, match_kw=None) -> dict[str, Any]:
+            synth_images=None, match_kw=None, heldout_nn=None, aligned=False
+            ) -> dict[str, Any]:
   """Checks the inputs of the calibrations and bundles them.
 
   Args:
@@ -334,6 +335,11 @@ def context(train_emb, synth_emb, heldout_emb=None, synth_nn=None, train_images=
       (saves a search); computed when None.
     train_images, synth_images: (n, H, W) z-scored images (Carlini in pixel space only).
     match_kw: topk_match settings (q_block, r_block, chunk).
+    heldout_nn: Dar et al.'s nearest similarities if already known (dar_direction's order),
+      else None: computed from the embeddings.
+    aligned: synth_nn (and heldout_nn) are scores after alignment (deepssim_jax.align), not
+      embedding cosines: the embedding-space rules (MI) then search the embeddings
+      themselves.
   """
   train = check_embeddings(train_emb, "training embeddings")
   d = train.shape[1]
@@ -346,24 +352,40 @@ def context(train_emb, synth_emb, heldout_emb=None, synth_nn=None, train_images=
   synth_nn = np.asarray(synth_nn, np.float64).reshape(-1)
   if len(synth_nn) != len(synth):
     raise ValueError(f"synth_nn has {len(synth_nn)} scores for {len(synth)} synthetic rows")
+  if heldout_nn is not None:
+    heldout_nn = np.asarray(heldout_nn, np.float64).reshape(-1)
   return {"train_emb": train, "synth_emb": synth, "heldout_emb": held, "synth_nn": synth_nn,
-          "train_images": train_images, "synth_images": synth_images, "match_kw": kw}
+          "train_images": train_images, "synth_images": synth_images, "match_kw": kw,
+          "heldout_nn": heldout_nn, "aligned": bool(aligned)}
+
+
+# Dar et al.'s search directions: (query set, reference set) of the nearest neighbours.
+DAR_DIRECTIONS = {"heldout_to_train": ("heldout", "training"),
+                  "train_to_heldout": ("training", "heldout")}
+
+
+def dar_direction(cfg) -> tuple[str, str]:
+  """(query, reference) set names of a dar config section's direction."""
+  direction = cfg.get("direction", "heldout_to_train")
+  if direction not in DAR_DIRECTIONS:
+    raise ValueError(f"dar.direction must be one of {sorted(DAR_DIRECTIONS)}, got "
+                     f"{direction!r}")
+  return DAR_DIRECTIONS[direction]
 
 
 def dar(cfg, ctx) -> dict:
-  """Dar et al.: percentile threshold of held-out-to-training nearest similarities."""
+  """Dar et al.: percentile threshold of held-out-to-training nearest similarities (or the
+  ctx's "heldout_nn", computed by the caller in dar_direction's order: aligned scores)."""
   held = ctx.get("heldout_emb")
   if held is None or not len(held):
     raise fileio.InputError("Dar et al. calibration needs a held-out real image set (none "
                         "given): provide one or set calibrate.dar.enabled = False")
   direction = cfg.get("direction", "heldout_to_train")
-  if direction == "heldout_to_train":
-    held_nn = nearest(held, ctx["train_emb"], 1, ctx.get("match_kw"))[0][:, 0]
-  elif direction == "train_to_heldout":
-    held_nn = nearest(ctx["train_emb"], held, 1, ctx.get("match_kw"))[0][:, 0]
-  else:
-    raise ValueError(f"dar.direction must be 'heldout_to_train' or 'train_to_heldout', got "
-                     f"{direction!r}")
+  query, ref = dar_direction(cfg)
+  held_nn = ctx.get("heldout_nn")
+  if held_nn is None:
+    emb = {"heldout": held, "training": ctx["train_emb"]}
+    held_nn = nearest(emb[query], emb[ref], 1, ctx.get("match_kw"))[0][:, 0]
   t = percentile_threshold(held_nn, float(cfg.percentile))
   flagged = ctx["synth_nn"] > t
   return {"columns": {"dar_memorized": flagged.astype(np.int64)},
@@ -384,8 +406,8 @@ def memorization_index(cfg, ctx) -> dict:
     synth = zca_apply(zca, synth, "synthetic embeddings")
   reference = cfg.get("synthetic_reference", "full")
   if reference == "full":
-    s = (nearest(synth, train, 1, kw)[0][:, 0].astype(np.float64) if cfg.whiten
-         else ctx["synth_nn"])
+    s = (nearest(synth, train, 1, kw)[0][:, 0].astype(np.float64)
+         if cfg.whiten or ctx.get("aligned") else ctx["synth_nn"])
   elif reference == "halves":
     s = np.mean([nearest(synth, train[b], 1, kw)[0][:, 0]
                  for _, b in half_splits(len(train), int(cfg.rounds), int(cfg.seed))],

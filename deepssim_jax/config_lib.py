@@ -259,6 +259,14 @@ def audit_sections() -> ml_collections.ConfigDict:
   # the whole id when it does not match. The default takes the volume of '<volume>/z080'
   # slice ids; for IXI patients across sequences use r"^(IXI\d+)".
   c.audit.subject_regex = r"^(.*)/[^/]*$"
+  # Registration before scoring (deepssim_jax.align): each synthetic image's align_rerank * k
+  # nearest training images by plain cosine are scored again after the training image is
+  # rigidly aligned onto it (flips x rotations up to 9 degrees) and the best k kept; the
+  # paper's classes and Dar et al.'s threshold (its held-out neighbours aligned the same way)
+  # then use the aligned scores. MI and Carlini stay on the embedding's plain cosines.
+  c.audit.align = False
+  c.audit.align_rerank = 4         # plain candidates searched: align_rerank * k per image
+  c.audit.align_chunk = 512        # synthetic images aligned per step (memory)
   c.calibrate = calibrate.default_config()
   c.report = report.default_config()
   c.explain = explain.default_config()  # explanation maps of the report's gallery pairs

@@ -5,8 +5,9 @@ Two images (PNG files, or NIfTI volumes of one axial slice each):
     python -m deepssim_jax.score a.png b.png [--model=builtin]
 
 prints their DeepSSIM and its class under the paper's thresholds (`--align`: after the second
-image is rigidly registered onto the first, deepssim_jax.align). Two folders (PNG files or
-NIfTI volumes, read recursively):
+image is rigidly registered onto the first, deepssim_jax.align; with folders, each training
+image onto the synthetic one, for the paper's classes and Dar et al.'s threshold). Two
+folders (PNG files or NIfTI volumes, read recursively):
 
     python -m deepssim_jax.score --train=DIR --synth=DIR [--k=5] [--out=DIR] [--model=SPEC]
 
@@ -35,10 +36,12 @@ def score_pair(model: api.Model, a: str, b: str, align: bool = False) -> dict:
   return {"score": s, "class": api.classify(s)}
 
 
-def audit_config(k: int, out_dir: str, heldout: bool):
-  """The base config's audit sections for a folder audit (no known answers by default)."""
+def audit_config(k: int, out_dir: str, heldout: bool, align: bool = False):
+  """The base config's audit sections for a folder audit (no known answers by default;
+  align: audit.align)."""
   c = config_lib.base_config()
   c.audit.k = k
+  c.audit.align = align
   c.audit.out_dir = out_dir
   c.audit.truth = ""
   c.calibrate.dar.enabled = heldout
@@ -47,11 +50,11 @@ def audit_config(k: int, out_dir: str, heldout: bool):
 
 def score_folders(model: api.Model, train: str, synth: str, out_dir: str, k: int = 5,
                   heldout: Optional[str] = None, truth: Optional[str] = None,
-                  chunk: int = 2048, num_threads: int = 4) -> dict:
+                  chunk: int = 2048, num_threads: int = 4, align: bool = False) -> dict:
   """Audits the synthetic folder against the training folder with `model` and publishes
-  audit.csv, summary.json and report.html into out_dir (deepssim_jax.audit). Returns
-  {"out_dir", "summary"}."""
-  config = audit_config(k, out_dir, heldout is not None)
+  audit.csv, summary.json and report.html into out_dir (deepssim_jax.audit; align: scores
+  after rigid registration, audit.align). Returns {"out_dir", "summary"}."""
+  config = audit_config(k, out_dir, heldout is not None, align)
   sets = {}
   for role, path in (("training", train), ("synthetic", synth), ("heldout", heldout)):
     if path is None:
@@ -67,7 +70,8 @@ def score_folders(model: api.Model, train: str, synth: str, out_dir: str, k: int
                                                     ids)}
   known = truth_lib.read_truth(truth, sets["synthetic"]["ids"]) if truth else None
   explainer = audit.make_explainer(config, "", lambda c, w: (model.model, model.variables))
-  out = audit.compute_audit(config, sets, model.fingerprint, known, explainer=explainer)
+  out = audit.compute_audit(config, sets, model.fingerprint, known, explainer=explainer,
+                            embed_images=model.embed_read if align else None)
   out_dir = audit.publish(out_dir, out["files"])
   return {"out_dir": out_dir, "summary": out["summary"]}
 
@@ -92,15 +96,12 @@ def run(images: Sequence[str], *, model: str = "builtin", train: Optional[str] =
     raise fileio.InputError("--train and --synth go together")
   if k < 1:
     raise fileio.InputError(f"--k must be >= 1, got {k}")
-  if align and folders:
-    raise fileio.InputError("--align scores two images; a folder audit ranks plain cosines "
-                            "(use deepssim_jax.load(...).nearest(..., align=True) to re-rank)")
   m = api.load(model, batch_size=batch_size)
   if not folders:
     r = score_pair(m, *images, align=align)
     print(f"{r['score']:.4f}\t{r['class']}")
     return r
-  r = score_folders(m, train, synth, out, k, heldout, truth, chunk, num_threads)
+  r = score_folders(m, train, synth, out, k, heldout, truth, chunk, num_threads, align)
   s = r["summary"]
   print(f"{s['n_synthetic']} synthetic images against {s['n_training']} training images: "
         f"{100 * s['memorization_rate']:.1f}% Duplicate "
@@ -126,8 +127,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Images per embedding batch.")
   flags.DEFINE_integer("chunk", 2048, "Images read into memory at a time.")
   flags.DEFINE_integer("num_threads", 4, "Image reading threads.")
-  flags.DEFINE_bool("align", False, "Two images: score after rigidly registering the second "
-                    "onto the first (flips x rotations up to 9 degrees).")
+  flags.DEFINE_bool("align", False, "Score after rigidly registering the second image (the "
+                    "training image) onto the first (the synthetic one): flips x rotations up "
+                    "to 9 degrees (deepssim_jax.align).")
 
 
 def main(argv: Sequence[str]):

@@ -96,3 +96,85 @@ def test_api_align_refuses_stacks_for_a_single_score(model):
   _, x = model.read(os.path.join(demo.MRI_DIR, "colin27-T1.nii.gz"))
   with pytest.raises(fileio.InputError, match="expected one"):
     model.score(x[:2], x[3], align=True)
+
+
+def test_rerank_keeps_the_best_aligned_candidates_chunk_by_chunk():
+  """rerank = the aligned matrix's entries at each row's plain candidates, sorted, best k;
+  the same from arrays or row-indexed sources and for any chunk size."""
+  angles = align.angle_grid()
+  ref = smooth(9, 3)
+  query = np.concatenate([align.candidates(ref[[2, 5]], 2 * len(angles) + 2, angles),
+                          smooth(3, 4)])
+  cand = np.argsort(-(align.unit_rows(query) @ align.unit_rows(ref).T), axis=1,
+                    kind="stable")[:, :6]
+  full = align.aligned_scores(align.unit_rows, query, ref, angles)[0]
+  s, i = align.rerank(align.unit_rows, query, ref, cand, 2, chunk=100)
+  want = np.take_along_axis(full, cand, 1)
+  order = np.argsort(-want, axis=1, kind="stable")[:, :2]
+  np.testing.assert_allclose(s, np.take_along_axis(want, order, 1), atol=1e-6)
+  np.testing.assert_array_equal(i, np.take_along_axis(cand, order, 1))
+  # The up-down-flipped, rotated copies are brought back to their sources when all are
+  # candidates (the first copy's source is not among its 6 best plain cosines).
+  assert 2 not in cand[0]
+  s9, i9 = align.rerank(align.unit_rows, query, ref, np.tile(np.arange(9), (5, 1)), 1)
+  assert list(i9[:2, 0]) == [2, 5] and np.all(s9[:2, 0] > 0.999)
+
+  class Rows:  # a random-access source, as audits pass them
+    def __init__(self, x):
+      self.x = x
+
+    def __len__(self):
+      return len(self.x)
+
+    def __getitem__(self, r):
+      return self.x[r]
+
+  s1, i1 = align.rerank(align.unit_rows, Rows(query), Rows(ref), cand, 2, chunk=2)
+  np.testing.assert_allclose(s1, s, atol=1e-6)
+  np.testing.assert_array_equal(i1, i)
+  for bad in ({"k": 7}, {"k": 0}, {"k": 2, "chunk": 0}):
+    with pytest.raises(ValueError, match="rerank"):
+      align.rerank(align.unit_rows, query, ref, cand, **bad)
+
+
+def _pixel_set(name, x):
+  """An audit set whose embedding is its pixels (centred unit rows: cosine = Pearson r)."""
+  return {"name": name, "ids": np.array([f"{name}/{i:02d}" for i in range(len(x))]),
+          "emb": align.unit_rows(x), "source": x, "rows": np.arange(len(x)),
+          "shape": x.shape[1:], "fingerprint": name, "emb_fingerprint": name}
+
+
+def test_aligned_audit_scores_registered_copies_and_aligns_dar_not_mi(tmp_path):
+  """audit.align: each synthetic image's best training image after alignment (all of them
+  are candidates here: align_rerank * k = 12 >= 10), so flipped and rotated copies become
+  Duplicates of their sources; Dar's held-out neighbours are aligned too, MI keeps the
+  plain cosines."""
+  from deepssim_jax import audit, score  # pylint: disable=g-import-not-at-top
+  angles = align.angle_grid()
+  train = smooth(10, 5)
+  synth = np.concatenate([align.candidates(train[[1, 4, 7]], len(angles) + 5, angles),
+                          smooth(4, 6)])
+  held = np.concatenate([align.candidates(train[[0]], 2 * len(angles) + 3, angles),
+                         smooth(5, 7)])
+  sets = {"training": _pixel_set("training", train), "synthetic": _pixel_set("synthetic", synth),
+          "heldout": _pixel_set("heldout", held)}
+  config = score.audit_config(3, str(tmp_path), heldout=True, align=True)
+  config.calibrate.mi.rounds, config.calibrate.carlini.n = 3, 4
+  config.calibrate.dar.percentile = 50.0
+  out = audit.compute_audit(config, sets, embed_images=align.unit_rows)
+  full = align.aligned_scores(align.unit_rows, synth, train, angles)[0]
+  np.testing.assert_allclose(out["scores"][:, 0], full.max(axis=1), atol=1e-6)
+  np.testing.assert_array_equal(out["indices"][:3, 0], [1, 4, 7])
+  assert list(out["classes"][:3]) == [1, 1, 1]  # Duplicate
+  plain = config.copy_and_resolve_references()
+  plain.audit.align = False
+  before = audit.compute_audit(plain, sets)
+  assert np.all(before["scores"][:3, 0] < 0.85), before["scores"][:3, 0]
+  held_nn = align.aligned_scores(align.unit_rows, held, train, angles)[0].max(axis=1)
+  dar = out["summary"]["calibration"]["dar"]
+  assert dar["threshold"] == pytest.approx(np.percentile(held_nn, 50.0), abs=1e-6)
+  assert dar["threshold"] != pytest.approx(before["summary"]["calibration"]["dar"]["threshold"])
+  np.testing.assert_allclose(out["columns"]["mi_score"], before["scores"][:, 0], atol=1e-6)
+  assert out["summary"]["align"]["rerank"] == 4 and before["summary"]["align"] is None
+  with pytest.raises(ValueError, match="embed_images"):
+    audit.compute_audit(config, sets)

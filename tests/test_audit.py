@@ -103,6 +103,40 @@ def test_audit_writes_csv_summary_and_report(model_fn, tmp_path):
   assert _decode(gallery[0]["src"]).size == (SIZE[1] * 2, SIZE[0] * 2)
 
 
+def test_aligned_audit_job_embeds_the_candidates_with_the_checkpoint_model(
+    model_fn, tiny_model, tmp_path):
+  """audit.align in the job: the aligned scores are the checkpoint network's (make_embedder),
+  equal to align.aligned_scores with that network over each image's 4 k plain candidates;
+  without a model the job stops before writing anything."""
+  from deepssim_jax import align  # pylint: disable=g-import-not-at-top
+  model, v = tiny_model
+  c = _config(tmp_path)
+  c.audit.align, c.audit.k, c.calibrate.dar.enabled = True, 2, False
+  out = audit.audit_job(c, str(tmp_path / "work"), model_fn, model=lambda cfg, wd: tiny_model)
+  table = fileio.read_csv(os.path.join(out["out_dir"], "audit.csv"),
+                          ["synth_id", "score_1", "score_2"])
+  embed_images = functools.partial(embed.embed_array, model, v, batch_size=16, progress=False)
+  train = audit.default_images(c, "", c.data.real, "training")
+  synth = audit.default_images(c, "", c.data.synth, "synthetic")
+  xt, xs = np.asarray(train.images), np.asarray(synth.images)
+  plain = embed_images(xs) @ embed_images(xt).T
+  aligned = align.aligned_scores(embed_images, xs, xt)[0]
+  cand = np.argsort(-plain, axis=1, kind="stable")[:, :8]
+  want = np.sort(np.take_along_axis(aligned, cand, 1), axis=1)[:, ::-1][:, :2]
+  assert list(table["synth_id"]) == list(synth.keys)
+  got = np.stack([fileio.float_column("audit.csv", table, f"score_{j}") for j in (1, 2)], 1)
+  # Rows whose 8th and 9th plain cosines are within float error may pick either candidate.
+  top = -np.sort(-plain, axis=1)
+  clear = top[:, 7] - top[:, 8] > 1e-4
+  assert clear.sum() >= 20, clear
+  np.testing.assert_allclose(got[clear], want[clear], atol=1e-4)
+  assert out["summary"]["align"]["rerank"] == 4
+  c.audit.out_dir = str(tmp_path / "none")
+  with pytest.raises(ValueError, match="audit.align needs"):
+    audit.audit_job(c, str(tmp_path / "work"), model_fn)
+  assert not os.path.exists(c.audit.out_dir)
+
+
 def test_report_shows_explanation_maps_of_the_checkpoint_model(model_fn, tiny_model, tmp_path):
   """With the model (as jobs passes it), every gallery pair gets its two images with their
   explanation maps laid over, one row per explain.scores; explain.in_report off: none."""

@@ -88,10 +88,38 @@ def test_command_line_two_images_and_bad_arguments(folders, tmp_path, capsys):
                             ([a, flipped], {"train": "x", "synth": "y"}, "not both"),
                             ([], {"train": "x"}, "go together"),
                             ([], {"train": "x", "synth": "y", "k": 0}, "--k must be"),
-                            ([], {"train": "x", "synth": "y", "align": True}, "--align"),
                             ([a, flipped], {"model": "no/such/run:best"}, "not 'builtin'")):
     with pytest.raises(fileio.InputError, match=message):
       score.run(args, **kw)
+
+
+def test_aligned_folder_audit_on_the_command_line(folders, tmp_path):
+  """score --align on two folders: each synthetic image's scores are the aligned scores
+  (Model.similarity(align=True)) of its plain 4 k nearest, best k kept; the planted copies
+  (flipped, rotated up to 10 degrees, gamma-changed) are all found, with their sources."""
+  out = str(tmp_path / "aligned")
+  p = _run(f"--train={folders['root']}/training", f"--synth={folders['root']}/synthetic",
+           "--k=2", f"--out={out}", f"--truth={folders['truth']}", "--align")
+  assert p.returncode == 0, p.stderr
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["align"]["rerank"] == 4 and summary["k"] == 2
+  assert summary["validation"]["rules"]["paper"]["recall"] == 1.0, summary["validation"]
+  assert summary["validation"]["source_match"] == 1.0
+  with open(os.path.join(out, "audit.csv")) as f:
+    rows = list(csv.DictReader(f))
+  model = api.load("builtin")
+  train_src = images.folder_source(f"{folders['root']}/training")
+  synth_src = images.folder_source(f"{folders['root']}/synthetic")
+  xt = np.stack([train_src[i] for i in range(len(train_src))])
+  xs = np.stack([synth_src[i] for i in range(len(synth_src))])
+  plain = model.embed(xs) @ model.embed(xt).T
+  aligned = model.similarity(xs, xt, align=True)
+  for row in rows:
+    i = synth_src.keys.index(row["synth_id"])
+    cand = np.argsort(-plain[i], kind="stable")[:8]
+    want = np.sort(aligned[i, cand])[::-1][:2]
+    np.testing.assert_allclose([float(row["score_1"]), float(row["score_2"])], want, atol=1e-4)
+  assert "rigidly aligned" in open(os.path.join(out, "report.html")).read()
 
 
 def test_nifti_folders_are_read_as_axial_slices(tmp_path):
