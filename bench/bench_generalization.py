@@ -92,6 +92,7 @@ Usage:
   python bench/bench_generalization.py                                   # recipe, 5 heads
   python bench/bench_generalization.py --levers=recipe,no_contrast --heads=colin27,radiomics1
   python bench/bench_generalization.py --table_only   # reprint from the cached results
+  python bench/bench_generalization.py --table_only --intervals  # and each cell's 95% bootstrap
 """
 
 import argparse
@@ -195,6 +196,9 @@ ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotat
              "ensemble_nb_rot": ("neighbours", "rotate15")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
+# The issue's goal (macro F1 per held-out cell) and the bootstrap of each cell's interval.
+GOAL = 0.80
+INTERVAL_ROUNDS = 2000
 CALIBRATION_MAX_MM = 30.0
 CALIBRATION_COPY_SHARE = 0.15
 
@@ -518,6 +522,57 @@ def table(results: list) -> str:
   return "\n".join(lines)
 
 
+def macro_f1_rows(y: np.ndarray, pred: np.ndarray, classes=(0, 1, 2)) -> np.ndarray:
+  """Macro F1 of each row of (R, n) true and predicted labels (scikit-learn's f1_score,
+  average="macro", zero_division=0, when every class occurs in a row's truth)."""
+  f1 = []
+  for c in classes:
+    tp = np.sum((y == c) & (pred == c), axis=1)
+    wrong = np.sum((y == c) != (pred == c), axis=1)  # false positives and negatives
+    f1.append(np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0))
+  return np.mean(f1, axis=0)
+
+
+def macro_f1_interval(labels, scores, rounds: int = INTERVAL_ROUNDS, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of a cell's macro F1: its pairs resampled with replacement
+  within each class (each class keeps its number of pairs), scored at the paper's
+  thresholds. It measures how much the cell owes to which pairs were drawn (radiomics1 has
+  10 Similar pairs), not the training noise (seed1's row measures that)."""
+  from deepssim_jax import evaluate
+  labels = np.asarray(labels)
+  pred = evaluate.classify(np.asarray(scores, np.float64))
+  rng = np.random.default_rng(seed)
+  idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), (rounds, int(np.sum(labels == c))))
+                        for c in np.unique(labels)], axis=1)
+  f1 = macro_f1_rows(labels[idx], pred[idx])
+  lo, hi = np.quantile(f1, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
+def interval_table(results: list) -> str:
+  """Markdown: each lever cell's macro F1 with its 95% bootstrap interval
+  (macro_f1_interval), and how many of a row's cells reach 0.80 / have 0.80 inside."""
+  heads = sorted({r["held_out"] for r in results})
+  lines = ["| lever | contrast | " + " | ".join(heads) + " | cells >= 0.80 | 0.80 within |",
+           "|---|---|" + "---|" * (len(heads) + 2)]
+  cells = {}
+  for r in results:
+    for contrast, c in r["contrasts"].items():
+      lo, hi = macro_f1_interval(c["labels"], c["scores"])
+      cells.setdefault((r["lever"], contrast), {})[r["held_out"]] = (
+          c["deepssim"]["macro_f1"], lo, hi)
+  order = list(LEVERS) + list(DERIVED)
+  for (lever, contrast), by_head in sorted(
+      cells.items(), key=lambda kv: (order.index(kv[0][0]), list(CONTRASTS).index(kv[0][1]))):
+    v = list(by_head.values())
+    lines.append(f"| {lever} | {contrast} | " + " | ".join(
+        "{:.3f} [{:.2f}, {:.2f}]".format(*by_head[h]) if h in by_head else "-" for h in heads)
+        + f" | {sum(f >= GOAL for f, _, _ in v)} / {len(v)} | "
+        f"{sum(lo <= GOAL <= hi for _, lo, hi in v)} / {len(v)} |")
+  return "\n".join(lines)
+
+
 def copies_over_neighbours(labels: np.ndarray, scores: np.ndarray) -> float:
   """ROC AUC of the Duplicate pairs' scores over the Similar pairs' (scikit-learn): the
   chance that a copy scores above a neighbouring slice, whatever the thresholds."""
@@ -533,6 +588,8 @@ def main():
   p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "generalization"))
   p.add_argument("--out", default="", help="also write the markdown table here")
   p.add_argument("--table_only", action="store_true")
+  p.add_argument("--intervals", action="store_true",
+                 help="also print each cell's 95%% bootstrap interval (macro_f1_interval)")
   args = p.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from absl import flags, logging
@@ -562,6 +619,8 @@ def main():
           f"{k} {c[k]['deepssim']['macro_f1']:.3f} (SSIM {c[k]['ssim']['macro_f1']:.3f})"
           for k in CONTRASTS if k in c) + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
   md = table(results)
+  if args.intervals:
+    md += "\n\n" + interval_table(results)
   print(md)
   if args.out:
     with open(args.out, "w") as f:

@@ -156,3 +156,30 @@ def test_a_fold_records_the_environment_it_began_in(bench, tmp_path):
   (old / "checkpoints").mkdir(parents=True)
   assert bench.started_in(str(old), here) is None  # begun before environments were recorded
   assert not (old / "environment.json").exists()
+
+
+def test_bootstrap_interval_of_a_cell(bench):
+  """macro_f1_rows is scikit-learn's macro F1 row by row; a cell's interval holds its macro
+  F1, is a point for a perfect scorer, and is wider with fewer pairs of the same mix."""
+  from sklearn.metrics import f1_score
+  rng = np.random.default_rng(0)
+  y = np.tile(np.repeat([0, 1, 2], 8), (20, 1))
+  pred = rng.integers(0, 3, size=y.shape)
+  pred[0] = 1  # a row predicting one class only (zero_division)
+  want = [f1_score(a, b, average="macro", zero_division=0) for a, b in zip(y, pred)]
+  np.testing.assert_allclose(bench.macro_f1_rows(y, pred), want, atol=1e-12)
+  labels = np.repeat([1, 2, 0], [40, 40, 80])
+  perfect = np.where(labels == 1, 0.95, np.where(labels == 2, 0.7, 0.1))
+  assert bench.macro_f1_interval(labels, perfect, rounds=200) == (1.0, 1.0)
+  noisy = perfect + rng.normal(0, 0.12, len(labels))
+  f1 = evaluate.evaluate_scores(labels, noisy)["macro_f1"]
+  lo, hi = bench.macro_f1_interval(labels, noisy, rounds=500)
+  assert lo < f1 < hi
+  few = np.concatenate([np.flatnonzero(labels == c)[:10] for c in (0, 1, 2)])
+  lo_few, hi_few = bench.macro_f1_interval(labels[few], noisy[few], rounds=500)
+  assert hi_few - lo_few > hi - lo
+  md = bench.interval_table([_result(bench, "recipe", "robex", list(labels), list(noisy),
+                                     list(noisy))])
+  row = [c.strip() for c in md.splitlines()[2].split("|")[1:-1]]
+  assert row[:2] == ["recipe", "T1"] and row[2] == f"{f1:.3f} [{lo:.2f}, {hi:.2f}]"
+  assert row[3] == f"{int(f1 >= 0.8)} / 1" and row[4] == f"{int(lo <= 0.8 <= hi)} / 1"
