@@ -56,7 +56,9 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   (noise_copies with an expectile loss: a pair scored above its target weighs 3x, so
   where the network is unsure it scores low, to pull the neighbours below 0.85 while the
   copies, whose target 1 nothing exceeds, stay; compared with noise_copies),
-  noise_copies_over6 (the same at 6x; compared with noise_copies_over3);
+  noise_copies_over6 (the same at 6x; compared with noise_copies_over3), rigid_light (no
+  flips and rotations of at most 1.5 degrees in training: the rigid invariance left to the
+  alignment, to be judged by its rigid_light_aligned row);
 * epochs9: the recipe before that third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
@@ -78,7 +80,8 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
 * <base>_aligned (DERIVED: trains nothing): the base lever's folds scoring every pair
   after its second image is rigidly registered onto the first (deepssim_jax.align, the
   API's align=True): recipe_aligned, neighbours_aligned, noise_neighbours_aligned,
-  noise_copies_aligned, noise_copies_over3_aligned, noise_copies_neighbours_aligned.
+  noise_copies_aligned, noise_copies_over3_aligned, noise_copies_neighbours_aligned,
+  rigid_light_aligned.
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
 rerun; results.json there caches its scores and the environment it was trained in
 (benchlib.environment: CPU, backend, package versions; environment.json holds the one a
@@ -150,6 +153,9 @@ LEVERS = {
     "noise_copies_band3": ("noise_copies", {"train.band_weight": 3.0}),
     "noise_copies_over3": ("noise_copies", {"train.over_weight": 3.0}),  # errs low
     "noise_copies_over6": ("noise_copies_over3", {"train.over_weight": 6.0}),  # lower still
+    # For scoring after alignment: no flips and rotations of at most 1.5 degrees (the
+    # alignment grid's half step), so the network spends nothing on rigid invariance.
+    "rigid_light": ("recipe", {"aug.p_flip0": 0.0, "aug.p_flip1": 0.0, "aug.max_angle": 0.026}),
     "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
     # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
     "epochs9": ("recipe", {"train.num_epochs": 9}),
@@ -189,7 +195,7 @@ LEVERS = {
 # pixels correlate best), what `model.score(a, b, align=True)` computes.
 ALIGNED = {f"{base}_aligned": base for base in (
     "recipe", "neighbours", "noise_neighbours", "noise_copies", "noise_copies_over3",
-    "noise_copies_neighbours")}
+    "noise_copies_neighbours", "rigid_light")}
 DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe",
            "ensemble_nb_rot": "recipe", **ALIGNED}
 ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15"),
