@@ -93,14 +93,13 @@ def test_command_line_two_images_and_bad_arguments(folders, tmp_path, capsys):
       score.run(args, **kw)
 
 
-def test_aligned_folder_audit_on_the_command_line(folders, tmp_path):
-  """score --align on two folders: each synthetic image's scores are the aligned scores
+def test_aligned_folder_audit(folders, tmp_path):
+  """score --align on two folders (score.run, as the command calls it): each synthetic image's scores are the aligned scores
   (Model.similarity(align=True)) of its plain 4 k nearest, best k kept; the planted copies
   (flipped, rotated up to 10 degrees, gamma-changed) are all found, with their sources."""
   out = str(tmp_path / "aligned")
-  p = _run(f"--train={folders['root']}/training", f"--synth={folders['root']}/synthetic",
-           "--k=2", f"--out={out}", f"--truth={folders['truth']}", "--align")
-  assert p.returncode == 0, p.stderr
+  score.run([], train=f"{folders['root']}/training", synth=f"{folders['root']}/synthetic",
+            k=2, out=out, truth=folders["truth"], align=True)
   summary = json.load(open(os.path.join(out, "summary.json")))
   assert summary["align"]["rerank"] == 4 and summary["k"] == 2
   assert summary["validation"]["rules"]["paper"]["recall"] == 1.0, summary["validation"]
