@@ -202,13 +202,24 @@ class Model:
     """The images of a file or folder as the model reads them (image_source)."""
     return image_source(path, self.image_size, self.band)
 
+  @property
+  def align(self) -> bool:
+    """Whether this model scores after rigid registration by default (config.model.align:
+    how it was trained); score, similarity and nearest take align=None for it."""
+    return bool(self.config.model.get("align", False))
+
+  def _align(self, align: Optional[bool]) -> bool:
+    return self.align if align is None else bool(align)
+
   def _aligned(self, a: np.ndarray, b: np.ndarray, pairs=None) -> np.ndarray:
     return align_lib.aligned_scores(self.embed_read, a, b, pairs=pairs)[0]
 
-  def score(self, a: Images, b: Images, align: bool = False) -> float:
+  def score(self, a: Images, b: Images, align: Optional[bool] = None) -> float:
     """DeepSSIM of two single images: the cosine of their embeddings; align=True: after b
     is rigidly registered onto a (deepssim_jax.align: flips x rotations up to 9 degrees,
-    the candidate whose pixels correlate best), so rotated copies score as copies."""
+    the candidate whose pixels correlate best), so rotated copies score as copies;
+    align=None (the default): the model's own setting (Model.align)."""
+    align = self._align(align)
     xa, xb = self._read(a, "a"), self._read(b, "b")
     for name, x in (("a", xa), ("b", xb)):
       if len(x) != 1:
@@ -219,21 +230,22 @@ class Model:
     ea, eb = self.embed_read(xa), self.embed_read(xb)
     return float(np.dot(ea[0], eb[0]))
 
-  def similarity(self, a: Images, b: Images, align: bool = False) -> np.ndarray:
+  def similarity(self, a: Images, b: Images, align: Optional[bool] = None) -> np.ndarray:
     """(N, M) DeepSSIM of every image of a against every image of b (align: as in score;
     the images are read into memory and every candidate of b is embedded: 28x the work)."""
-    if align:
+    if self._align(align):
       return self._aligned(self._read(a, "a"), self._read(b, "b"))
     ea, eb = self.embed(a), self.embed(b)
     return np.asarray(ea @ eb.T, np.float32)
 
-  def nearest(self, query: Images, reference: Images, k: int = 5, align: bool = False,
-              rerank: int = 4) -> dict[str, np.ndarray]:
+  def nearest(self, query: Images, reference: Images, k: int = 5,
+              align: Optional[bool] = None, rerank: int = 4) -> dict[str, np.ndarray]:
     """The k most similar reference images of each query image (exact, streamed through the
     devices by deepssim_jax.match): {"scores": (N, k) descending, "indices": (N, k) rows of
     the reference, "classes": (N, k) names under the paper's thresholds}. align=True: the
     rerank * k nearest by plain cosine are scored again after alignment (as in score) and
-    the best k of them kept (the images are read into memory)."""
+    the best k of them kept (the images are read into memory); None: Model.align."""
+    align = self._align(align)
     if align:
       xq, xr = self._read(query, "query"), self._read(reference, "reference")
       eq, er = self.embed_read(xq), self.embed_read(xr)

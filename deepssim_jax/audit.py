@@ -85,6 +85,12 @@ def _spec(config, name: str):
 # ---------------------------------------------------------------------------------------
 # Pure pieces.
 
+def aligns(config: ml_collections.ConfigDict) -> bool:
+  """Whether the audit scores after rigid registration: audit.align, or a model meant to be
+  scored so (model.align)."""
+  return bool(config.audit.get("align", False) or config.get("model", {}).get("align", False))
+
+
 def check_sets(sets: Mapping[str, Mapping[str, Any]]) -> None:
   """Validates the loaded sets: non-empty, one embedding per id, same image size and
   embedding dimension everywhere.
@@ -232,8 +238,9 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
     explainer: (synthetic images, training images) of the gallery pairs -> {score: (maps,
       maps)} (make_explainer), or None: no explanation maps in the report.
     embed_images: (K, H, W) z-scored images -> (K, D) unit embeddings with the network that
-      made the sets' embeddings (make_embedder); needed by audit.align, which embeds the
-      rigid candidates of the training images it re-scores.
+      made the sets' embeddings (make_embedder); needed by audit.align (or a model whose
+      config.model.align is set), which embeds the rigid candidates of the training images
+      it re-scores.
 
   Returns:
     {"files": {file name: text or a writer (see publish)}, "summary": dict, "classes",
@@ -249,7 +256,7 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
   if k < 1:
     raise ValueError(f"audit.k must be >= 1, got {ac.k}")
   mkw = {key: int(v) for key, v in dict(config.calibrate.get("match", {})).items()}
-  aligned = bool(ac.get("align", False))
+  aligned = aligns(config)
   if aligned and embed_images is None:
     raise ValueError("audit.align needs the network (compute_audit's embed_images) to embed "
                      "the aligned training images")
@@ -362,7 +369,7 @@ def make_embedder(config: ml_collections.ConfigDict, workdir: str,
                   model: Optional[Model]) -> Optional[Callable[[np.ndarray], np.ndarray]]:
   """The checkpoint network's embedding of z-scored image stacks (embed.embed_array at
   config.embed.batch_size), which audit.align needs; None when audit.align is off."""
-  if not config.audit.get("align", False):
+  if not aligns(config):
     return None
   if model is None:
     raise ValueError("audit.align needs the checkpoint's model to embed aligned images")

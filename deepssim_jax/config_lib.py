@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   # K > 1: a models.Ensemble of K networks (mean cosine). Set by deepssim_jax.pretrained when
   # it joins separately trained runs into one model file; a run trains one network (1).
   c.model.ensemble = 1
+  # Whether this model's scores are meant to be taken after rigid registration
+  # (deepssim_jax.align): a network trained without flips and with small rotations leaves
+  # its rigid invariance to the alignment. The API's and the score command's default
+  # (align=None) follows it; the paper's recipe learns the invariance (False).
+  c.model.align = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -263,7 +268,8 @@ def audit_sections() -> ml_collections.ConfigDict:
   # nearest training images by plain cosine are scored again after the training image is
   # rigidly aligned onto it (flips x rotations up to 9 degrees) and the best k kept; the
   # paper's classes and Dar et al.'s threshold (its held-out neighbours aligned the same way)
-  # then use the aligned scores. MI and Carlini stay on the embedding's plain cosines.
+  # then use the aligned scores. MI and Carlini stay on the embedding's plain cosines. On
+  # whenever the run's model is meant to be scored aligned (model.align).
   c.audit.align = False
   c.audit.align_rerank = 4         # plain candidates searched: align_rerank * k per image
   c.audit.align_chunk = 512        # synthetic images aligned per step (memory)

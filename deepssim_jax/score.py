@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from deepssim_jax import api, audit, cli, config_lib, fileio, truth as truth_lib
 
-def score_pair(model: api.Model, a: str, b: str, align: bool = False) -> dict:
+def score_pair(model: api.Model, a: str, b: str, align: Optional[bool] = None) -> dict:
   """{"score", "class"} of two single images (align: Model.score's)."""
   s = model.score(a, b, align=align)
   return {"score": s, "class": api.classify(s)}
@@ -50,10 +50,13 @@ def audit_config(k: int, out_dir: str, heldout: bool, align: bool = False):
 
 def score_folders(model: api.Model, train: str, synth: str, out_dir: str, k: int = 5,
                   heldout: Optional[str] = None, truth: Optional[str] = None,
-                  chunk: int = 2048, num_threads: int = 4, align: bool = False) -> dict:
+                  chunk: int = 2048, num_threads: int = 4, align: Optional[bool] = None
+                  ) -> dict:
   """Audits the synthetic folder against the training folder with `model` and publishes
   audit.csv, summary.json and report.html into out_dir (deepssim_jax.audit; align: scores
-  after rigid registration, audit.align). Returns {"out_dir", "summary"}."""
+  after rigid registration, audit.align; None: the model's own Model.align). Returns
+  {"out_dir", "summary"}."""
+  align = model.align if align is None else align
   config = audit_config(k, out_dir, heldout is not None, align)
   sets = {}
   for role, path in (("training", train), ("synthetic", synth), ("heldout", heldout)):
@@ -80,7 +83,7 @@ def run(images: Sequence[str], *, model: str = "builtin", train: Optional[str] =
         synth: Optional[str] = None, heldout: Optional[str] = None,
         truth: Optional[str] = None, k: int = 5, out: str = "score_out",
         batch_size: int = 64, chunk: int = 2048, num_threads: int = 4,
-        align: bool = False) -> dict:
+        align: Optional[bool] = None) -> dict:
   """The command: two images (score_pair) or two folders (score_folders); prints the result.
 
   Raises:
@@ -127,9 +130,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Images per embedding batch.")
   flags.DEFINE_integer("chunk", 2048, "Images read into memory at a time.")
   flags.DEFINE_integer("num_threads", 4, "Image reading threads.")
-  flags.DEFINE_bool("align", False, "Score after rigidly registering the second image (the "
+  flags.DEFINE_bool("align", None, "Score after rigidly registering the second image (the "
                     "training image) onto the first (the synthetic one): flips x rotations up "
-                    "to 9 degrees (deepssim_jax.align).")
+                    "to 9 degrees (deepssim_jax.align). Default: the model's own setting "
+                    "(its config.model.align); --noalign scores plain cosines.")
 
 
 def main(argv: Sequence[str]):

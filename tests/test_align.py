@@ -178,3 +178,25 @@ def test_aligned_audit_scores_registered_copies_and_aligns_dar_not_mi(tmp_path):
   assert out["summary"]["align"]["rerank"] == 4 and before["summary"]["align"] is None
   with pytest.raises(ValueError, match="embed_images"):
     audit.compute_audit(config, sets)
+
+
+def test_a_model_meant_to_be_aligned_aligns_by_default(model):
+  """config.model.align: the API's, the score command's and the audit's default follows it;
+  align=False still scores plain cosines."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from deepssim_jax import audit, score  # pylint: disable=g-import-not-at-top
+  _, x = model.read(os.path.join(demo.MRI_DIR, "colin27-T1.nii.gz"))
+  flipped = x[20][::-1]
+  assert not model.align
+  plain, aligned = model.score(x[20], flipped), model.score(x[20], flipped, align=True)
+  assert model.score(x[20], flipped, align=None) == plain and aligned > plain
+  config = model.config.copy_and_resolve_references()
+  config.model.align = True
+  m = dataclasses.replace(model, config=config)
+  assert m.align and m.score(x[20], flipped) == pytest.approx(aligned, abs=1e-6)
+  assert m.score(x[20], flipped, align=False) == pytest.approx(plain, abs=1e-6)
+  np.testing.assert_allclose(m.similarity(x[20:21], x[[20, 21]][:, ::-1]),
+                             model.similarity(x[20:21], x[[20, 21]][:, ::-1], align=True),
+                             atol=1e-6)
+  assert score.score_pair(m, x[20], flipped)["score"] == pytest.approx(aligned, abs=1e-6)
+  assert audit.aligns(config) and not audit.aligns(model.config)
