@@ -361,7 +361,7 @@ def metric_context(metric: str, config, workdir: str, real: dict) -> dict:
          "weights_torchscript": ec.get("weights_torchscript", False),
          "clip_model": ec.clip.model, "clip_act": ec.clip.act}
   base, _, ck = metric.partition("@")
-  if base == "deepssim":
+  if base in ("deepssim", "deepssim_aligned"):
     c = load_checkpoint(ck or ec.checkpoint, workdir)
     ctx.update(model=c["model"], variables=c["variables"],
                embed_fn=embed.make_embed_fn(c["model"]))

@@ -7,6 +7,8 @@ variables, the training bank (Carlini's criterion looks at a synthetic image's n
 training images), batch sizes and the mesh. The registry is a plain dict:
 
   deepssim      cosine of DeepSSIM embeddings (any checkpoint)
+  deepssim_aligned  the same after b is rigidly registered onto a (deepssim_jax.align:
+                flips x rotations up to 9 degrees, chosen by pixel correlation; ours)
   ssim          plain pixel SSIM (scikit-image's definition, deepssim_jax.ssim)
   pearson       pixel Pearson correlation (Akbar et al. 2025)
   carlini_l2    minus Carlini et al.'s relative L2: -||b - a|| / (alpha * mean distance of
@@ -49,8 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepssim_jax import (calibrate, clip, embed, fileio, fsim, geometry, pairs as pairs_lib,
-                          parallel, resnet)
+from deepssim_jax import (align, calibrate, clip, embed, fileio, fsim, geometry,
+                          pairs as pairs_lib, parallel, resnet)
 
 Metric = Callable[[Dict[str, Any], np.ndarray, np.ndarray], np.ndarray]
 
@@ -65,13 +67,25 @@ def unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return first, inverse.reshape(-1)
 
 
+def _embed(ctx, x: np.ndarray) -> np.ndarray:
+  """The DeepSSIM checkpoint's unit embeddings of a stack (ctx's model and variables)."""
+  return embed.embed_array(ctx["model"], ctx["variables"], x, ctx["batch_size"],
+                           ctx.get("mesh"), progress=False, embed_fn=ctx.get("embed_fn"))
+
+
 def _deepssim(ctx, a, b):
   def emb(x):
     first, inverse = unique_rows(x)
-    e = embed.embed_array(ctx["model"], ctx["variables"], x[first], ctx["batch_size"],
-                          ctx.get("mesh"), progress=False, embed_fn=ctx.get("embed_fn"))
-    return e[inverse]
+    return _embed(ctx, x[first])[inverse]
   return embed.cosine_pairs(emb(a), emb(b))
+
+
+def _deepssim_aligned(ctx, a, b):
+  # Each distinct image once; b's rigid candidates are embedded for each distinct b.
+  fa, ia = unique_rows(a)
+  fb, ib = unique_rows(b)
+  return align.aligned_scores(functools.partial(_embed, ctx), a[fa], b[fb],
+                              pairs=np.stack([ia, ib], 1))[0].astype(np.float64)
 
 
 def _ssim(ctx, a, b):
@@ -267,6 +281,7 @@ def _baseline(name, ctx, a, b):
 
 METRICS: Dict[str, Metric] = {
     "deepssim": _deepssim,
+    "deepssim_aligned": _deepssim_aligned,
     "ssim": _ssim,
     "pearson": lambda ctx, a, b: pearson(a, b),
     "carlini_l2": _carlini,
@@ -277,13 +292,13 @@ METRICS: Dict[str, Metric] = {
 }
 
 # Metrics whose scores are on SSIM's scale, where the paper's fixed thresholds apply.
-SSIM_SCALED = ("deepssim", "ssim", "fsim_reference", "fsim")
+SSIM_SCALED = ("deepssim", "deepssim_aligned", "ssim", "fsim_reference", "fsim")
 
 
 def get(name: str) -> Metric:
   base = name.split("@")[0]
   if base not in METRICS:
-    raise ValueError(f"unknown metric {name!r}; choose from {sorted(METRICS)} (deepssim may "
-                     "name a checkpoint: deepssim@best, deepssim@latest:1200, "
-                     "deepssim@path/to/workdir:best)")
+    raise ValueError(f"unknown metric {name!r}; choose from {sorted(METRICS)} (deepssim and "
+                     "deepssim_aligned may name a checkpoint: deepssim@best, "
+                     "deepssim@latest:1200, deepssim@path/to/workdir:best)")
   return METRICS[base]

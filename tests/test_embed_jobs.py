@@ -145,7 +145,8 @@ def test_metric_registry_scores_pairs(model_vars):
          if name not in metrics.BASELINES}  # those need weights files: tests/test_resnet.py
   for name, s in out.items():
     assert s.shape == (6,), name
-  for name in ("deepssim", "ssim", "pearson", "convnext_raw", "fsim_reference", "fsim"):
+  for name in ("deepssim", "deepssim_aligned", "ssim", "pearson", "convnext_raw",
+               "fsim_reference", "fsim"):
     assert out[name][2] == pytest.approx(1.0, abs=1e-5), name  # identical images
   want = [structural_similarity(a[i], b[i], data_range=a[i].max() - a[i].min())
           for i in range(6)]
@@ -179,6 +180,26 @@ def test_deepssim_metric_embeds_each_distinct_image_once_with_the_same_scores(mo
   eb = embed.embed_array(model, v, b, 1, mesh, progress=False)
   np.testing.assert_allclose(got, embed.cosine_pairs(ea, eb), atol=1e-6)
   assert len(calls) == 3 + 5  # batches of one: each distinct image embedded once
+
+
+def test_deepssim_aligned_metric_is_the_aligned_score_of_each_pair(model_vars):
+  """deepssim_aligned = align.aligned_scores of each pair with the checkpoint's network (a
+  flipped copy scores 1 where its plain cosine does not); repeated images are embedded once
+  and score the same."""
+  from deepssim_jax import align  # pylint: disable=g-import-not-at-top
+  model, v = model_vars
+  base = images(3, 13)
+  a = base[[0, 1, 0, 2]]
+  b = np.stack([base[0][:, ::-1], images(1, 14)[0], base[0][:, ::-1], base[2][::-1]])
+  ctx = {"model": model, "variables": v, "batch_size": 4}
+  got = metrics.get("deepssim_aligned")(ctx, a, b)
+  emb = lambda x: embed.embed_array(model, v, x, 4, progress=False)  # noqa: E731
+  want = align.aligned_scores(emb, a, b, pairs=np.stack([np.arange(4)] * 2, 1))[0]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert got[0] == pytest.approx(1.0, abs=1e-5) and got[3] == pytest.approx(1.0, abs=1e-5)
+  assert got[2] == got[0]
+  plain = metrics.get("deepssim")(ctx, a, b)
+  assert plain[0] < 1 - 1e-4
 
 
 def test_checkpoint_specs():
