@@ -94,9 +94,10 @@ def test_command_line_two_images_and_bad_arguments(folders, tmp_path, capsys):
 
 
 def test_aligned_folder_audit(folders, tmp_path):
-  """score --align on two folders (score.run, as the command calls it): each synthetic image's scores are the aligned scores
-  (Model.similarity(align=True)) of its plain 4 k nearest, best k kept; the planted copies
-  (flipped, rotated up to 10 degrees, gamma-changed) are all found, with their sources."""
+  """score --align on two folders (score.run, as the command calls it): each synthetic
+  image's scores are the aligned scores (Model.similarity(align=True)) of its plain 4 k
+  nearest, best k kept; the planted copies (flipped, rotated up to 10 degrees,
+  gamma-changed) are all found, with their sources."""
   out = str(tmp_path / "aligned")
   score.run([], train=f"{folders['root']}/training", synth=f"{folders['root']}/synthetic",
             k=2, out=out, truth=folders["truth"], align=True)
