@@ -112,6 +112,51 @@ def _take(images: Any, rows: np.ndarray) -> np.ndarray:
   return np.stack([np.asarray(images[int(r)], np.float32) for r in rows])
 
 
+def best_unique(scores: np.ndarray, idx: np.ndarray, m: int) -> np.ndarray:
+  """(N, m) int64: each row's m best distinct entries of idx by score (a reference row
+  found several times counts once, at its best score), best first."""
+  order = np.lexsort((-scores, idx), axis=1)  # by reference row, then best score first
+  idx, scores = np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)
+  repeat = np.zeros(idx.shape, bool)
+  repeat[:, 1:] = idx[:, 1:] == idx[:, :-1]
+  top = np.argsort(-np.where(repeat, -np.inf, scores), axis=1, kind="stable")[:, :m]
+  return np.take_along_axis(idx, top, 1).astype(np.int64)
+
+
+def flip_candidates(embed: Callable[[np.ndarray], np.ndarray], query: Any,
+                    query_emb: np.ndarray, reference_emb: np.ndarray, m: int,
+                    topk: Callable[..., tuple[np.ndarray, np.ndarray]], chunk: int = 1024,
+                    progress: bool = False, desc: str = "candidates") -> np.ndarray:
+  """(N, m) candidate reference rows of each query row for rerank: the m best by plain
+  cosine over the query image's four flip states (the alignment's flips). A network
+  trained without flips (config.model.align) scores a flipped copy's source low in plain
+  cosine, so its source would not be among the plain nearest; with the query flipped back
+  it is. Costs three more embeddings per query image.
+
+  Args:
+    embed: as in aligned_scores.
+    query: z-scored query images ((N, H, W) array or random-access source).
+    query_emb, reference_emb: (N, D) and (M, D) unit embeddings of the plain images.
+    m: candidates per query row (at most M).
+    topk: (query embeddings, reference embeddings, n) -> (scores, indices) of each query
+      row's n best (deepssim_jax.match.topk_match).
+    chunk, progress, desc: query rows per step and a tqdm bar over the chunks.
+  """
+  m = min(int(m), len(reference_emb))
+  out = []
+  for start in tqdm(range(0, len(query_emb), chunk), desc=desc, unit="chunk",
+                    disable=not progress):
+    rows = np.arange(start, min(len(query_emb), start + chunk))
+    x = _take(query, rows)
+    e = np.concatenate([np.asarray(query_emb[start:start + len(rows)], np.float32)]
+                       + [embed(np.ascontiguousarray(np.flip(x, axes)))
+                          for axes in ((1,), (2,), (1, 2))])
+    s, i = topk(e, reference_emb, m)  # (4 c, m): the four flip states stacked
+    regroup = lambda v: np.concatenate(np.split(np.asarray(v), 4), axis=1)  # noqa: E731
+    out.append(best_unique(regroup(s), regroup(i), m))
+  return np.concatenate(out) if out else np.zeros((0, m), np.int64)
+
+
 def rerank(embed: Callable[[np.ndarray], np.ndarray], query: Any, reference: Any,
            idx: np.ndarray, k: int, chunk: int = 1024, angles: np.ndarray | None = None,
            progress: bool = False, desc: str = "align") -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +167,7 @@ def rerank(embed: Callable[[np.ndarray], np.ndarray], query: Any, reference: Any
     embed: as in aligned_scores.
     query, reference: z-scored images, (N, H, W) arrays or random-access sources
       (len, [i] -> (H, W)); only the rows used are read.
-    idx: (N, m) candidate reference rows of each query row (a plain top-m search), m >= k.
+    idx: (N, m) candidate reference rows of each query row (flip_candidates), m >= k.
     k: neighbours kept per query row.
     chunk: query rows per step: their images and the reference rows they name are read,
       every candidate of those reference rows is embedded (28x them), then let go.

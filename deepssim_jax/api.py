@@ -256,8 +256,11 @@ class Model:
                           "images")
     if align and rerank < 1:
       raise fileio.InputError(f"nearest: rerank={rerank} must be >= 1")
-    scores, idx = match_lib.topk_match(eq, er, min(len(er), k * rerank) if align else k)
-    if align:  # only the reference images some query kept are transformed and embedded
+    if not align:
+      scores, idx = match_lib.topk_match(eq, er, k)
+    else:  # only the reference images some query kept are transformed and embedded
+      idx = align_lib.flip_candidates(self.embed_read, xq, eq, er, k * rerank,
+                                      match_lib.topk_match)
       scores, idx = align_lib.rerank(self.embed_read, xq, xr, idx, k)
     return {"scores": scores, "indices": idx, "classes": classify(scores)}
 

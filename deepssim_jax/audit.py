@@ -266,13 +266,17 @@ def compute_audit(config: ml_collections.ConfigDict, sets: Mapping[str, Mapping[
   def nearest(query, ref, n):  # (scores, indices) of each query row's n best, as configured
     if not aligned:
       return match.topk_match(query["emb"], ref["emb"], n, **mkw)
-    # As many plain candidates for every query set (a held-out image's nearest is searched
-    # as widely as a synthetic image's).
+    # As many candidates for every query set (a held-out image's nearest is searched as
+    # widely as a synthetic image's), over the query's flip states (align.flip_candidates).
     m = min(len(ref["ids"]), k * int(ac.align_rerank))
-    _, cand = match.topk_match(query["emb"], ref["emb"], m, **mkw)
-    return align.rerank(embed_images, _Rows(query["source"], query["rows"]),
-                        _Rows(ref["source"], ref["rows"]), cand, n,
-                        chunk=int(ac.align_chunk), progress=parallel.is_main_process(),
+    rows = _Rows(query["source"], query["rows"])
+    progress = parallel.is_main_process()
+    cand = align.flip_candidates(
+        embed_images, rows, query["emb"], ref["emb"], m,
+        lambda q, r, n: match.topk_match(q, r, n, **mkw), chunk=int(ac.align_chunk),
+        progress=progress, desc=f"candidates {query['name']}")
+    return align.rerank(embed_images, rows, _Rows(ref["source"], ref["rows"]), cand, n,
+                        chunk=int(ac.align_chunk), progress=progress,
                         desc=f"align {query['name']}")
 
   scores, idx = nearest(sy, tr, k)

@@ -413,7 +413,8 @@ def checkpoint_steps(workdir: str) -> list[str]:
 def check_model_unchanged(workdir: str, config) -> None:
   """Refuses a run whose model settings differ from those of the checkpoints already in
   `workdir` (config.json's model section; init_from is compared by content in the resume
-  spec), naming what changed, before anything is restored or written.
+  spec; model.align, how the network is scored, may change), naming what changed, before
+  anything is restored or written.
 
   Raises:
     InputError: the workdir has checkpoints and its config.json's model section differs.
@@ -427,7 +428,9 @@ def check_model_unchanged(workdir: str, config) -> None:
   # A field an older config.json lacks had its default then (the model's overrides aside).
   saved = {**json.loads(config_lib.base_config().model.to_json_best_effort()), **saved}
   now = json.loads(config.to_json_best_effort()).get("model", {})
-  saved.pop("init_from", None), now.pop("init_from", None)
+  # model.align says how the network is scored (after registration or not), not what it is.
+  for field in ("init_from", "align"):
+    saved.pop(field, None), now.pop(field, None)
   saved, now = _dtype_in_field(saved), _dtype_in_field(now)
   diff = config_lib.config_changes(saved, now, "model.")
   if diff:

@@ -106,8 +106,9 @@ def test_audit_writes_csv_summary_and_report(model_fn, tmp_path):
 def test_aligned_audit_job_embeds_the_candidates_with_the_checkpoint_model(
     model_fn, tiny_model, tmp_path):
   """audit.align in the job: the aligned scores are the checkpoint network's (make_embedder),
-  equal to align.aligned_scores with that network over each image's 4 k plain candidates;
-  without a model the job stops before writing anything."""
+  equal to align.aligned_scores with that network over each image's 4 k candidates (its
+  nearest by plain cosine, the best over its four flip states); without a model the job
+  stops before writing anything."""
   from deepssim_jax import align  # pylint: disable=g-import-not-at-top
   model, v = tiny_model
   c = _config(tmp_path)
@@ -119,7 +120,9 @@ def test_aligned_audit_job_embeds_the_candidates_with_the_checkpoint_model(
   train = audit.default_images(c, "", c.data.real, "training")
   synth = audit.default_images(c, "", c.data.synth, "synthetic")
   xt, xs = np.asarray(train.images), np.asarray(synth.images)
-  plain = embed_images(xs) @ embed_images(xt).T
+  et = embed_images(xt)
+  plain = np.max([embed_images(np.ascontiguousarray(np.flip(xs, axes))) @ et.T
+                  for axes in ((), (1,), (2,), (1, 2))], axis=0)
   aligned = align.aligned_scores(embed_images, xs, xt)[0]
   cand = np.argsort(-plain, axis=1, kind="stable")[:, :8]
   want = np.sort(np.take_along_axis(aligned, cand, 1), axis=1)[:, ::-1][:, :2]
