@@ -23,7 +23,14 @@ copy scored 1, the rest by SSIM), what an exact SSIM that ignored the copies' fl
 rotations, gamma and noise would get.
 
 Levers (rows), each a change of its base lever (LEVERS) and compared with it:
-* recipe: configs/builtin.py as is (18 epochs since 2026-12-03's third change); measured on it:
+* recipe: configs/builtin.py as is. Since 2026-12-04's fourth change it trains without flips
+  and with rotations of at most 1.5 degrees, and scores every pair after rigid alignment
+  (config.model.align: the second image registered onto the first, deepssim_jax.align, as
+  the shipped model scores); rigid_light: the recipe's folds scored plainly (what the
+  network leaves to the alignment); measured on it: rigid_neighbours (synthetic
+  neighbours, as `neighbours` below, p 0.3);
+* flips: the recipe before that fourth change (flips p 0.33 per axis, rotations up to 9.7
+  degrees, scored plainly; 18 epochs since 2026-12-03's third change); measured on it:
   shape_strong (shape randomization p 0.8 with larger warps: scale exp(+-0.25), shear
   +-0.15, shift +-8%), long36 (36 epochs),
   blur (resolution randomization: with p 0.5 both images of a pair blurred by one Gaussian
@@ -56,38 +63,37 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   (noise_copies with an expectile loss: a pair scored above its target weighs 3x, so
   where the network is unsure it scores low, to pull the neighbours below 0.85 while the
   copies, whose target 1 nothing exceeds, stay; compared with noise_copies),
-  noise_copies_over6 (the same at 6x; compared with noise_copies_over3), rigid_light (no
-  flips and rotations of at most 1.5 degrees in training: the rigid invariance left to the
-  alignment, to be judged by its rigid_light_aligned row);
-* epochs9: the recipe before that third change (9 epochs);
+  noise_copies_over6 (the same at 6x; compared with noise_copies_over3);
+* epochs9: flips before 2026-12-03's third change (9 epochs);
 * dropout_short: epochs9 before its change of 2026-12-03 (the paper's head dropout 0.33,
   3 epochs at lr 1e-3); measured on it: no_dropout (head dropout 0), long3
   (9 epochs at lr 2e-3), flat (balanced targets with the scarce bins' pairs repeated to an
   even share), no_aug (no augmentation or randomization at all: a diagnostic of the fit);
-* no_shape: dropout_short without shape randomization (the recipe before the first
+* no_shape: dropout_short without shape randomization (flips before the first
   change); measured on it: no_contrast (without contrast randomization), less_self (5%
   self pairs instead of 15%, balanced from a pool of 6x the pairs), unbalanced (uniform
   pair targets), gem (the DeepSSIM++ GeM head), wide (1.5x the widths, one more block),
   long (twice the epochs), grid / grid43 (the grid head, 2 x 2 / 4 x 3 regions);
-* seed1: the recipe from another seed (config.seed 1 instead of 42), the size of the
+* seed1: flips from another seed (config.seed 1 instead of 42), the size of the
   training noise in a cell; ensemble2 (DERIVED: trains nothing more): the mean cosine of
-  the recipe's and seed1's networks, an ensemble of two; ensemble_rot (DERIVED): the
-  mean cosine of the recipe's and rotate15's networks; ensemble_nb_rot (DERIVED):
-  neighbours' and rotate15's networks (its difference taken from the recipe);
-* wide18: the recipe with 1.5x the widths and one more block (`wide` on the recipe);
+  flips' and seed1's networks, an ensemble of two; ensemble_rot (DERIVED): the
+  mean cosine of flips' and rotate15's networks; ensemble_nb_rot (DERIVED):
+  neighbours' and rotate15's networks (its difference taken from flips);
+* wide18: flips with 1.5x the widths and one more block (`wide` on flips);
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads;
 * <base>_aligned (DERIVED: trains nothing): the base lever's folds scoring every pair
   after its second image is rigidly registered onto the first (deepssim_jax.align, the
-  API's align=True): recipe_aligned, neighbours_aligned, noise_neighbours_aligned,
+  API's align=True): flips_aligned, neighbours_aligned, noise_neighbours_aligned,
   noise_copies_aligned, noise_copies_over3_aligned, noise_copies_neighbours_aligned,
-  rigid_light_aligned.
+  rigid_light_aligned (the recipe's own row by another route).
 Each (lever, head) trains once into <workdir>/<lever>/<head> and is resumed or reused on a
 rerun; results.json there caches its scores and the environment it was trained in
 (benchlib.environment: CPU, backend, package versions; environment.json holds the one a
 fold began in, and a fold resumed elsewhere records none). Training is deterministic
 in one environment, not across them: the recipe's robex fold, retrained on another
-machine, moved by -0.09 / -0.05 / -0.05 (T1 / T2-like / PD-like), as much as most levers.
+machine, moved by -0.09 / -0.05 / -0.05 (T1 / T2-like / PD-like), as much as most levers
+(that fold is flips' now).
 So a row is compared with its base only where both were trained in one environment
 ("other environment" in the difference column otherwise): run the base beside the lever.
 
@@ -117,32 +123,40 @@ import benchlib  # noqa: E402
 # Each lever is (its base lever, the settings it changes there): its config is
 # configs/builtin.py with the settings of its chain of bases applied root first, and its row
 # is compared with its base's on the same heads. The recipe is configs/builtin.py as it is;
-# the recipes before it are levers too, so every cached row stays what the committed
-# command computes.
+# the recipes before it are levers too (flips, epochs9, dropout_short, no_shape), so every
+# cached row stays what the committed command computes.
 _BEFORE = {"model.overrides": {"dropout": 0.33}, "train.num_epochs": 3,
            "optim.learning_rate": 1e-3}
 _ROTATE15 = {"aug.p_rotate": 0.5, "aug.max_angle": 0.26}  # rotate15's, on other bases too
 LEVERS = {
     "recipe": (None, {}),
-    # measured on the recipe
-    "shape_strong": ("recipe", {"aug.p_shape": 0.8, "aug.shape_max_scale": 0.25,
-                                "aug.shape_max_shear": 0.15, "aug.shape_max_shift": 0.08}),
-    "long36": ("recipe", {"train.num_epochs": 36}),
-    "blur": ("recipe", {"aug.p_blur": 0.5}),
-    "planes": ("recipe", {"data.demo.extra_planes": (("coronal", 0.3, 0.65),
-                                                     ("sagittal", 0.25, 0.75)),
-                          "data.demo.extra_slices_per_head": 20}),
-    "elastic": ("recipe", {"aug.p_elastic": 0.5}),
-    "wide18": ("recipe", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
-                                                  hidden_dim=256, embed_dim=128)}),
-    "flat_contrast": ("recipe", {"aug.contrast_min_range": 0.2}),
-    "band3": ("recipe", {"train.band_weight": 3.0}),
-    "neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
-    "rotate15": ("recipe", _ROTATE15),
+    # the recipe before 2026-12-04 (4th change): flips and rotations up to 9.7 degrees in
+    # training, scored plainly (the network learns the rigid invariance)
+    "flips": ("recipe", {"aug.p_flip0": 0.33, "aug.p_flip1": 0.33, "aug.max_angle": 0.17,
+                         "model.align": False}),
+    # the recipe scored plainly: the rigid invariance it leaves to the alignment is missing
+    "rigid_light": ("recipe", {"model.align": False}),
+    # measured on the recipe (scored aligned as it is)
+    "rigid_neighbours": ("recipe", {"aug.p_neighbour": 0.3}),
+    # measured on flips
+    "shape_strong": ("flips", {"aug.p_shape": 0.8, "aug.shape_max_scale": 0.25,
+                               "aug.shape_max_shear": 0.15, "aug.shape_max_shift": 0.08}),
+    "long36": ("flips", {"train.num_epochs": 36}),
+    "blur": ("flips", {"aug.p_blur": 0.5}),
+    "planes": ("flips", {"data.demo.extra_planes": (("coronal", 0.3, 0.65),
+                                                    ("sagittal", 0.25, 0.75)),
+                         "data.demo.extra_slices_per_head": 20}),
+    "elastic": ("flips", {"aug.p_elastic": 0.5}),
+    "wide18": ("flips", {"model.overrides": dict(depths=(1, 1, 3, 1), dims=(24, 48, 96, 192),
+                                                 hidden_dim=256, embed_dim=128)}),
+    "flat_contrast": ("flips", {"aug.contrast_min_range": 0.2}),
+    "band3": ("flips", {"train.band_weight": 3.0}),
+    "neighbours": ("flips", {"aug.p_neighbour": 0.3}),
+    "rotate15": ("flips", _ROTATE15),
     "band3_neighbours": ("band3", {"aug.p_neighbour": 0.3}),  # the two together
     "rotate15_neighbours": ("rotate15", {"aug.p_neighbour": 0.3}),  # the two in one network
     "neighbours6": ("neighbours", {"aug.p_neighbour": 0.6}),  # twice the synthetic neighbours
-    "noise": ("recipe", {"aug.p_noise": 0.3}),
+    "noise": ("flips", {"aug.p_noise": 0.3}),
     "noise_strong": ("noise", {"aug.p_noise": 0.5, "aug.noise_max_sigma": 0.2}),
     "noise_neighbours": ("noise", {"aug.p_neighbour": 0.3}),  # noise and neighbours in one
     "noise_first": ("noise", {"aug.noise_first": True}),  # the noise before the contrast map
@@ -153,13 +167,10 @@ LEVERS = {
     "noise_copies_band3": ("noise_copies", {"train.band_weight": 3.0}),
     "noise_copies_over3": ("noise_copies", {"train.over_weight": 3.0}),  # errs low
     "noise_copies_over6": ("noise_copies_over3", {"train.over_weight": 6.0}),  # lower still
-    # For scoring after alignment: no flips and rotations of at most 1.5 degrees (the
-    # alignment grid's half step), so the network spends nothing on rigid invariance.
-    "rigid_light": ("recipe", {"aug.p_flip0": 0.0, "aug.p_flip1": 0.0, "aug.max_angle": 0.026}),
-    "seed1": ("recipe", {"seed": 1}),  # the recipe again from another seed: the noise
-    # the recipe before 2026-12-03 (3rd change): 9 epochs instead of 18
-    "epochs9": ("recipe", {"train.num_epochs": 9}),
-    # the recipe before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
+    "seed1": ("flips", {"seed": 1}),  # flips again from another seed: the noise
+    # flips before 2026-12-03 (3rd change): 9 epochs instead of 18
+    "epochs9": ("flips", {"train.num_epochs": 9}),
+    # flips before 2026-12-03 (2nd change): the paper's head dropout, 3 epochs at 1e-3
     "dropout_short": ("epochs9", _BEFORE),
     # measured on dropout_short
     "no_dropout": ("dropout_short", {"model.overrides": {"dropout": 0.0}}),
@@ -168,7 +179,7 @@ LEVERS = {
     "no_aug": ("dropout_short", {"aug.p_flip0": 0.0, "aug.p_flip1": 0.0, "aug.p_rotate": 0.0,
                                  "aug.p_gamma": 0.0, "aug.p_contrast": 0.0,
                                  "aug.p_shape": 0.0}),
-    # the recipe before 2026-12-03 (1st change): without shape randomization
+    # flips before 2026-12-03 (1st change): without shape randomization
     "no_shape": ("dropout_short", {"aug.p_shape": 0.0}),
     # measured on no_shape
     "no_contrast": ("no_shape", {"aug.p_contrast": 0.0}),
@@ -186,19 +197,21 @@ LEVERS = {
 # Levers that train nothing: each scores its base lever's trained folds another way.
 # calibrated: the fold's cosine through a monotone map to SSIM (isotonic regression) fitted
 # on pairs of the fold's own training heads (calibration_pairs), never the held-out head.
-# ensemble2: the mean of the cosines of ENSEMBLES' member levers, the recipe trained from two
-# seeds (the recipe and seed1): a model of two networks, scored as one.
-# ensemble_rot: the recipe's and rotate15's networks (two augmentations' errors, averaged);
+# ensemble2: the mean of the cosines of ENSEMBLES' member levers, flips trained from two
+# seeds (flips and seed1): a model of two networks, scored as one.
+# ensemble_rot: flips' and rotate15's networks (two augmentations' errors, averaged);
 # ensemble_nb_rot: neighbours' and rotate15's (the T1 lever's and the contrasts' lever's).
 # <base>_aligned: the base fold's network scoring each pair after b is registered onto a
 # (deepssim_jax.align: the rigid candidate, flips x rotations up to 9 degrees, whose
 # pixels correlate best), what `model.score(a, b, align=True)` computes.
+# rigid_light_aligned is the recipe's row by another route (the same network, scored the
+# same way): kept so that the table that chose the recipe stays reproducible.
 ALIGNED = {f"{base}_aligned": base for base in (
-    "recipe", "neighbours", "noise_neighbours", "noise_copies", "noise_copies_over3",
+    "flips", "neighbours", "noise_neighbours", "noise_copies", "noise_copies_over3",
     "noise_copies_neighbours", "rigid_light")}
-DERIVED = {"calibrated": "epochs9", "ensemble2": "recipe", "ensemble_rot": "recipe",
-           "ensemble_nb_rot": "recipe", **ALIGNED}
-ENSEMBLES = {"ensemble2": ("recipe", "seed1"), "ensemble_rot": ("recipe", "rotate15"),
+DERIVED = {"calibrated": "epochs9", "ensemble2": "flips", "ensemble_rot": "flips",
+           "ensemble_nb_rot": "flips", **ALIGNED}
+ENSEMBLES = {"ensemble2": ("flips", "seed1"), "ensemble_rot": ("flips", "rotate15"),
              "ensemble_nb_rot": ("neighbours", "rotate15")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
@@ -318,14 +331,14 @@ def labelled_pairs(held_out: str, contrast: str, seed: int = 0):
   return np.stack(images), np.asarray(pairs), np.asarray(labels)
 
 
-def calibration_pairs(held_out: str, seed: int = 1):
+def calibration_pairs(held_out: str, config, seed: int = 1):
   """(images, pairs, SSIM targets, weights) from the heads a fold trained on: every pair of
   slices of one head at most CALIBRATION_MAX_MM apart, as many random pairs of two heads,
-  and an augmented copy of every slice (target 1, the training augmentation's
-  probabilities) weighted to CALIBRATION_COPY_SHARE of the total."""
+  and an augmented copy of every slice (target 1, the fold's training augmentation,
+  `config.aug`) weighted to CALIBRATION_COPY_SHARE of the total."""
   from deepssim_jax import ssim as ssim_lib
   from deepssim_jax.data import demo, images as images_lib
-  mod, config = builtin_config()
+  mod, _ = builtin_config()
   rng = np.random.default_rng(seed)
   images, pairs, starts = [], [], []
   for head, lo, hi in mod.ALL_HEADS:
@@ -385,7 +398,7 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
                                             for m in ENSEMBLES[lever]])
     fileio.write_json(os.path.join(workdir, lever, held_out, "results.json"), res)
     return res
-  from deepssim_jax import align, api, evaluate
+  from deepssim_jax import api, evaluate
   base = fold_scores(DERIVED[lever], held_out, workdir)
   model = api.load(os.path.join(workdir, DERIVED[lever], held_out) + ":best")
   if lever in ALIGNED:  # every pair scored again, b aligned onto a
@@ -393,12 +406,12 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
       imgs, pairs, labels = labelled_pairs(held_out, contrast)
       if labels.tolist() != c["labels"]:
         raise ValueError(f"{lever}/{held_out}/{contrast}: the pairs differ from the base's")
-      s, chosen = align.aligned_scores(model.embed, imgs, imgs, pairs=pairs)
-      return s, {"moved": float(np.mean(chosen != 0))}
+      return pair_scores(model, imgs, pairs, aligned=True)
     extra = {}
   else:  # calibrated: the cached cosines through an isotonic map fitted on training heads
     from sklearn.isotonic import IsotonicRegression
-    imgs, pairs, target, weights = calibration_pairs(held_out)
+    imgs, pairs, target, weights = calibration_pairs(
+        held_out, lever_config(DERIVED[lever], held_out))
     emb = model.embed(imgs)
     cos = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
     iso = IsotonicRegression(y_min=-1.0, y_max=1.0, increasing=True, out_of_bounds="clip")
@@ -416,8 +429,22 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
   return res
 
 
+def pair_scores(model, imgs: np.ndarray, pairs: np.ndarray, aligned: bool):
+  """(scores, extra) of index pairs of `imgs`: the cosine of their embeddings, or, aligned,
+  the score after the second image is rigidly registered onto the first
+  (align.aligned_scores, what `model.score(a, b, align=True)` computes), with the share of
+  pairs the registration moved."""
+  if aligned:
+    from deepssim_jax import align
+    s, chosen = align.aligned_scores(model.embed, imgs, imgs, pairs=pairs)
+    return np.asarray(s), {"moved": float(np.mean(chosen != 0))}
+  emb = model.embed(imgs)
+  return np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1), {}
+
+
 def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
-  """Trains (or reuses) the fold and scores every contrast's pairs: cached in results.json."""
+  """Trains (or reuses) the fold and scores every contrast's pairs (aligned where the
+  lever's config.model.align says so, as the shipped model is): cached in results.json."""
   import jax
   from deepssim_jax import api, jobs, validate
   from deepssim_jax import ssim as ssim_lib
@@ -442,12 +469,11 @@ def fold_scores(lever: str, held_out: str, workdir: str) -> dict:
          "contrasts": {}, "environment": here if started == here else None}
   for contrast in CONTRASTS:
     imgs, pairs, labels = labelled_pairs(held_out, contrast)
-    emb = model.embed(imgs)
-    s = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
+    s, more = pair_scores(model, imgs, pairs, aligned=config.model.align)
     ssim = np.asarray(ssim_lib.ssim_indexed(imgs, imgs, pairs[:, 0], pairs[:, 1]))
     res["contrasts"][contrast] = {
         "deepssim": evaluate.evaluate_scores(labels, s),
-        "ssim": evaluate.evaluate_scores(labels, ssim),
+        "ssim": evaluate.evaluate_scores(labels, ssim), **more,
         "scores": s.tolist(), "ssim_scores": ssim.tolist(), "labels": labels.tolist()}
   fileio.write_json(cache, res)
   return res

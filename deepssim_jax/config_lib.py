@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Whether this model's scores are meant to be taken after rigid registration
   # (deepssim_jax.align): a network trained without flips and with small rotations leaves
   # its rigid invariance to the alignment. The API's and the score command's default
-  # (align=None) follows it; the paper's recipe learns the invariance (False).
+  # (align=None) follows it; the paper's recipe learns the invariance (False), the
+  # built-in model (configs/builtin.py) does not (True).
   c.model.align = False
 
   c.optim = ml_collections.ConfigDict()
@@ -265,13 +266,14 @@ def audit_sections() -> ml_collections.ConfigDict:
   # slice ids; for IXI patients across sequences use r"^(IXI\d+)".
   c.audit.subject_regex = r"^(.*)/[^/]*$"
   # Registration before scoring (deepssim_jax.align): each synthetic image's align_rerank * k
-  # nearest training images by plain cosine are scored again after the training image is
+  # nearest training images by plain cosine (best over the synthetic image's four flip
+  # states, align.flip_candidates) are scored again after the training image is
   # rigidly aligned onto it (flips x rotations up to 9 degrees) and the best k kept; the
   # paper's classes and Dar et al.'s threshold (its held-out neighbours aligned the same way)
   # then use the aligned scores. MI and Carlini stay on the embedding's plain cosines. On
   # whenever the run's model is meant to be scored aligned (model.align).
   c.audit.align = False
-  c.audit.align_rerank = 4         # plain candidates searched: align_rerank * k per image
+  c.audit.align_rerank = 4         # candidates searched: align_rerank * k per image
   c.audit.align_chunk = 512        # synthetic images aligned per step (memory)
   c.calibrate = calibrate.default_config()
   c.report = report.default_config()

@@ -6,7 +6,8 @@ Two images (PNG files, or NIfTI volumes of one axial slice each):
 
 prints their DeepSSIM and its class under the paper's thresholds (`--align`: after the second
 image is rigidly registered onto the first, deepssim_jax.align; with folders, each training
-image onto the synthetic one, for the paper's classes and Dar et al.'s threshold). Two
+image onto the synthetic one, for the paper's classes and Dar et al.'s threshold; by
+default as the model says, config.model.align: the built-in model aligns). Two
 folders (PNG files or NIfTI volumes, read recursively):
 
     python -m deepssim_jax.score --train=DIR --synth=DIR [--k=5] [--out=DIR] [--model=SPEC]

@@ -76,10 +76,12 @@ def test_api_align_scores_a_rotated_noisy_copy_as_a_copy(model):
   g = (x[20] - x[20].min()) / np.ptp(x[20])
   copy = demo._rotate(np.flip(g ** 0.8, 0), np.deg2rad(7.4))  # pylint: disable=protected-access
   copy = images_lib.zscore((copy + rng.normal(0, 0.02, copy.shape)).astype(np.float32))
-  raw, aligned = model.score(x[20], copy), model.score(x[20], copy, align=True)
-  assert aligned > 0.95 and aligned > raw, (raw, aligned)
-  # A neighbour 12 slices away is already in register: its score barely moves.
-  assert abs(model.score(x[20], x[32], align=True) - model.score(x[20], x[32])) < 0.05
+  raw, aligned = model.score(x[20], copy, align=False), model.score(x[20], copy, align=True)
+  # The built-in network never saw flips (model.align): plain, the copy is not one.
+  assert aligned > 0.85 > raw, (raw, aligned)
+  # A slice 12 mm away stays Different: the registration makes no copy of it.
+  assert max(model.score(x[20], x[32], align=True), model.score(x[20], x[32], align=False)
+             ) <= 0.60
   stack = np.stack([x[5], copy, x[32], x[40]])
   sim = model.similarity(x[20:22], stack, align=True)
   assert sim.shape == (2, 4)
@@ -137,6 +139,30 @@ def test_rerank_keeps_the_best_aligned_candidates_chunk_by_chunk():
       align.rerank(align.unit_rows, query, ref, cand, **bad)
 
 
+def test_flip_candidates_are_the_best_over_the_query_flip_states():
+  """flip_candidates = each query row's m reference rows of highest Pearson correlation
+  (the pixel embedding) over the query's four flip states (numpy's corrcoef), whatever the
+  chunk; so a flipped copy's source is a candidate where plain cosines miss it."""
+  from deepssim_jax import match  # pylint: disable=g-import-not-at-top
+  angles = align.angle_grid()
+  ref = smooth(9, 3)
+  query = np.concatenate([align.candidates(ref[[2, 5]], 2 * len(angles) + 1, angles),
+                          smooth(3, 4)])
+  m = 3
+  cand = align.flip_candidates(align.unit_rows, query, align.unit_rows(query),
+                               align.unit_rows(ref), m, match.topk_match, chunk=2)
+  r = np.max([[[np.corrcoef(np.flip(q, axes).ravel(), t.ravel())[0, 1] for t in ref]
+               for q in query] for axes in ((), (0,), (1,), (0, 1))], axis=0)
+  want = np.argsort(-r, axis=1, kind="stable")[:, :m]
+  np.testing.assert_array_equal(cand, want)
+  plain = np.argsort(-(align.unit_rows(query) @ align.unit_rows(ref).T), axis=1)[:, :m]
+  assert 2 not in plain[0]  # the first copy's source is missed by plain cosines
+  assert cand[0, 0] == 2 and cand[1, 0] == 5
+  # best_unique: a reference row found under several flip states counts once.
+  got = align.best_unique(np.array([[0.9, 0.8, 0.95, 0.1]]), np.array([[4, 1, 4, 2]]), 3)
+  np.testing.assert_array_equal(got, [[4, 1, 2]])
+
+
 def _pixel_set(name, x):
   """An audit set whose embedding is its pixels (centred unit rows: cosine = Pearson r)."""
   return {"name": name, "ids": np.array([f"{name}/{i:02d}" for i in range(len(x))]),
@@ -181,22 +207,39 @@ def test_aligned_audit_scores_registered_copies_and_aligns_dar_not_mi(tmp_path):
 
 
 def test_a_model_meant_to_be_aligned_aligns_by_default(model):
-  """config.model.align: the API's, the score command's and the audit's default follows it;
-  align=False still scores plain cosines."""
+  """config.model.align (set for the built-in model): the API's, the score command's and
+  the audit's default follows it; align=False still scores plain cosines, and the same
+  network marked plain scores plainly by default."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from deepssim_jax import audit, score  # pylint: disable=g-import-not-at-top
   _, x = model.read(os.path.join(demo.MRI_DIR, "colin27-T1.nii.gz"))
   flipped = x[20][::-1]
-  assert not model.align
-  plain, aligned = model.score(x[20], flipped), model.score(x[20], flipped, align=True)
-  assert model.score(x[20], flipped, align=None) == plain and aligned > plain
-  config = model.config.copy_and_resolve_references()
-  config.model.align = True
-  m = dataclasses.replace(model, config=config)
-  assert m.align and m.score(x[20], flipped) == pytest.approx(aligned, abs=1e-6)
-  assert m.score(x[20], flipped, align=False) == pytest.approx(plain, abs=1e-6)
-  np.testing.assert_allclose(m.similarity(x[20:21], x[[20, 21]][:, ::-1]),
+  assert model.align and audit.aligns(model.config)
+  plain, aligned = model.score(x[20], flipped, align=False), model.score(x[20], flipped,
+                                                                          align=True)
+  assert model.score(x[20], flipped) == pytest.approx(aligned, abs=1e-6) and aligned > plain
+  assert score.score_pair(model, x[20], flipped)["score"] == pytest.approx(aligned, abs=1e-6)
+  np.testing.assert_allclose(model.similarity(x[20:21], x[[20, 21]][:, ::-1]),
                              model.similarity(x[20:21], x[[20, 21]][:, ::-1], align=True),
                              atol=1e-6)
-  assert score.score_pair(m, x[20], flipped)["score"] == pytest.approx(aligned, abs=1e-6)
-  assert audit.aligns(config) and not audit.aligns(model.config)
+  config = model.config.copy_and_resolve_references()
+  config.model.align = False
+  m = dataclasses.replace(model, config=config)
+  assert not m.align and m.score(x[20], flipped) == pytest.approx(plain, abs=1e-6)
+  assert score.score_pair(m, x[20], flipped)["score"] == pytest.approx(plain, abs=1e-6)
+  assert not audit.aligns(config)
+
+
+def test_model_align_is_how_a_network_is_scored_not_another_network(tmp_path):
+  """A workdir's checkpoints resume with model.align changed (train.check_model_unchanged),
+  but not with another network."""
+  from deepssim_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  (tmp_path / "checkpoints" / "latest" / "10").mkdir(parents=True)
+  saved = config_lib.base_config()
+  (tmp_path / "config.json").write_text(saved.to_json_best_effort())
+  now = saved.copy_and_resolve_references()
+  now.model.align = not saved.model.align
+  train.check_model_unchanged(str(tmp_path), now)
+  now.model.name = "convnext_small"
+  with pytest.raises(fileio.InputError, match="model.name"):
+    train.check_model_unchanged(str(tmp_path), now)

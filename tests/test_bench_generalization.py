@@ -53,6 +53,45 @@ def test_lever_chains_apply_their_bases_settings_root_first(bench):
   assert bench.lever_config("elastic", "colin27").aug.p_elastic == 0.5 > recipe.aug.p_elastic
 
 
+def test_the_recipe_is_scored_aligned_and_flips_is_the_recipe_before(bench):
+  """The recipe (configs/builtin.py) trains without flips and is scored aligned; flips is
+  the recipe before 2026-12-04 (flips, rotations up to 0.17 rad, plain scoring) with
+  everything else equal; rigid_light is the recipe's training scored plainly, so its
+  cached folds are the recipe's."""
+  import json  # pylint: disable=g-import-not-at-top
+  r, f, rl = (json.loads(bench.lever_config(lever, "robex").to_json())
+              for lever in ("recipe", "flips", "rigid_light"))
+  assert r["model"]["align"] and (r["aug"]["p_flip0"], r["aug"]["p_flip1"]) == (0.0, 0.0)
+  assert r["aug"]["max_angle"] == pytest.approx(np.deg2rad(1.5), abs=2e-4)
+  changed = {"p_flip0": 0.33, "p_flip1": 0.33, "max_angle": 0.17}
+  assert {k: f["aug"][k] for k in changed} == changed and not f["model"]["align"]
+  f["aug"].update({k: r["aug"][k] for k in changed})
+  f["model"]["align"] = True
+  assert f == r
+  rl["model"]["align"] = True
+  assert rl == r
+  assert bench.base_of("epochs9") == "flips" and bench.base_of("flips") == "recipe"
+
+
+def test_pair_scores_plain_or_aligned(bench):
+  """pair_scores: cosines of the pairs' embeddings, or align.aligned_scores (the pixel
+  embedding here: the best correlation over the rigid candidates) with the share moved."""
+  from deepssim_jax import align  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 16, 12)).astype(np.float32)
+  x = np.concatenate([x, x[:2, ::-1]])  # two flipped copies
+  pairs = np.array([[0, 4], [1, 5], [2, 2]])  # an image with itself: not moved
+  model = type("M", (), {"embed": staticmethod(align.unit_rows)})
+  s, more = bench.pair_scores(model, x, pairs, aligned=False)
+  e = align.unit_rows(x)
+  np.testing.assert_allclose(s, np.sum(e[pairs[:, 0]] * e[pairs[:, 1]], axis=1), atol=1e-6)
+  assert more == {}
+  s, more = bench.pair_scores(model, x, pairs, aligned=True)
+  np.testing.assert_allclose(s, align.aligned_scores(align.unit_rows, x, x, pairs=pairs)[0])
+  np.testing.assert_allclose(s, 1.0, atol=1e-5)
+  assert more == {"moved": pytest.approx(2 / 3)}
+
+
 HERE = {"cpu": "A", "jax": "0.10.2"}  # an environment (benchlib.environment's fields)
 
 
@@ -71,20 +110,20 @@ def test_table_rows_deltas_and_ssim_ceiling(bench):
   ssim = [0.3, 0.5, 0.7, 0.8, 0.2, 0.1]  # copies misread by SSIM; the rest right
   perfect = [0.95, 0.9, 0.7, 0.75, 0.1, 0.2]
   wrong_similar = [0.95, 0.9, 0.9, 0.95, 0.1, 0.2]  # Similar scored as Duplicate
-  md = bench.table([_result(bench, "recipe", "colin27", labels, perfect, ssim),
+  md = bench.table([_result(bench, "flips", "colin27", labels, perfect, ssim),
                     _result(bench, "epochs9", "colin27", labels, wrong_similar, ssim)])
   rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
           for line in md.splitlines()[2:]}
-  assert rows[("recipe", "T1")][0] == "1.000" and rows[("recipe", "T1")][2] == "-"
+  assert rows[("flips", "T1")][0] == "1.000" and rows[("flips", "T1")][2] == "-"
   f1 = evaluate.evaluate_scores(np.asarray(labels), np.asarray(wrong_similar))["macro_f1"]
   assert rows[("epochs9", "T1")][0] == f"{f1:.3f}"
-  assert rows[("epochs9", "T1")][2] == f"{f1 - 1.0:+.3f}"  # against its base, the recipe
+  assert rows[("epochs9", "T1")][2] == f"{f1 - 1.0:+.3f}"  # against its base, flips
   assert rows[("plain SSIM", "T1")][0] != "1.000"
   assert rows[(bench.CEILING, "T1")][0] == "1.000"  # copies as 1, the rest by SSIM
   assert rows[(bench.CEILING, "T1")][3:] == ["1.00", "1.00", "1.00", "1.000"]
-  # AUC Dup/Sim: copies above neighbours in every pair for the recipe; for epochs9, of the
+  # AUC Dup/Sim: copies above neighbours in every pair for flips; for epochs9, of the
   # 4 (copy, neighbour) orderings one is won (0.95 > 0.9), two tie, one is lost: 2 / 4
-  assert rows[("recipe", "T1")][-1] == "1.000"
+  assert rows[("flips", "T1")][-1] == "1.000"
   assert rows[("epochs9", "T1")][-1] == "0.500"
   assert rows[("plain SSIM", "T1")][-1] == "0.000"  # SSIM ranks every copy below
 
@@ -92,7 +131,7 @@ def test_table_rows_deltas_and_ssim_ceiling(bench):
 def test_ensemble_scores_are_the_members_mean_cosine(bench):
   labels = [1, 1, 2, 2, 0, 0]
   ssim = [0.3, 0.5, 0.7, 0.8, 0.2, 0.1]
-  a = dict(_result(bench, "recipe", "robex", labels, [0.95, 0.9, 0.9, 0.95, 0.1, 0.2], ssim),
+  a = dict(_result(bench, "flips", "robex", labels, [0.95, 0.9, 0.9, 0.95, 0.1, 0.2], ssim),
            step=10, train_s=1.0)
   b = dict(_result(bench, "seed1", "robex", labels, [0.95, 0.9, 0.5, 0.6, 0.1, 0.7], ssim),
            step=10, train_s=2.0)
@@ -124,7 +163,7 @@ def test_levers_are_compared_with_their_base_only_in_one_environment(bench):
   there = {"cpu": "B", "jax": "0.10.2"}
 
   def delta(base_env):
-    base = _result(bench, "recipe", "robex", labels, perfect, ssim, base_env)
+    base = _result(bench, "flips", "robex", labels, perfect, ssim, base_env)
     if base_env == "unknown":
       del base["environment"]
     md = bench.table([base, _result(bench, "band3", "robex", labels, wrong, ssim)])
@@ -133,14 +172,14 @@ def test_levers_are_compared_with_their_base_only_in_one_environment(bench):
 
   assert delta(HERE).startswith("-0.")
   # The difference is taken on the heads both rows have, and says how many when fewer.
-  two = [_result(bench, "recipe", "robex", labels, perfect, ssim),
+  two = [_result(bench, "flips", "robex", labels, perfect, ssim),
          _result(bench, "band3", "robex", labels, wrong, ssim),
          _result(bench, "band3", "colin27", labels, perfect, ssim)]
   row = [line for line in bench.table(two).splitlines() if line.startswith("| band3 | T1 |")]
   f1 = evaluate.evaluate_scores(np.asarray(labels), np.asarray(wrong))["macro_f1"]
   assert row[0].split("|")[6].strip() == f"{f1 - 1.0:+.3f} (n=1)"
   assert delta(there) == delta("unknown") == "other environment"
-  a = dict(_result(bench, "recipe", "robex", labels, perfect, ssim), step=1, train_s=1.0)
+  a = dict(_result(bench, "flips", "robex", labels, perfect, ssim), step=1, train_s=1.0)
   b = dict(_result(bench, "seed1", "robex", labels, wrong, ssim, there), step=1, train_s=1.0)
   assert bench.ensemble_scores("ensemble2", "robex", [a, dict(a, lever="seed1")])[
       "environment"] == HERE
