@@ -78,7 +78,9 @@ Levers (rows), each a change of its base lever (LEVERS) and compared with it:
   training noise in a cell; ensemble2 (DERIVED: trains nothing more): the mean cosine of
   flips' and seed1's networks, an ensemble of two; ensemble_rot (DERIVED): the
   mean cosine of flips' and rotate15's networks; ensemble_nb_rot (DERIVED):
-  neighbours' and rotate15's networks (its difference taken from flips);
+  neighbours' and rotate15's networks (its difference taken from flips); ensemble_rigid_nb
+  (DERIVED): the recipe's and rigid_neighbours' networks, scored aligned (its difference
+  taken from the recipe);
 * wide18: flips with 1.5x the widths and one more block (`wide` on flips);
 * calibrated (DERIVED: trains nothing): epochs9's folds with the cosine mapped to SSIM
   by an isotonic regression fitted on pairs of the fold's own training heads;
@@ -201,6 +203,9 @@ LEVERS = {
 # seeds (flips and seed1): a model of two networks, scored as one.
 # ensemble_rot: flips' and rotate15's networks (two augmentations' errors, averaged);
 # ensemble_nb_rot: neighbours' and rotate15's (the T1 lever's and the contrasts' lever's).
+# ensemble_rigid_nb: the recipe's and rigid_neighbours' networks, both scored aligned: the
+# registration is chosen by pixel correlation, so both score the same candidate and the
+# mean of their aligned cosines is the aligned score of their ensemble (models.Ensemble).
 # <base>_aligned: the base fold's network scoring each pair after b is registered onto a
 # (deepssim_jax.align: the rigid candidate, flips x rotations up to 9 degrees, whose
 # pixels correlate best), what `model.score(a, b, align=True)` computes.
@@ -210,9 +215,10 @@ ALIGNED = {f"{base}_aligned": base for base in (
     "flips", "neighbours", "noise_neighbours", "noise_copies", "noise_copies_over3",
     "noise_copies_neighbours", "rigid_light")}
 DERIVED = {"calibrated": "epochs9", "ensemble2": "flips", "ensemble_rot": "flips",
-           "ensemble_nb_rot": "flips", **ALIGNED}
+           "ensemble_nb_rot": "flips", "ensemble_rigid_nb": "recipe", **ALIGNED}
 ENSEMBLES = {"ensemble2": ("flips", "seed1"), "ensemble_rot": ("flips", "rotate15"),
-             "ensemble_nb_rot": ("neighbours", "rotate15")}
+             "ensemble_nb_rot": ("neighbours", "rotate15"),
+             "ensemble_rigid_nb": ("recipe", "rigid_neighbours")}
 # Calibration pairs: slices of one training head at most this far apart (and as many
 # pairs of two heads), plus this share of augmented copies (target 1, like the self pairs).
 # The issue's goal (macro F1 per held-out cell) and the bootstrap of each cell's interval.

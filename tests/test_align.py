@@ -163,6 +163,23 @@ def test_flip_candidates_are_the_best_over_the_query_flip_states():
   np.testing.assert_array_equal(got, [[4, 1, 2]])
 
 
+def test_aligned_score_of_an_ensemble_is_its_members_mean():
+  """The candidate is chosen by pixel correlation, whatever the network: so the aligned
+  score of an ensemble (unit embeddings concatenated and divided by sqrt(K), as
+  models.Ensemble) is the mean of its members' aligned scores (the bench's
+  ensemble_rigid_nb)."""
+  a, b = smooth(3, 8), smooth(4, 9)
+  first = align.unit_rows
+  second = lambda x: align.unit_rows(np.abs(x) ** 1.5)  # noqa: E731  another embedding
+  both = lambda x: np.concatenate([first(x), second(x)], 1) / np.sqrt(2.0)  # noqa: E731
+  s1, c1 = align.aligned_scores(first, a, b)
+  s2, c2 = align.aligned_scores(second, a, b)
+  s, c = align.aligned_scores(both, a, b)
+  np.testing.assert_array_equal(c, c1)
+  np.testing.assert_array_equal(c, c2)
+  np.testing.assert_allclose(s, (s1 + s2) / 2, atol=1e-6)
+
+
 def _pixel_set(name, x):
   """An audit set whose embedding is its pixels (centred unit rows: cosine = Pearson r)."""
   return {"name": name, "ids": np.array([f"{name}/{i:02d}" for i in range(len(x))]),
