@@ -459,6 +459,15 @@ class Ensemble(nn.Module):
     return jnp.concatenate(es, axis=-1) / jnp.sqrt(float(len(es)))
 
 
+def members(model: nn.Module, variables: dict) -> list[tuple[nn.Module, dict]]:
+  """The (module, variables) of each network of a model: an Ensemble's members (their
+  subtrees members_0, members_1, ...), or the one network itself."""
+  if not isinstance(model, Ensemble):
+    return [(model, variables)]
+  return [(m, {col: tree[f"members_{i}"] for col, tree in variables.items()})
+          for i, m in enumerate(model.members)]
+
+
 def with_dtype(model: nn.Module, dtype: Any) -> nn.Module:
   """The same DeepSSIM or Ensemble (same parameter tree) computing in another dtype."""
   if isinstance(model, Ensemble):

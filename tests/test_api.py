@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import deepssim_jax
-from deepssim_jax import api, convert, fileio, pretrained
+from deepssim_jax import api, convert, fileio, models, pretrained
 from deepssim_jax.data import demo
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -53,7 +53,8 @@ def test_embed_score_similarity_nearest_agree_with_numpy(model, slices):
   keys, x = slices
   assert x.shape[1:] == model.image_size and len(keys) == len(x) > 20
   e = model.embed(x[:10])
-  assert e.shape == (10, model.model.embed_dim) and e.dtype == np.float32
+  dim = sum(net.embed_dim for net, _ in models.members(model.model, model.variables))
+  assert e.shape == (10, dim) and e.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
   # One image alone, or a stack: the same embedding (padding never leaks into rows).
   np.testing.assert_allclose(model.embed(x[3]), e[3:4], atol=1e-5)
@@ -139,15 +140,18 @@ def test_bad_files_and_specs_are_refused_by_name(model, tmp_path):
 
 
 def test_checkpoint_folders_and_exported_files_load_the_same_model(model, slices, tmp_path):
-  """The built-in weights written as a checkpoint folder (convert.write_checkpoint, read as
-  a run's best), exported again to .npz, and reloaded: identical embeddings; a damaged file
-  is refused."""
+  """The built-in model's (first) network written as a checkpoint folder
+  (convert.write_checkpoint, read as a run's best), exported again to .npz, and reloaded:
+  identical embeddings (for an ensemble of K, sqrt(K) x its first embedding columns); a
+  damaged file is refused."""
   x = slices[1][:4]
   kw = {"name": model.config.model.name, "head": model.config.model.head,
         **dict(model.config.model.overrides)}
+  nets = models.members(model.model, model.variables)
+  net, variables = nets[0]
   folder = str(tmp_path / "run")
-  convert.write_checkpoint(folder, kw, model.variables, model.image_size, {"test": 1})
-  want = model.embed(x)
+  convert.write_checkpoint(folder, kw, variables, model.image_size, {"test": 1})
+  want = model.embed(x)[:, :net.embed_dim] * np.sqrt(len(nets))
   for spec in (folder, folder + ":best", folder + ":best:0"):
     np.testing.assert_allclose(deepssim_jax.load(spec).embed(x), want, atol=1e-6)
   out = str(tmp_path / "again.npz")

@@ -71,6 +71,18 @@ def test_the_recipe_is_scored_aligned_and_flips_is_the_recipe_before(bench):
   rl["model"]["align"] = True
   assert rl == r
   assert bench.base_of("epochs9") == "flips" and bench.base_of("flips") == "recipe"
+  # The built-in ensemble's second network (configs/builtin.py:neighbours) is the lever
+  # rigid_neighbours, trained on every head.
+  mod, _ = bench.builtin_config()
+  nb = json.loads(bench.lever_config("rigid_neighbours", "robex").to_json())
+  member = json.loads(mod.get_config("neighbours").to_json())
+  member["data"]["demo"]["train_heads"] = nb["data"]["demo"]["train_heads"]
+  assert member["workdir"] == "workdirs/builtin_neighbours"
+  member["workdir"] = nb["workdir"]
+  assert member == nb
+  assert bench.ENSEMBLES["ensemble_rigid_nb"] == ("recipe", "rigid_neighbours")
+  with pytest.raises(ValueError, match="no member 'wide'"):
+    mod.get_config("wide")
 
 
 def test_pair_scores_plain_or_aligned(bench):

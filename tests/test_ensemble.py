@@ -33,6 +33,10 @@ def test_ensemble_embedding_is_the_scaled_concatenation_and_its_cosine_the_mean(
   assert e.shape == (5, 3 * TINY["embed_dim"])
   np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
   parts = [member().apply({c: v[c][f"members_{i}"] for c in v}, x) for i in range(3)]
+  split = models.members(ens, v)
+  assert len(split) == 3 and models.members(split[0][0], split[0][1]) == [split[0]]
+  for (m, mv), p in zip(split, parts):
+    np.testing.assert_allclose(m.apply(mv, x), p, atol=1e-6)
   np.testing.assert_allclose(e, np.concatenate(parts, axis=1) / np.sqrt(3), atol=1e-6)
   # The members were initialised differently, and the ensemble's cosine is their mean.
   assert not np.allclose(parts[0], parts[1])
@@ -50,7 +54,7 @@ def test_export_joins_runs_into_one_model_that_loads_and_scores_as_their_mean(tm
   base = deepssim_jax.load("builtin")
   kw = {"name": base.config.model.name, "head": base.config.model.head,
         **dict(base.config.model.overrides)}
-  v0 = jax.device_get(base.variables)
+  v0 = jax.device_get(models.members(base.model, base.variables)[0][1])  # one network
   v1 = {"params": jax.tree.map(lambda p: p * 1.1, v0["params"]),
         "batch_stats": v0["batch_stats"]}
   runs = []

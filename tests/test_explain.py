@@ -24,10 +24,10 @@ DEMO_RUN = os.environ.get("DEEPSSIM_EXPLAIN_RUN", "/tmp/explain_demo")
 
 def trained_model():
   """The trained (module, variables) the peak test explains."""
-  if TRAINED == "builtin":
+  if TRAINED == "builtin":  # its first network (LayerCAM explains one network's stages)
     from deepssim_jax import api  # pylint: disable=g-import-not-at-top
     m = api.load("builtin")
-    return m.model, m.variables
+    return models.members(m.model, m.variables)[0]
   from deepssim_jax import jobs  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(DEMO_RUN, "checkpoints")):
     pytest.skip(f"no trained run at {DEMO_RUN} (set DEEPSSIM_EXPLAIN_RUN)")
