@@ -418,8 +418,7 @@ def derived_scores(lever: str, held_out: str, workdir: str) -> dict:
     from sklearn.isotonic import IsotonicRegression
     imgs, pairs, target, weights = calibration_pairs(
         held_out, lever_config(DERIVED[lever], held_out))
-    emb = model.embed(imgs)
-    cos = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
+    cos, _ = pair_scores(model, imgs, pairs, aligned=False)
     iso = IsotonicRegression(y_min=-1.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     iso.fit(cos, target, sample_weight=weights)
     rescore = lambda contrast, c: (iso.predict(np.asarray(c["scores"])), {})  # noqa: E731
